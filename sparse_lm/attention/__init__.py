@@ -1,0 +1,105 @@
+"""Attention for sparse_lm: patterns, the reference, and the one entry point the model calls.
+
+``attention(q, k, v, pattern, impl=...)`` is that entry point. Kernels register
+themselves in ``IMPLEMENTATIONS``; ``impl="auto"`` picks the fastest one for the
+platform of the default backend, and the reference elsewhere.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+
+from sparse_lm.attention.patterns import (
+    COMBINES,
+    PATTERNS,
+    Component,
+    HeadPattern,
+    LayerPattern,
+    PatternError,
+    PatternSpec,
+    allowed_keys,
+    allowed_pairs,
+    head_mask,
+    layer_masks,
+)
+from sparse_lm.attention.reference import masked_attention, reference_attention
+
+AttentionFn = Callable[[jax.Array, jax.Array, jax.Array, LayerPattern], jax.Array]
+
+# impl name -> function(q, k, v, pattern, **options). Kernels add themselves lazily in
+# _load(), so importing this package never imports Pallas.
+IMPLEMENTATIONS: dict[str, AttentionFn] = {"reference": reference_attention}
+# Which impl "auto" picks on each platform; platforms not listed use the reference.
+AUTO_IMPL = {"gpu": "pallas_gpu", "tpu": "pallas_tpu"}
+
+
+def _load(impl: str) -> AttentionFn:
+    if impl not in IMPLEMENTATIONS:
+        if impl == "pallas_gpu":
+            from sparse_lm.attention import pallas_gpu
+
+            IMPLEMENTATIONS[impl] = pallas_gpu.attention
+        elif impl == "pallas_tpu":
+            from sparse_lm.attention import pallas_tpu
+
+            IMPLEMENTATIONS[impl] = pallas_tpu.attention
+        else:
+            raise PatternError(
+                f"unknown attention impl {impl!r}; choose 'auto', 'reference', "
+                "'pallas_gpu' or 'pallas_tpu'."
+            )
+    return IMPLEMENTATIONS[impl]
+
+
+def resolve_impl(impl: str, platform: str | None = None) -> str:
+    """The concrete implementation that ``impl`` means on ``platform`` (default backend)."""
+    if impl != "auto":
+        return impl
+    platform = platform or jax.default_backend()
+    candidate = AUTO_IMPL.get(platform)
+    if candidate is None:
+        return "reference"
+    try:
+        _load(candidate)
+    except ImportError:
+        return "reference"
+    return candidate
+
+
+def attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    pattern: LayerPattern,
+    impl: str = "auto",
+    **options,
+) -> jax.Array:
+    """Causal sparse attention. q, k, v: [B, T, H, D]; returns [B, T, H, D].
+
+    ``pattern`` gives each head's allowed set (see ``PatternSpec.layer_pattern``);
+    ``options`` go to the implementation (block sizes, interpret mode).
+    """
+    return _load(resolve_impl(impl))(q, k, v, pattern, **options)
+
+
+__all__ = [
+    "AUTO_IMPL",
+    "COMBINES",
+    "IMPLEMENTATIONS",
+    "PATTERNS",
+    "Component",
+    "HeadPattern",
+    "LayerPattern",
+    "PatternError",
+    "PatternSpec",
+    "allowed_keys",
+    "allowed_pairs",
+    "attention",
+    "head_mask",
+    "layer_masks",
+    "masked_attention",
+    "reference_attention",
+    "resolve_impl",
+]
