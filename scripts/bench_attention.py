@@ -1,0 +1,418 @@
+"""Benchmark the block-sparse Pallas attention kernel against dense and sparse peers (GPU).
+
+Usage: python3 scripts/bench_attention.py OUT.json [--quick] [--skip-check]
+
+In one process: (1) a correctness check of impl="pallas_gpu" against the reference on
+the GPU (output and q/k/v gradients, bf16 and float32, every pattern); (2) forward and
+forward+backward times (median over repeats after warm-up) at the issue's shapes for
+our kernel (strided, fixed l=128 c=32 merged, local), cuDNN dense causal, JAX's Pallas
+``mha`` causal, and, where torch imports, FlexAttention with the same masks, as written
+and (strided) in the permuted, log-sum-exp-merged form; plus the largest error of our
+output against FlexAttention's on identical inputs. Effective TFLOP/s counts 4*D FLOPs
+per allowed (query, key) pair forward and 3.5 times that forward+backward. Prints a table
+last and writes everything to OUT.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import signal
+import statistics
+import sys
+import time
+import traceback
+import warnings
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from sparse_lm.attention import PatternSpec, allowed_pairs, reference_attention  # noqa: E402
+from sparse_lm.attention import pallas_gpu  # noqa: E402
+from sparse_lm.attention.layout import build_layout  # noqa: E402
+
+warnings.filterwarnings("ignore", category=DeprecationWarning)
+RESULTS: dict = {"check": [], "timings": [], "errors": [], "layout": []}
+
+
+def log(*a) -> None:
+    print(*a, flush=True)
+
+
+# ----------------------------------------------------------------------- pair counts
+
+
+def pairs_per_head(spec: PatternSpec, t: int) -> int:
+    """Allowed (query, key) pairs of one merged/local head, counted per row in O(T)."""
+    i = np.arange(t, dtype=np.int64)
+    l = spec.stride  # noqa: E741
+    if spec.name == "dense":
+        return int((i + 1).sum())
+    if spec.name == "local":
+        return int((np.minimum(i, l) + 1).sum())
+    if spec.name == "strided":  # local window + stride columns at distance >= 2l
+        return int((np.minimum(i, l) + 1 + np.maximum(0, i // l - 1)).sum())
+    if spec.name == "fixed":  # own block + c summary columns of each earlier block
+        return int((i % l + 1 + (i // l) * spec.summary).sum())
+    raise ValueError(spec.name)
+
+
+def check_pair_counts() -> None:
+    for spec in (PatternSpec("local", 16), PatternSpec("strided", 16),
+                 PatternSpec("fixed", 16, 4), PatternSpec("dense")):
+        want = allowed_pairs(spec.layer_pattern(0, 1), 256)
+        assert pairs_per_head(spec, 256) == want, (spec, want)
+
+
+# --------------------------------------------------------------------------- timing
+
+
+def time_jax(fn, *args, budget_s: float = 1.5) -> float:
+    """Median milliseconds per call of a jitted fn (warm-up excluded)."""
+    jax.block_until_ready(fn(*args))
+    jax.block_until_ready(fn(*args))
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    one = time.perf_counter() - t0
+    iters = max(1, min(50, int(0.05 / max(one, 1e-6))))
+    reps = max(3, min(9, int(budget_s / max(one * iters, 1e-6))))
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            out = fn(*args)
+        jax.block_until_ready(out)
+        times.append((time.perf_counter() - t0) / iters)
+    return statistics.median(times) * 1e3
+
+
+def time_torch(fn) -> float:
+    import triton.testing
+
+    return float(triton.testing.do_bench(fn, warmup=25, rep=150, return_mode="median"))
+
+
+def rel_err(a, b) -> float:
+    a = np.asarray(a, np.float64)
+    b = np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
+# ---------------------------------------------------------------- GPU correctness
+
+
+def value_and_grads(fn):
+    def f(q, k, v, g):
+        o, vjp = jax.vjp(fn, q, k, v)
+        return o, vjp(g)
+
+    return jax.jit(f)
+
+
+def gpu_check(quick: bool) -> None:
+    bf, f32 = jnp.bfloat16, jnp.float32
+    cases = [
+        (PatternSpec("strided", 64, combine="merged"), 64, bf),
+        (PatternSpec("strided", 64, combine="merged"), 64, f32),
+        (PatternSpec("fixed", 64, 16, combine="merged"), 64, bf),
+        (PatternSpec("fixed", 64, 16, combine="merged"), 128, f32),
+        (PatternSpec("fixed", 64, 16, combine="multihead", distinct_summaries=True), 128, bf),
+        (PatternSpec("strided", 64, combine="multihead"), 128, bf),
+        (PatternSpec("fixed", 64, 16, combine="interleaved"), 64, bf),
+        (PatternSpec("local", 64), 64, bf),
+        (PatternSpec("dense"), 128, bf),
+    ]
+    key = jax.random.PRNGKey(int(time.time()))
+    for spec, d, dt in cases[:3] if quick else cases:
+        b, t, h = 1, 1024, 4
+        key, *ks = jax.random.split(key, 5)
+        q, k, v, g = (jax.random.normal(kk, (b, t, h, d), jnp.float32).astype(dt) for kk in ks)
+        for layer in (0, 1) if spec.combine == "interleaved" else (0,):
+            pat = spec.layer_pattern(layer, h)
+            try:
+                o, grads = value_and_grads(lambda *a: pallas_gpu.attention(*a, pat))(q, k, v, g)
+                f32s = [x.astype(jnp.float32) for x in (q, k, v, g)]
+                ro, rgrads = value_and_grads(lambda *a: reference_attention(*a, pat))(*f32s)
+                errs = [rel_err(o, ro)] + [rel_err(a, r) for a, r in zip(grads, rgrads)]
+                nan = any(bool(jnp.isnan(x).any()) for x in (o, *grads))
+                tol = 1e-2 if dt == jnp.bfloat16 else 1e-4
+                row = dict(pattern=spec.name, combine=spec.combine, layer=layer,
+                           distinct=spec.distinct_summaries, d=d, dtype=jnp.dtype(dt).name,
+                           errs=errs, nan=nan, ok=(not nan) and max(errs) < tol)
+            except Exception as e:  # keep going: the rest of the run still informs
+                row = dict(pattern=spec.name, combine=spec.combine, d=d,
+                           dtype=jnp.dtype(dt).name, ok=False, error=repr(e)[:1500])
+                traceback.print_exc()
+            RESULTS["check"].append(row)
+            log("check", row)
+
+
+# -------------------------------------------------------------------------- peers
+
+
+def cudnn_fns():
+    def fwd(q, k, v):
+        return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
+
+    return fwd
+
+
+def mha_fn():
+    from jax.experimental.pallas.ops.gpu import attention as pallas_mha
+
+    def fwd(q, k, v):
+        return pallas_mha.mha(q, k, v, segment_ids=None, sm_scale=q.shape[-1] ** -0.5, causal=True)
+
+    return fwd
+
+
+def ours_fn(spec: PatternSpec, h: int, **opts):
+    pat = spec.layer_pattern(0, h)
+
+    def fwd(q, k, v):
+        return pallas_gpu.attention(q, k, v, pat, **opts)
+
+    return fwd
+
+
+def fwd_bwd(fwd):
+    def f(q, k, v, do):
+        o, vjp = jax.vjp(fwd, q, k, v)
+        return o, vjp(do)
+
+    return f
+
+
+def flex_setup():
+    import torch
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    return torch, create_block_mask, torch.compile(flex_attention, dynamic=False)
+
+
+def flex_masks(spec: PatternSpec):
+    l, c = spec.stride, spec.summary  # noqa: E741
+    if spec.name == "strided":
+        return lambda b, h, q, kv: (q >= kv) & ((q - kv <= l) | ((q - kv) % l == 0))
+    if spec.name == "fixed":
+        return lambda b, h, q, kv: (q >= kv) & ((q // l == kv // l) | (kv % l >= l - c))
+    if spec.name == "local":
+        return lambda b, h, q, kv: (q >= kv) & (q - kv <= l)
+    raise ValueError(spec.name)
+
+
+# --------------------------------------------------------------------------- bench
+
+
+def record(shape, name, pattern, fwd_ms, fb_ms, pairs, extra=None):
+    d = shape[3]
+    fl_f = 4 * d * pairs
+    row = dict(shape=list(shape), impl=name, pattern=pattern, fwd_ms=fwd_ms, fwd_bwd_ms=fb_ms,
+               pairs=pairs,
+               fwd_tflops=None if fwd_ms is None else fl_f / fwd_ms / 1e9,
+               fwd_bwd_tflops=None if fb_ms is None else 3.5 * fl_f / fb_ms / 1e9)
+    if extra:
+        row.update(extra)
+    RESULTS["timings"].append(row)
+    log("time", row)
+
+
+def guarded(what, fn):
+    try:
+        return fn()
+    except Exception as e:
+        RESULTS["errors"].append(dict(what=what, error=repr(e)[:1500]))
+        log("ERROR", what, repr(e)[:1500])
+        traceback.print_exc()
+        return None
+
+
+def bench_shape(shape, quick: bool, sweep: bool) -> None:
+    b, t, h, d = shape
+    key = jax.random.PRNGKey(t + d)
+    q, k, v, do = (jax.random.normal(kk, shape, jnp.float32).astype(jnp.bfloat16)
+                   for kk in jax.random.split(key, 4))
+    dense_pairs = b * h * t * (t + 1) // 2
+    l = 128 if t <= 16384 else 256  # noqa: E741
+    specs = {
+        "strided": PatternSpec("strided", l, combine="merged"),
+        "fixed": PatternSpec("fixed", 128, 32, combine="merged"),
+        "local": PatternSpec("local", 128),
+    }
+
+    def timed(fn):
+        f = jax.jit(fn)
+        fb = jax.jit(fwd_bwd(fn))
+        return time_jax(f, q, k, v), time_jax(fb, q, k, v, do)
+
+    r = guarded(f"cudnn {shape}", lambda: timed(cudnn_fns()))
+    if r:
+        record(shape, "cudnn_dense_causal", "dense", *r, dense_pairs)
+    if not quick:
+        r = guarded(f"pallas_mha {shape}", lambda: timed(mha_fn()))
+        if r:
+            record(shape, "jax_pallas_mha_causal", "dense", *r, dense_pairs)
+
+    ours_out = {}
+    for name, spec in specs.items():
+        pairs = b * h * pairs_per_head(spec, t)
+        lay = build_layout(spec.layer_pattern(0, h), t, 64, 64)
+        RESULTS["layout"].append(dict(shape=list(shape), pattern=name,
+                                      visited_full_partial=lay.visited_blocks(),
+                                      pair_fraction_of_dense=pairs / dense_pairs))
+        configs = [(64, 64)]
+        if sweep and name in ("strided", "fixed"):
+            configs += [(128, 64), (128, 128), (32, 32)]
+        for bq, bk in configs:
+            r = guarded(f"ours {name} {shape} {bq}x{bk}",
+                        lambda: timed(ours_fn(spec, h, block_q=bq, block_k=bk)))
+            if r:
+                record(shape, f"ours_{bq}x{bk}", name, *r, pairs)
+        ours_out[name] = guarded(f"ours out {name}", lambda: jax.jit(ours_fn(spec, h))(q, k, v))
+
+    # FlexAttention on identical inputs (converted through DLPack).
+    try:
+        torch, create_block_mask, flex = flex_setup()
+    except Exception as e:
+        RESULTS["errors"].append(dict(what="torch import", error=repr(e)))
+        return
+    tq, tk, tv, tdo = (torch.from_dlpack(x).permute(0, 2, 1, 3).contiguous() for x in (q, k, v, do))
+    for name, spec in specs.items():
+        pairs = b * h * pairs_per_head(spec, t)
+
+        def run_flex():
+            bm = create_block_mask(flex_masks(spec), None, None, t, t, device="cuda")
+            x = [a.detach().clone().requires_grad_(True) for a in (tq, tk, tv)]
+            fwd = lambda: flex(*x, block_mask=bm)  # noqa: E731
+            out = fwd()
+            err = None
+            if ours_out.get(name) is not None:
+                ref = out.detach().permute(0, 2, 1, 3).float().cpu().numpy()
+                mine = np.asarray(ours_out[name].astype(jnp.float32))
+                err = dict(max_abs_err_vs_flex=float(np.abs(mine - ref).max()),
+                           rel_err_vs_flex=rel_err(mine, ref))
+            f_ms = time_torch(fwd)
+
+            def fb():
+                o = fwd()
+                o.backward(tdo)
+
+            fb_ms = time_torch(fb)
+            return f_ms, fb_ms, err
+
+        r = guarded(f"flex {name} {shape}", run_flex)
+        if r:
+            record(shape, "flex_as_written", name, r[0], r[1], pairs, r[2])
+
+    spec = specs["strided"]
+    pairs = b * h * pairs_per_head(spec, t)
+
+    def run_flex_perm():
+        n = t // l
+        bm_local = create_block_mask(flex_masks(PatternSpec("local", l)), None, None, t, t,
+                                     device="cuda")
+        # Permuted order p = col * n + row: same column <=> same segment of n rows.
+        bm_stride = create_block_mask(
+            lambda b_, h_, qi, kv: (qi // n == kv // n) & (qi - kv >= 2), None, None, t, t,
+            device="cuda")
+        x = [a.detach().clone().requires_grad_(True) for a in (tq, tk, tv)]
+
+        def perm(a):
+            return a.reshape(b, h, n, l, d).transpose(2, 3).reshape(b, h, t, d)
+
+        def unperm(a):
+            return a.reshape(b, h, l, n, d).transpose(2, 3).reshape(b, h, t, d)
+
+        def fwd():
+            oa, la = flex(*x, block_mask=bm_local, return_lse=True)
+            ob, lb = flex(*(perm(a) for a in x), block_mask=bm_stride, return_lse=True)
+            ob = unperm(ob)
+            lb = lb.reshape(b, h, l, n).transpose(2, 3).reshape(b, h, t)
+            m = torch.maximum(la, lb)
+            wa, wb = torch.exp(la - m), torch.exp(lb - m)
+            return ((wa[..., None] * oa + wb[..., None] * ob) / (wa + wb)[..., None]).to(oa.dtype)
+
+        out = fwd()
+        err = None
+        if ours_out.get("strided") is not None:
+            ref = out.detach().permute(0, 2, 1, 3).float().cpu().numpy()
+            mine = np.asarray(ours_out["strided"].astype(jnp.float32))
+            err = dict(max_abs_err_vs_flex=float(np.abs(mine - ref).max()),
+                       rel_err_vs_flex=rel_err(mine, ref))
+        f_ms = time_torch(fwd)
+
+        def fb():
+            fwd().backward(tdo)
+
+        return f_ms, time_torch(fb), err
+
+    r = guarded(f"flex permuted {shape}", run_flex_perm)
+    if r:
+        record(shape, "flex_permuted_lse_merged", "strided", r[0], r[1], pairs, r[2])
+
+
+def table() -> str:
+    rows = RESULTS["timings"]
+    base = {tuple(r["shape"]): r for r in rows if r["impl"] == "cudnn_dense_causal"}
+    lines = [f"{'shape':<20} {'impl':<26} {'pattern':<8} {'fwd ms':>8} {'f+b ms':>8} "
+             f"{'f+b TF/s':>9} {'x cuDNN f+b':>11} {'TF/s % cuDNN':>12}"]
+    for r in rows:
+        c = base.get(tuple(r["shape"]))
+        speed = pct = ""
+        if c and r["fwd_bwd_ms"] and c["fwd_bwd_ms"]:
+            speed = f"{c['fwd_bwd_ms'] / r['fwd_bwd_ms']:.2f}"
+            pct = f"{100 * r['fwd_bwd_tflops'] / c['fwd_bwd_tflops']:.0f}%"
+        fmt = lambda x: "-" if x is None else f"{x:.3f}"  # noqa: E731
+        tf = "-" if r["fwd_bwd_tflops"] is None else f"{r['fwd_bwd_tflops']:.0f}"
+        lines.append(f"{str(tuple(r['shape'])):<20} {r['impl']:<26} {r['pattern']:<8} "
+                     f"{fmt(r['fwd_ms']):>8} {fmt(r['fwd_bwd_ms']):>8} {tf:>9} {speed:>11} {pct:>12}")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    # `timeout` sends SIGTERM: still print the table and write what was measured.
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    ap = argparse.ArgumentParser()
+    ap.add_argument("out", help="path of the JSON results file")
+    ap.add_argument("--quick", action="store_true", help="first shape only, fewer peers")
+    ap.add_argument("--skip-check", action="store_true")
+    ap.add_argument("--no-sweep", action="store_true")
+    args = ap.parse_args()
+    check_pair_counts()
+    RESULTS["device"] = str(jax.devices()[0].device_kind)
+    RESULTS["jax"] = jax.__version__
+    RESULTS["argv"] = sys.argv
+    log("device", RESULTS["device"], "jax", jax.__version__)
+    t0 = time.time()
+    if not args.skip_check:
+        gpu_check(args.quick)
+    log(f"check done in {time.time() - t0:.0f}s")
+    shapes = [(2, 16384, 8, 64), (1, 65536, 8, 64), (2, 16384, 8, 128)]
+    try:
+        for i, shape in enumerate(shapes[:1] if args.quick else shapes):
+            sweep = i == 0 and not args.no_sweep
+            guarded(f"bench {shape}", lambda: bench_shape(shape, args.quick, sweep))
+            log(f"shape {shape} done at {time.time() - t0:.0f}s")
+            with open(args.out, "w") as f:
+                json.dump(RESULTS, f, indent=1, default=str)
+    except KeyboardInterrupt:
+        RESULTS["errors"].append(dict(what="interrupted", error="stopped by SIGTERM/timeout"))
+    with open(args.out, "w") as f:
+        json.dump(RESULTS, f, indent=1, default=str)
+    ok = sum(r.get("ok", False) for r in RESULTS["check"])
+    print(f"\nGPU check: {ok}/{len(RESULTS['check'])} cases within tolerance "
+          f"(bf16 < 1e-2, f32 < 1e-4); errors: {len(RESULTS['errors'])}")
+    for r in RESULTS["check"]:
+        if not r.get("ok"):
+            print("  FAILED", {k: r.get(k) for k in ("pattern", "combine", "d", "dtype", "errs", "error")})
+    print(f"device: {RESULTS['device']}")
+    print(table())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,456 @@
+"""Block-sparse flash attention in Pallas for GPU, forward and backward.
+
+Work is laid out by ``layout.build_layout``: each head's allowed set is split into
+disjoint parts, each part computed in an order where it visits few blocks (the stride
+component in the column-major "strided" order, the fixed pattern's summary columns as a
+gathered key sequence). Every part is one flash-attention kernel launch over its list
+of key blocks per query block (full blocks unmasked, partial blocks masked from the
+pairs' original positions), returning its output and log-sum-exp; the parts of a head
+are merged exactly through their log-sum-exps.
+
+Differentiation: each part is a ``jax.custom_vjp`` whose backward runs two Pallas
+kernels (dQ over the forward block lists, dK/dV over the transposed lists). The
+permutations, the summary gather and the log-sum-exp merge are plain JAX and are
+differentiated by JAX, so no dense attention appears anywhere in either pass. The
+cotangent of a part's log-sum-exp enters its backward through ``delta``: for
+o = softmax(s) v and lse = logsumexp(s), ds = p * (do v^T - (rowsum(do * o) - dlse)).
+
+Kernels use only generic Pallas operations (refs, ``pl.ds`` slices, ``pl.dot``,
+``fori_loop``), lowered through Triton on GPU and run by the Pallas interpreter on CPU.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.experimental import pallas as pl
+
+from sparse_lm.attention.layout import GroupLayout, Layout, MaskRule, PartLayout, build_layout
+from sparse_lm.attention.patterns import LayerPattern, PatternError
+
+LOG2E = math.log2(math.e)
+LN2 = math.log(2.0)
+SUPPORTED_DTYPES = (jnp.bfloat16, jnp.float32)
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelConfig:
+    """Static launch parameters shared by the forward and backward kernels."""
+
+    interpret: bool
+    num_warps: int
+    num_stages: int
+    out_dtype: np.dtype  # dtype of a part's output (float32 when parts are merged)
+
+
+def _compiler_params(cfg: KernelConfig):
+    if cfg.interpret:
+        return None
+    from jax.experimental.pallas import triton as pltriton
+
+    return pltriton.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+
+def _mask(rule: MaskRule, i: jax.Array, j: jax.Array) -> jax.Array:
+    """In-kernel version of ``MaskRule.allowed`` on broadcastable int32 positions."""
+    d = i - j
+    ok = d >= rule.min_diff
+    if rule.max_diff is not None:
+        ok = ok & (d <= rule.max_diff)
+    # Positions are non-negative, so truncating division and remainder are floor ones.
+    if rule.group == "same_block":
+        ok = ok & (lax.div(i, rule.g) == lax.div(j, rule.g))
+    elif rule.group == "same_col":
+        ok = ok & (lax.rem(i, rule.g) == lax.rem(j, rule.g))
+    elif rule.group == "earlier_block":
+        ok = ok & (lax.div(j, rule.g) < lax.div(i, rule.g))
+    return ok
+
+
+def _dot(a: jax.Array, b: jax.Array, prec, trans_b: bool = False) -> jax.Array:
+    """a @ b (or a @ b.T) with float32 accumulation."""
+    dims = (((1,), (1 if trans_b else 0,)), ((), ()))
+    return lax.dot_general(a, b, dims, precision=prec, preferred_element_type=jnp.float32)
+
+
+def _precision(dtype) -> lax.Precision | None:
+    # float32 operands get IEEE float32 products (Triton's default would be tf32).
+    return lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else None
+
+
+# --------------------------------------------------------------------------- forward
+
+
+def _fwd_kernel(tab_ref, qpos_ref, kpos_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *,
+                rule: MaskRule, block_k: int, scale: float):
+    q = q_ref[...]
+    block_q = q.shape[0]
+    prec = _precision(q.dtype)
+    qpos = qpos_ref[...]
+    n_full = tab_ref[0]
+    n_part = tab_ref[1]
+    qk_scale = scale * LOG2E  # scores in base 2: exp2 is the cheap instruction
+
+    def step(t, carry, masked: bool):
+        acc, m_prev, l_prev = carry
+        start = pl.multiple_of(tab_ref[2 + t] * block_k, block_k)
+        k = k_ref[pl.ds(start, block_k), :]
+        v = v_ref[pl.ds(start, block_k), :]
+        s = _dot(q, k, prec, trans_b=True) * qk_scale
+        if masked:
+            kpos = kpos_ref[pl.ds(start, block_k)]
+            s = jnp.where(_mask(rule, qpos[:, None], kpos[None, :]), s, -jnp.inf)
+        m_next = jnp.maximum(m_prev, jnp.max(s, axis=1))
+        # A row with no allowed key yet has max -inf; shifting by 0 keeps exp2 at 0.
+        m_shift = jnp.where(m_next == -jnp.inf, 0.0, m_next)
+        alpha = jnp.exp2(m_prev - m_shift)
+        p = jnp.exp2(s - m_shift[:, None])
+        l_next = alpha * l_prev + jnp.sum(p, axis=1)
+        pv = _dot(p.astype(v.dtype), v, prec)
+        return alpha[:, None] * acc + pv, m_next, l_next
+
+    carry = (
+        jnp.zeros((block_q, q.shape[1]), jnp.float32),
+        jnp.full((block_q,), -jnp.inf, jnp.float32),
+        jnp.zeros((block_q,), jnp.float32),
+    )
+    carry = lax.fori_loop(0, n_full, functools.partial(step, masked=False), carry)
+    carry = lax.fori_loop(n_full, n_full + n_part, functools.partial(step, masked=True), carry)
+    acc, m, l = carry
+    empty = l == 0.0
+    l_safe = jnp.where(empty, 1.0, l)
+    o_ref[...] = (acc / l_safe[:, None]).astype(o_ref.dtype)
+    lse_ref[...] = jnp.where(empty, -jnp.inf, (m + jnp.log2(l_safe)) * LN2)
+
+
+def _fwd_call(q, k, v, part: PartLayout, cfg: KernelConfig):
+    b, t, h, d = q.shape
+    tk = k.shape[1]
+    bq, bk = part.block_q, part.block_k
+    nq = t // bq
+    hk = part.k_pos.shape[0]
+    kernel = functools.partial(_fwd_kernel, rule=part.spec.rule, block_k=bk, scale=d**-0.5)
+    tab = jnp.asarray(part.fwd)
+    return pl.pallas_call(
+        kernel,
+        grid=(nq, b, h),
+        in_specs=[
+            pl.BlockSpec((None, tab.shape[1]), lambda i, j, n: (i, 0)),
+            pl.BlockSpec((bq,), lambda i, j, n: (i,)),
+            pl.BlockSpec((None, tk), (lambda i, j, n: (n, 0)) if hk > 1 else (lambda i, j, n: (0, 0))),
+            pl.BlockSpec((None, bq, None, d), lambda i, j, n: (j, i, n, 0)),
+            pl.BlockSpec((None, tk, None, d), lambda i, j, n: (j, 0, n, 0)),
+            pl.BlockSpec((None, tk, None, d), lambda i, j, n: (j, 0, n, 0)),
+        ],
+        out_specs=[
+            pl.BlockSpec((None, bq, None, d), lambda i, j, n: (j, i, n, 0)),
+            pl.BlockSpec((None, None, bq), lambda i, j, n: (j, n, i)),
+        ],
+        out_shape=[
+            jax.ShapeDtypeStruct((b, t, h, d), cfg.out_dtype),
+            jax.ShapeDtypeStruct((b, h, t), jnp.float32),
+        ],
+        interpret=cfg.interpret,
+        compiler_params=_compiler_params(cfg),
+        name="sparse_attn_fwd",
+    )(tab, jnp.asarray(part.q_pos), jnp.asarray(part.k_pos), q, k, v)
+
+
+# -------------------------------------------------------------------------- backward
+
+
+def _dq_kernel(tab_ref, qpos_ref, kpos_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref,
+               dq_ref, *, rule: MaskRule, block_k: int, scale: float):
+    q = q_ref[...]
+    do = do_ref[...]
+    prec = _precision(q.dtype)
+    qpos = qpos_ref[...]
+    lse2 = lse_ref[...] * LOG2E
+    delta = delta_ref[...]
+    qk_scale = scale * LOG2E
+
+    def step(t, dq, masked: bool):
+        start = pl.multiple_of(tab_ref[2 + t] * block_k, block_k)
+        k = k_ref[pl.ds(start, block_k), :]
+        v = v_ref[pl.ds(start, block_k), :]
+        s = _dot(q, k, prec, trans_b=True) * qk_scale
+        p = jnp.exp2(s - lse2[:, None])
+        if masked:
+            kpos = kpos_ref[pl.ds(start, block_k)]
+            p = jnp.where(_mask(rule, qpos[:, None], kpos[None, :]), p, 0.0)
+        dp = _dot(do, v, prec, trans_b=True)
+        ds = p * (dp - delta[:, None])
+        return dq + _dot(ds.astype(k.dtype), k, prec)
+
+    n_full = tab_ref[0]
+    n_part = tab_ref[1]
+    dq = jnp.zeros(q.shape, jnp.float32)
+    dq = lax.fori_loop(0, n_full, functools.partial(step, masked=False), dq)
+    dq = lax.fori_loop(n_full, n_full + n_part, functools.partial(step, masked=True), dq)
+    dq_ref[...] = (dq * scale).astype(dq_ref.dtype)
+
+
+def _dkv_kernel(tab_ref, qpos_ref, kpos_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref,
+                dk_ref, dv_ref, *, rule: MaskRule, block_q: int, scale: float):
+    k = k_ref[...]
+    v = v_ref[...]
+    prec = _precision(k.dtype)
+    kpos = kpos_ref[...]
+    qk_scale = scale * LOG2E
+
+    # Works on transposed scores (keys x queries) so that dK and dV are plain products.
+    def step(t, carry, masked: bool):
+        dk, dv = carry
+        start = pl.multiple_of(tab_ref[2 + t] * block_q, block_q)
+        sl = pl.ds(start, block_q)
+        q = q_ref[sl, :]
+        do = do_ref[sl, :]
+        lse2 = lse_ref[sl] * LOG2E
+        delta = delta_ref[sl]
+        st = _dot(k, q, prec, trans_b=True) * qk_scale
+        pt = jnp.exp2(st - lse2[None, :])
+        if masked:
+            qpos = qpos_ref[sl]
+            pt = jnp.where(_mask(rule, qpos[None, :], kpos[:, None]), pt, 0.0)
+        dv = dv + _dot(pt.astype(do.dtype), do, prec)
+        dpt = _dot(v, do, prec, trans_b=True)
+        dst = pt * (dpt - delta[None, :])
+        dk = dk + _dot(dst.astype(q.dtype), q, prec)
+        return dk, dv
+
+    n_full = tab_ref[0]
+    n_part = tab_ref[1]
+    carry = (jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32))
+    carry = lax.fori_loop(0, n_full, functools.partial(step, masked=False), carry)
+    carry = lax.fori_loop(n_full, n_full + n_part, functools.partial(step, masked=True), carry)
+    dk, dv = carry
+    dk_ref[...] = (dk * scale).astype(dk_ref.dtype)
+    dv_ref[...] = dv.astype(dv_ref.dtype)
+
+
+def _bwd_calls(q, k, v, do, lse, delta, part: PartLayout, cfg: KernelConfig):
+    b, t, h, d = q.shape
+    tk = k.shape[1]
+    bq, bk = part.block_q, part.block_k
+    hk = part.k_pos.shape[0]
+    scale = d**-0.5
+    kpos_map = (lambda i, j, n: (n, 0)) if hk > 1 else (lambda i, j, n: (0, 0))
+    q_pos = jnp.asarray(part.q_pos)
+    k_pos = jnp.asarray(part.k_pos)
+    fwd_tab = jnp.asarray(part.fwd)
+    bwd_tab = jnp.asarray(part.bwd)
+    params = _compiler_params(cfg)
+
+    dq = pl.pallas_call(
+        functools.partial(_dq_kernel, rule=part.spec.rule, block_k=bk, scale=scale),
+        grid=(t // bq, b, h),
+        in_specs=[
+            pl.BlockSpec((None, fwd_tab.shape[1]), lambda i, j, n: (i, 0)),
+            pl.BlockSpec((bq,), lambda i, j, n: (i,)),
+            pl.BlockSpec((None, tk), kpos_map),
+            pl.BlockSpec((None, bq, None, d), lambda i, j, n: (j, i, n, 0)),
+            pl.BlockSpec((None, tk, None, d), lambda i, j, n: (j, 0, n, 0)),
+            pl.BlockSpec((None, tk, None, d), lambda i, j, n: (j, 0, n, 0)),
+            pl.BlockSpec((None, bq, None, d), lambda i, j, n: (j, i, n, 0)),
+            pl.BlockSpec((None, None, bq), lambda i, j, n: (j, n, i)),
+            pl.BlockSpec((None, None, bq), lambda i, j, n: (j, n, i)),
+        ],
+        out_specs=pl.BlockSpec((None, bq, None, d), lambda i, j, n: (j, i, n, 0)),
+        out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+        interpret=cfg.interpret,
+        compiler_params=params,
+        name="sparse_attn_bwd_dq",
+    )(fwd_tab, q_pos, k_pos, q, k, v, do, lse, delta)
+
+    kblock_pos_map = (lambda i, j, n: (n, i)) if hk > 1 else (lambda i, j, n: (0, i))
+    dk, dv = pl.pallas_call(
+        functools.partial(_dkv_kernel, rule=part.spec.rule, block_q=bq, scale=scale),
+        grid=(tk // bk, b, h),
+        in_specs=[
+            pl.BlockSpec((None, bwd_tab.shape[1]), lambda i, j, n: (i, 0)),
+            pl.BlockSpec((t,), lambda i, j, n: (0,)),
+            pl.BlockSpec((None, bk), kblock_pos_map),
+            pl.BlockSpec((None, t, None, d), lambda i, j, n: (j, 0, n, 0)),
+            pl.BlockSpec((None, bk, None, d), lambda i, j, n: (j, i, n, 0)),
+            pl.BlockSpec((None, bk, None, d), lambda i, j, n: (j, i, n, 0)),
+            pl.BlockSpec((None, t, None, d), lambda i, j, n: (j, 0, n, 0)),
+            pl.BlockSpec((None, None, t), lambda i, j, n: (j, n, 0)),
+            pl.BlockSpec((None, None, t), lambda i, j, n: (j, n, 0)),
+        ],
+        out_specs=[
+            pl.BlockSpec((None, bk, None, d), lambda i, j, n: (j, i, n, 0)),
+            pl.BlockSpec((None, bk, None, d), lambda i, j, n: (j, i, n, 0)),
+        ],
+        out_shape=[
+            jax.ShapeDtypeStruct(k.shape, k.dtype),
+            jax.ShapeDtypeStruct(v.shape, v.dtype),
+        ],
+        interpret=cfg.interpret,
+        compiler_params=params,
+        name="sparse_attn_bwd_dkv",
+    )(bwd_tab, q_pos, k_pos, q, k, v, do, lse, delta)
+    return dq, dk, dv
+
+
+# ------------------------------------------------------------------ differentiable part
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _part_attention(q, k, v, part: PartLayout, cfg: KernelConfig):
+    """(o, lse) of one part; q: [B, T, Hg, D], k and v: [B, Tk, Hg, D], in part order."""
+    return _fwd_call(q, k, v, part, cfg)
+
+
+def _part_fwd(q, k, v, part, cfg):
+    o, lse = _fwd_call(q, k, v, part, cfg)
+    return (o, lse), (q, k, v, o, lse)
+
+
+def _part_bwd(part, cfg, res, cts):
+    q, k, v, o, lse = res
+    do, dlse = cts
+    delta = jnp.sum(do.astype(jnp.float32) * o.astype(jnp.float32), axis=-1)
+    delta = jnp.swapaxes(delta, 1, 2) - dlse  # [B, Hg, T]
+    # Rows with no allowed key (lse = -inf) must give p = 0, not exp(+inf).
+    lse = jnp.where(lse == -jnp.inf, jnp.inf, lse)
+    return _bwd_calls(q, k, v, do.astype(q.dtype), lse, delta, part, cfg)
+
+
+_part_attention.defvjp(_part_fwd, _part_bwd)
+
+
+# ---------------------------------------------------------- orders, gathers and merging
+
+
+def _to_order(x: jax.Array, part: PartLayout, axis: int) -> jax.Array:
+    """Rows of x (along ``axis``) in the part's query order."""
+    if part.spec.order == "natural":
+        return x
+    l, t = part.spec.l, x.shape[axis]  # noqa: E741
+    # Reshape to [T/l, l] and transpose: a copy, but of contiguous tiles.
+    y = x.reshape(x.shape[:axis] + (t // l, l) + x.shape[axis + 1 :])
+    return jnp.swapaxes(y, axis, axis + 1).reshape(x.shape)
+
+
+def _from_order(x: jax.Array, part: PartLayout, axis: int) -> jax.Array:
+    if part.spec.order == "natural":
+        return x
+    l, t = part.spec.l, x.shape[axis]  # noqa: E741
+    y = x.reshape(x.shape[:axis] + (l, t // l) + x.shape[axis + 1 :])
+    return jnp.swapaxes(y, axis, axis + 1).reshape(x.shape)
+
+
+def _keys(x: jax.Array, part: PartLayout) -> jax.Array:
+    """Key rows of the part: the query order, or the gathered summary columns."""
+    if part.k_index is None:
+        return _to_order(x, part, axis=1)
+    idx = part.k_index
+    if idx.shape[0] == 1:
+        return jnp.take(x, jnp.asarray(idx[0]), axis=1)
+    # Per-head columns (distinct summaries): idx [Hg, Tk] -> [1, Tk, Hg, 1].
+    return jnp.take_along_axis(x, jnp.asarray(idx.T)[None, :, :, None], axis=1)
+
+
+def _merge(outs: list[tuple[jax.Array, jax.Array]]) -> jax.Array:
+    """Exact softmax over the union of disjoint parts from their (o, lse) pairs."""
+    lses = jnp.stack([lse for _, lse in outs])  # [P, B, H, T]
+    top = jnp.max(lses, axis=0)
+    # o is invariant to the shift, so no gradient flows through it.
+    top = lax.stop_gradient(jnp.where(top == -jnp.inf, 0.0, top))
+    weights = jnp.exp(lses - top)  # 0 for a part where the row is empty
+    total = jnp.sum(weights, axis=0)
+    weights = weights / jnp.where(total > 0, total, 1.0)
+    out = 0.0
+    for (o, _), w in zip(outs, weights):
+        out = out + o * jnp.swapaxes(w, 1, 2)[..., None]
+    return out
+
+
+def _group_attention(q, k, v, group: GroupLayout, cfg: KernelConfig, out_dtype):
+    outs = []
+    merged = len(group.parts) > 1
+    part_cfg = dataclasses.replace(cfg, out_dtype=jnp.float32 if merged else out_dtype)
+    for part in group.parts:
+        o, lse = _part_attention(
+            _to_order(q, part, 1), _keys(k, part), _keys(v, part), part, part_cfg
+        )
+        outs.append((_from_order(o, part, 1), _from_order(lse, part, 2)))
+    if not merged:
+        return outs[0][0]
+    return _merge(outs).astype(out_dtype)
+
+
+# ------------------------------------------------------------------------ entry point
+
+
+def default_blocks(seq_len: int, head_dim: int) -> tuple[int, int]:
+    """Block sizes used when none are given: 64 x 64, or the length if shorter."""
+    b = min(64, seq_len)
+    return b, b
+
+
+def attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    pattern: LayerPattern,
+    *,
+    interpret: bool | None = None,
+    block_q: int | None = None,
+    block_k: int | None = None,
+    num_warps: int | None = None,
+    num_stages: int = 2,
+) -> jax.Array:
+    """Block-sparse causal attention. q, k, v: [B, T, H, D] -> [B, T, H, D].
+
+    Args:
+      pattern: one entry per head (``PatternSpec.layer_pattern``).
+      interpret: run the Pallas interpreter; None means: when the default backend is
+        not a GPU.
+      block_q, block_k: query and key tile rows (powers of two >= 16 dividing T).
+      num_warps, num_stages: Triton launch parameters on GPU.
+
+    Raises:
+      PatternError (a ValueError) naming the constraint, for shapes, dtypes, block
+      sizes or strides the kernel cannot take.
+    """
+    if q.ndim != 4 or q.shape != k.shape or q.shape != v.shape:
+        raise PatternError(f"q, k, v must share one [B, T, H, D] shape, got {q.shape}, "
+                           f"{k.shape}, {v.shape}.")
+    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in SUPPORTED_DTYPES:
+        raise PatternError(f"q, k, v must all be bfloat16 or all float32, got {q.dtype}, "
+                           f"{k.dtype}, {v.dtype}.")
+    b, t, h, d = q.shape
+    if len(pattern) != h:
+        raise PatternError(f"pattern has {len(pattern)} heads but q has {h}.")
+    if d < 16 or d > 256 or d & (d - 1):
+        raise PatternError(f"head dim D={d} must be a power of two in [16, 256] (the "
+                           "kernel's tiles span the whole head dim); pad D, e.g. to "
+                           f"{max(16, 1 << (d - 1).bit_length())}.")
+    dq_, dk_ = default_blocks(t, d)
+    block_q = block_q or dq_
+    block_k = block_k or dk_
+    layout: Layout = build_layout(tuple(tuple(hp) for hp in pattern), t, block_q, block_k)
+    if interpret is None:
+        interpret = jax.default_backend() != "gpu"
+    cfg = KernelConfig(
+        interpret=bool(interpret),
+        num_warps=num_warps or (4 if d <= 64 else 8),
+        num_stages=num_stages,
+        out_dtype=q.dtype,
+    )
+    everyone = tuple(range(h))
+    if len(layout.groups) == 1 and layout.groups[0].heads == everyone:
+        return _group_attention(q, k, v, layout.groups[0], cfg, q.dtype)
+    out = jnp.zeros_like(q)
+    for group in layout.groups:
+        idx = np.asarray(group.heads)
+        o = _group_attention(q[:, :, idx], k[:, :, idx], v[:, :, idx], group, cfg, q.dtype)
+        out = out.at[:, :, idx].set(o)
+    return out

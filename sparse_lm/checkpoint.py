@@ -1,0 +1,188 @@
+"""Orbax checkpoints of a training run: state, data-iterator position and run metadata.
+
+Layout: ``<workdir>/checkpoints/<step>/{state,data,meta}``. Orbax writes each step
+into a temporary folder and renames it only when complete, so a run killed in the
+middle of an (asynchronous) write leaves nothing that a later run would trust.
+
+``meta`` records the model's shape-defining config; restoring into a different model
+is refused before any array is read.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import jax
+import ml_collections
+import orbax.checkpoint as ocp
+
+from sparse_lm import sharding
+from sparse_lm.steps import ModelFns, TrainState, abstract_model, split_model
+
+ITEMS = ("state", "data", "meta")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be used as asked; the message says why and what to do."""
+
+
+def model_signature(config: ml_collections.ConfigDict) -> dict:
+    """The config fields that decide parameter shapes and what the parameters mean."""
+    m, a = config.model, config.attention
+    return {
+        "vocab_size": m.vocab_size,
+        "num_layers": m.num_layers,
+        "d_model": m.d_model,
+        "num_heads": m.num_heads,
+        "ff_ratio": m.ff_ratio,
+        "qk_ratio": m.qk_ratio,
+        "pos_shape": list(m.pos_shape),
+        "seq_len": config.data.seq_len,
+        "pattern": a.pattern,
+        "stride": a.stride,
+        "summary": a.summary,
+        "combine": a.combine,
+        "distinct_summaries": a.distinct_summaries,
+    }
+
+
+def checkpoint_dir(workdir: str | Path) -> Path:
+    return Path(workdir).absolute() / "checkpoints"
+
+
+class Checkpointer:
+    """Saves and restores one run's checkpoints. ``read_only`` for evaluation and sampling."""
+
+    def __init__(
+        self,
+        workdir: str | Path,
+        *,
+        keep: int = 3,
+        async_save: bool = True,
+        read_only: bool = False,
+    ):
+        self.directory = checkpoint_dir(workdir)
+        if read_only and not self.directory.is_dir():
+            raise CheckpointError(
+                f"no checkpoints in {self.directory}: train first with "
+                f"`python scripts/train.py --config ... --workdir {Path(workdir)}`, or point "
+                "--workdir at a training run's folder."
+            )
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=keep,
+            enable_async_checkpointing=async_save and not read_only,
+            create=not read_only,
+            read_only=read_only,
+        )
+        self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
+
+    def all_steps(self) -> list[int]:
+        return sorted(self.manager.all_steps())
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def save(
+        self, step: int, state: TrainState, data_state: dict, config: ml_collections.ConfigDict
+    ) -> None:
+        meta = {"step": step, "model": model_signature(config), "config": config.to_json()}
+        self.manager.save(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(_as_dict(state)),
+                data=ocp.args.JsonSave(data_state),
+                meta=ocp.args.JsonSave(meta),
+            ),
+            force=True,
+        )
+
+    def read_meta(self, step: int) -> dict:
+        restored = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+        return restored["meta"]
+
+    def check_compatible(self, step: int, config: ml_collections.ConfigDict) -> None:
+        saved = self.read_meta(step)["model"]
+        wanted = model_signature(config)
+        diffs = [f"{k}: checkpoint {saved.get(k)!r}, config {v!r}" for k, v in wanted.items() if saved.get(k) != v]
+        if diffs:
+            raise CheckpointError(
+                f"the checkpoint at step {step} in {self.directory} was written by a different "
+                f"model ({'; '.join(diffs)}). Nothing was loaded. Use the config that wrote it, "
+                "or a new --workdir for the new model."
+            )
+
+    def restore(
+        self, step: int, abstract_state: TrainState, config: ml_collections.ConfigDict
+    ) -> tuple[TrainState, dict]:
+        """Restores state (placed as ``abstract_state``'s shardings) and the data position."""
+        self.check_compatible(step, config)
+        restored = self.manager.restore(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(_as_dict(abstract_state)),
+                data=ocp.args.JsonRestore(),
+            ),
+        )
+        return TrainState(**restored["state"]), restored["data"]
+
+    def restore_params(self, step: int, abstract_params: Any, config: ml_collections.ConfigDict) -> Any:
+        """Restores only the parameters (for evaluation and sampling)."""
+        self.check_compatible(step, config)
+        # partial_restore reads only the 'params' subtree: optimizer moments (twice the
+        # parameters' size) are never loaded.
+        restored = self.manager.restore(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.PyTreeRestore(
+                    item={"params": abstract_params},
+                    restore_args={"params": ocp.checkpoint_utils.construct_restore_args(abstract_params)},
+                    partial_restore=True,
+                )
+            ),
+        )
+        return restored["state"]["params"]
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+
+def _as_dict(state: TrainState) -> dict:
+    return {f.name: getattr(state, f.name) for f in dataclasses.fields(state)}
+
+
+def restore_for_inference(
+    config: ml_collections.ConfigDict, workdir: str | Path, *, step: int | None = None
+) -> tuple[ModelFns, Any, int, Any]:
+    """Parameters of a training run's checkpoint, read-only: (fns, params, step, mesh).
+
+    ``step`` None means the latest. Nothing is ever written into the run's folder.
+    """
+    ckpt = Checkpointer(workdir, read_only=True)
+    steps = ckpt.all_steps()
+    if not steps:
+        raise CheckpointError(
+            f"no complete checkpoint in {ckpt.directory}; train first, or wait for the "
+            "running training to write its first checkpoint."
+        )
+    if step is None:
+        step = steps[-1]
+    elif step not in steps:
+        raise CheckpointError(
+            f"no checkpoint for step {step} in {ckpt.directory}; available: {steps}."
+        )
+    mesh = sharding.make_mesh(config.mesh)
+    fns, abstract_params = split_model(abstract_model(config))
+    shardings = sharding.tree_shardings(abstract_params, fns.logical_specs(), mesh)
+    target = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_params, shardings
+    )
+    params = ckpt.restore_params(step, target, config)
+    ckpt.close()
+    return fns, params, step, mesh

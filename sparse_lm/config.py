@@ -1,0 +1,142 @@
+"""Default configuration and its validation.
+
+Every config in ``configs/`` starts from ``base_config()`` and overrides what differs,
+so each field has one documented default here. Fields are ml_collections
+``ConfigDict`` entries: any of them can be overridden on the command line
+(``--config.model.num_layers=4``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import ml_collections
+
+from sparse_lm.attention import PatternError, PatternSpec
+
+
+class ConfigError(ValueError):
+    """A config value cannot work; the message names the field and the fix."""
+
+
+def base_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+
+    c.data = ml_collections.ConfigDict()
+    c.data.name = "pystdlib"  # enwik8 | cifar10 | audio | text | pystdlib
+    c.data.path = ""  # file, folder or archive, per data set
+    c.data.files = []  # 'text' only: paths or globs
+    c.data.download = False  # fetch the official archive when path lacks it
+    c.data.seq_len = 256
+    c.data.batch_size = 8  # global, over all devices and hosts
+    c.data.eval_batch_size = 16  # global
+    c.data.split_fractions = (0.9, 0.05, 0.05)  # contiguous corpora: train/valid/test
+    c.data.max_bytes = 0  # pystdlib: cap on bytes read (0 = the source's default)
+    c.data.sample_rate = 12000  # audio, Hz
+    c.data.flip = False  # cifar10: random horizontal flip for training
+    c.data.cifar_source = "binary"  # binary | tfds
+    c.data.tfds_data_dir = ""
+
+    c.model = ml_collections.ConfigDict()
+    c.model.vocab_size = 256
+    c.model.num_layers = 2
+    c.model.d_model = 128
+    c.model.num_heads = 4
+    c.model.ff_ratio = 4.0  # 2.0 is the paper's half-size feed-forward
+    c.model.qk_ratio = 1.0  # 0.5 is the paper's half-size query/key projections
+    c.model.dropout = 0.0
+    c.model.pos_shape = (16, 16)  # factorized position embeddings; product == seq_len
+    c.model.dtype = "float32"  # compute dtype; bfloat16 on accelerators
+    c.model.param_dtype = "float32"
+    c.model.remat = "none"  # none | full | dots | dots_no_batch
+
+    c.attention = ml_collections.ConfigDict()
+    c.attention.pattern = "strided"  # dense | local | strided | fixed
+    c.attention.stride = 16  # the paper's l
+    c.attention.summary = 4  # the paper's c (fixed)
+    c.attention.combine = "merged"  # interleaved | merged | multihead
+    c.attention.distinct_summaries = False
+    c.attention.impl = "auto"  # auto | reference | pallas_gpu | pallas_tpu
+
+    c.optim = ml_collections.ConfigDict()
+    c.optim.learning_rate = 1e-3
+    c.optim.warmup_steps = 100
+    c.optim.decay_steps = 0  # 0: decay over train.num_steps
+    c.optim.min_lr_ratio = 0.0  # final learning rate as a fraction of the peak
+    c.optim.b1 = 0.9
+    c.optim.b2 = 0.95
+    c.optim.eps = 1e-8
+    c.optim.weight_decay = 0.01
+    c.optim.clip_norm = 1.0  # 0 disables clipping
+    c.optim.grad_accum_steps = 1
+
+    c.train = ml_collections.ConfigDict()
+    c.train.num_steps = 1000
+    c.train.log_every = 10
+    c.train.eval_every = 200  # 0: only at the end
+    c.train.eval_max_batches = 0  # 0: the whole validation split
+    c.train.checkpoint_every = 200
+    c.train.keep_checkpoints = 3
+    c.train.async_checkpoint = True
+    c.train.nonfinite = "skip"  # skip | stop: what a non-finite loss or gradient does
+    c.train.max_skipped = 10  # with 'skip': stop after this many skipped updates in a row
+    c.train.profile_steps = 0
+
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.data = -1  # -1: all devices left over
+    c.mesh.fsdp = 1
+    c.mesh.tensor = 1
+
+    c.sample = ml_collections.ConfigDict()
+    c.sample.num_samples = 4
+    c.sample.length = 0  # 0: the model's context
+    c.sample.temperature = 1.0
+    c.sample.top_k = 0
+    c.sample.top_p = 1.0
+    c.sample.prompt_fraction = 0.5  # with --prompt_from_split: share of the context given
+    return c
+
+
+def pattern_spec(config: ml_collections.ConfigDict) -> PatternSpec:
+    a = config.attention
+    return PatternSpec(
+        name=a.pattern,
+        stride=a.stride,
+        summary=a.summary,
+        combine=a.combine,
+        distinct_summaries=a.distinct_summaries,
+    )
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+    """Checks that fields agree with each other; raises ConfigError naming the fix."""
+    m, d = config.model, config.data
+    try:
+        pattern_spec(config).validate(seq_len=d.seq_len, num_heads=m.num_heads)
+    except PatternError as e:
+        raise ConfigError(f"config.attention: {e}") from None
+    if math.prod(m.pos_shape) != d.seq_len:
+        raise ConfigError(
+            f"config.model.pos_shape={tuple(m.pos_shape)} holds {math.prod(m.pos_shape)} "
+            f"positions but config.data.seq_len={d.seq_len}; make their product equal "
+            f"(for text and audio: (seq_len // stride, stride))."
+        )
+    if m.d_model % m.num_heads:
+        raise ConfigError(
+            f"config.model.d_model={m.d_model} is not divisible by num_heads={m.num_heads}."
+        )
+    accum = config.optim.grad_accum_steps
+    if accum < 1 or d.batch_size % accum:
+        raise ConfigError(
+            f"config.data.batch_size={d.batch_size} must be a multiple of "
+            f"config.optim.grad_accum_steps={accum}."
+        )
+    if config.train.nonfinite not in ("skip", "stop"):
+        raise ConfigError(
+            f"config.train.nonfinite={config.train.nonfinite!r}; choose 'skip' or 'stop'."
+        )
+    if m.remat not in ("none", "full", "dots", "dots_no_batch"):
+        raise ConfigError(
+            f"config.model.remat={m.remat!r}; choose none, full, dots or dots_no_batch."
+        )

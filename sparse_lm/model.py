@@ -1,0 +1,385 @@
+"""The Sparse Transformer (Child et al. 2019) as a Flax NNX module.
+
+A decoder-only byte model: factorized learned position embeddings, pre-activation
+residual blocks whose attention goes through ``sparse_lm.attention.attention`` (the
+one entry point kernels plug into), a final LayerNorm and an output projection.
+
+``logits[:, t]`` predicts ``tokens[:, t]`` from ``tokens[:, :t]``: the input is the
+byte sequence shifted right by one with a learned start vector at position 0, so
+every byte of a window is predicted and bits per byte counts all of them.
+
+Parameters carry logical axis names ('vocab', 'embed', 'mlp', 'heads', 'head_dim',
+'pos' or None) through ``nnx.with_partitioning``; the trainer maps them to mesh axes.
+The pieces the parallel forward pass is made of (``embed``, ``Attention.project``,
+``Block.attn_branch`` ...) are public so that ``sparse_lm.decode`` can run the same
+computation one position at a time against its cache.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from flax.core import meta as flax_meta
+
+from sparse_lm.attention import LayerPattern, PatternSpec, attention
+
+AXIS_NAMES = ("vocab", "embed", "mlp", "heads", "head_dim", "pos")
+REMAT_POLICIES: dict[str, Callable[..., bool] | None] = {
+    "full": None,  # save nothing: recompute the whole block in the backward pass
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+
+
+class ConfigError(ValueError):
+    """A model config cannot work; the message names the field and the fix."""
+
+
+def _param(
+    rngs: nnx.Rngs,
+    init: Callable[..., jax.Array],
+    shape: Sequence[int],
+    names: tuple[str | None, ...],
+    dtype: Any,
+) -> nnx.Param:
+    """A parameter annotated with logical axis names.
+
+    Flax 0.12 shards annotated variables eagerly by default, which needs a mesh; we
+    only do that when the caller has set one (``jax.set_mesh`` plus logical axis
+    rules), so the model also builds plainly on one device, in tests and in decoding.
+    """
+    assert len(names) == len(shape) and all(n is None or n in AXIS_NAMES for n in names)
+    eager = bool(nnx.using_eager_sharding() and flax_meta.global_mesh_defined())
+    value = nnx.with_partitioning(init, names)(rngs.params(), tuple(shape), dtype)
+    return nnx.Param(value, eager_sharding=eager)
+
+
+class LayerNorm(nnx.Module):
+    """LayerNorm computed in float32 (bf16 variance is too coarse), output in ``dtype``."""
+
+    def __init__(self, dim: int, *, dtype: Any, param_dtype: Any, rngs: nnx.Rngs):
+        self.scale = _param(rngs, nnx.initializers.ones, (dim,), ("embed",), param_dtype)
+        self.bias = _param(rngs, nnx.initializers.zeros, (dim,), ("embed",), param_dtype)
+        self.dtype = dtype
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = x.astype(jnp.float32)
+        mean = x.mean(-1, keepdims=True)
+        var = jnp.square(x - mean).mean(-1, keepdims=True)
+        y = (x - mean) * jax.lax.rsqrt(var + 1e-5)
+        y = y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
+        return y.astype(self.dtype)
+
+
+def _dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
+    """Inverted dropout; ``key`` None means deterministic (evaluation, decoding)."""
+    if key is None or rate == 0.0:
+        return x
+    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), 0.0).astype(x.dtype)
+
+
+class Attention(nnx.Module):
+    """Multi-head projections around the sparse attention call.
+
+    Query and key heads have ``head_dim * qk_ratio`` features and value heads
+    ``head_dim`` (the paper's half-size query/key option). Projections are stored
+    per head ([embed, heads, head_dim]) so tensor parallelism can split heads.
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        num_heads: int,
+        qk_dim: int,
+        v_dim: int,
+        out_std_scale: float,
+        *,
+        dtype: Any,
+        param_dtype: Any,
+        rngs: nnx.Rngs,
+    ):
+        fan_in = nnx.initializers.normal(d_model**-0.5)
+        self.query = _param(rngs, fan_in, (d_model, num_heads, qk_dim), ("embed", "heads", "head_dim"), param_dtype)
+        self.key = _param(rngs, fan_in, (d_model, num_heads, qk_dim), ("embed", "heads", "head_dim"), param_dtype)
+        self.value = _param(rngs, fan_in, (d_model, num_heads, v_dim), ("embed", "heads", "head_dim"), param_dtype)
+        # A residual output projection: its init is scaled by 1/sqrt(2N) so the
+        # residual stream's variance does not grow with depth (paper, section 5.3).
+        out_init = nnx.initializers.normal((num_heads * v_dim) ** -0.5 * out_std_scale)
+        self.out = _param(rngs, out_init, (num_heads, v_dim, d_model), ("heads", "head_dim", "embed"), param_dtype)
+        self.out_bias = _param(rngs, nnx.initializers.zeros, (d_model,), ("embed",), param_dtype)
+        self.dtype = dtype
+
+    def project(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """x [..., d_model] (compute dtype) -> q, k, v [..., H, D]."""
+        def proj(w: nnx.Param) -> jax.Array:
+            return jnp.einsum("...d,dhk->...hk", x, w[...].astype(self.dtype))
+
+        return proj(self.query), proj(self.key), proj(self.value)
+
+    def output(self, o: jax.Array) -> jax.Array:
+        """Attention output o [..., H, Dv] -> [..., d_model]."""
+        y = jnp.einsum("...hk,hkd->...d", o.astype(self.dtype), self.out[...].astype(self.dtype))
+        return y + self.out_bias[...].astype(self.dtype)
+
+
+class FeedForward(nnx.Module):
+    """Two-layer GELU MLP; the second layer is a residual output projection."""
+
+    def __init__(
+        self, d_model: int, d_ff: int, out_std_scale: float, *, dtype: Any, param_dtype: Any, rngs: nnx.Rngs
+    ):
+        self.w_in = _param(rngs, nnx.initializers.normal(d_model**-0.5), (d_model, d_ff), ("embed", "mlp"), param_dtype)
+        self.b_in = _param(rngs, nnx.initializers.zeros, (d_ff,), ("mlp",), param_dtype)
+        out_init = nnx.initializers.normal(d_ff**-0.5 * out_std_scale)
+        self.w_out = _param(rngs, out_init, (d_ff, d_model), ("mlp", "embed"), param_dtype)
+        self.b_out = _param(rngs, nnx.initializers.zeros, (d_model,), ("embed",), param_dtype)
+        self.dtype = dtype
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        h = x @ self.w_in[...].astype(self.dtype) + self.b_in[...].astype(self.dtype)
+        h = jax.nn.gelu(h)
+        return h @ self.w_out[...].astype(self.dtype) + self.b_out[...].astype(self.dtype)
+
+
+class Block(nnx.Module):
+    """Pre-activation residual block: H + a + b with a = attn(norm(H)), b = ff(norm(H + a))."""
+
+    def __init__(
+        self,
+        pattern: LayerPattern,
+        *,
+        d_model: int,
+        num_heads: int,
+        qk_dim: int,
+        v_dim: int,
+        d_ff: int,
+        num_layers: int,
+        dropout: float,
+        impl: str,
+        dtype: Any,
+        param_dtype: Any,
+        rngs: nnx.Rngs,
+    ):
+        scale = 1.0 / math.sqrt(2 * num_layers)
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.norm_attn = LayerNorm(d_model, **kw)
+        self.attn = Attention(d_model, num_heads, qk_dim, v_dim, scale, **kw)
+        self.norm_ff = LayerNorm(d_model, **kw)
+        self.ff = FeedForward(d_model, d_ff, scale, **kw)
+        # Static Python data (tuples of frozen dataclasses): part of the graph
+        # definition, so each layer's pattern is fixed at trace time.
+        self.pattern = pattern
+        self.dropout = dropout
+        self.impl = impl
+
+    def qkv(self, h: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """Queries, keys and values [..., H, D] of the residual stream h (float32)."""
+        return self.attn.project(self.norm_attn(h))
+
+    def finish(self, h: jax.Array, o: jax.Array, key: jax.Array | None) -> jax.Array:
+        """H + a + b given the attention heads' output o [..., H, Dv]."""
+        k_attn, k_ff = (None, None) if key is None else tuple(jax.random.split(key))
+        a = _dropout(self.attn.output(o), self.dropout, k_attn).astype(jnp.float32)
+        b = _dropout(self.ff(self.norm_ff(h + a)), self.dropout, k_ff).astype(jnp.float32)
+        return h + a + b
+
+    def forward(self, h: jax.Array, key: jax.Array | None) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+        """h: float32 residual stream [B, T, d_model] -> (next stream, (keys, values))."""
+        q, k, v = self.qkv(h)
+        o = attention(q, k, v, self.pattern, impl=self.impl)
+        return self.finish(h, o, key), (k, v)
+
+    def __call__(self, h: jax.Array, key: jax.Array | None) -> jax.Array:
+        return self.forward(h, key)[0]
+
+
+def _get(cfg: Any, name: str, default: Any) -> Any:
+    return cfg.get(name, default) if hasattr(cfg, "get") else getattr(cfg, name, default)
+
+
+def _dtype(name: Any, field: str) -> Any:
+    try:
+        return jnp.dtype(name)
+    except TypeError as e:
+        raise ConfigError(f"model.{field}={name!r} is not a dtype; use e.g. 'bfloat16' or 'float32'.") from e
+
+
+def pattern_spec(attn_cfg: Any) -> PatternSpec:
+    """The PatternSpec that an ``config.attention`` section describes."""
+    return PatternSpec(
+        name=attn_cfg.pattern,
+        stride=int(_get(attn_cfg, "stride", 128)),
+        summary=int(_get(attn_cfg, "summary", 32)),
+        combine=_get(attn_cfg, "combine", "merged"),
+        distinct_summaries=bool(_get(attn_cfg, "distinct_summaries", False)),
+    )
+
+
+class Transformer(nnx.Module):
+    """The Sparse Transformer. Call with int32 tokens [B, T]; returns float32 logits [B, T, V]."""
+
+    def __init__(self, model_cfg: Any, attn_cfg: Any, *, seq_len: int | None = None, rngs: nnx.Rngs):
+        self.vocab_size = int(_get(model_cfg, "vocab_size", 256))
+        self.num_layers = int(model_cfg.num_layers)
+        self.d_model = int(model_cfg.d_model)
+        self.num_heads = int(model_cfg.num_heads)
+        self.pos_shape = tuple(int(s) for s in model_cfg.pos_shape)
+        self.seq_len = int(np.prod(self.pos_shape)) if seq_len is None else int(seq_len)
+        self.dropout = float(_get(model_cfg, "dropout", 0.0))
+        self.dtype = _dtype(_get(model_cfg, "dtype", "bfloat16"), "dtype")
+        param_dtype = _dtype(_get(model_cfg, "param_dtype", "float32"), "param_dtype")
+        self.remat = str(_get(model_cfg, "remat", "none"))
+        ff_ratio = float(_get(model_cfg, "ff_ratio", 4.0))
+        qk_ratio = float(_get(model_cfg, "qk_ratio", 1.0))
+        self.spec = pattern_spec(attn_cfg)
+        impl = str(_get(attn_cfg, "impl", "auto"))
+        self._validate(ff_ratio, qk_ratio)
+
+        self.head_dim = self.d_model // self.num_heads
+        self.qk_dim = int(round(self.head_dim * qk_ratio))
+        d, kw = self.d_model, dict(dtype=self.dtype, param_dtype=param_dtype, rngs=rngs)
+        embed_init = nnx.initializers.normal(d**-0.5)
+        self.token_embed = _param(rngs, embed_init, (self.vocab_size, d), ("vocab", "embed"), param_dtype)
+        self.start = _param(rngs, embed_init, (d,), ("embed",), param_dtype)
+        self.pos_embed = nnx.List(
+            [_param(rngs, embed_init, (n, d), ("pos", "embed"), param_dtype) for n in self.pos_shape]
+        )
+        self.blocks = nnx.List(
+            [
+                Block(
+                    self.spec.layer_pattern(i, self.num_heads),
+                    d_model=d,
+                    num_heads=self.num_heads,
+                    qk_dim=self.qk_dim,
+                    v_dim=self.head_dim,
+                    d_ff=int(round(d * ff_ratio)),
+                    num_layers=self.num_layers,
+                    dropout=self.dropout,
+                    impl=impl,
+                    **kw,
+                )
+                for i in range(self.num_layers)
+            ]
+        )
+        self.final_norm = LayerNorm(d, **kw)
+        self.head = _param(rngs, nnx.initializers.normal(d**-0.5), (d, self.vocab_size), ("embed", "vocab"), param_dtype)
+        self.head_bias = _param(rngs, nnx.initializers.zeros, (self.vocab_size,), ("vocab",), param_dtype)
+
+    def _validate(self, ff_ratio: float, qk_ratio: float) -> None:
+        if int(np.prod(self.pos_shape)) != self.seq_len:
+            raise ConfigError(
+                f"model.pos_shape={self.pos_shape} has {int(np.prod(self.pos_shape))} positions but "
+                f"data.seq_len={self.seq_len}; the factorized position table must cover the "
+                f"context exactly (text/audio: (seq_len // stride, stride))."
+            )
+        if self.d_model % self.num_heads:
+            raise ConfigError(
+                f"model.d_model={self.d_model} is not divisible by model.num_heads={self.num_heads}."
+            )
+        head_dim = self.d_model // self.num_heads
+        if head_dim * qk_ratio < 1 or abs(head_dim * qk_ratio - round(head_dim * qk_ratio)) > 1e-9:
+            raise ConfigError(
+                f"model.qk_ratio={qk_ratio} times the head size {head_dim} must be a positive integer."
+            )
+        if self.d_model * ff_ratio < 1 or abs(self.d_model * ff_ratio - round(self.d_model * ff_ratio)) > 1e-9:
+            raise ConfigError(f"model.ff_ratio={ff_ratio} times d_model={self.d_model} must be a positive integer.")
+        if self.remat not in ("none", *REMAT_POLICIES):
+            raise ConfigError(f"model.remat={self.remat!r}; choose 'none', {', '.join(map(repr, REMAT_POLICIES))}.")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"model.dropout={self.dropout} must be in [0, 1).")
+        self.spec.validate(self.seq_len, self.num_heads)
+
+    # -- pieces shared with incremental decoding -------------------------------------
+
+    def position_embedding(self, positions: jax.Array) -> jax.Array:
+        """Sum of one row per axis of pos_shape for raster positions [...] -> [..., d] float32."""
+        out = 0.0
+        inner = int(np.prod(self.pos_shape))
+        for size, table in zip(self.pos_shape, self.pos_embed):
+            inner //= size
+            out = out + table[...].astype(jnp.float32)[(positions // inner) % size]
+        return out
+
+    def embed_inputs(self, prev_tokens: jax.Array, positions: jax.Array) -> jax.Array:
+        """Residual stream input at ``positions`` whose previous bytes are ``prev_tokens``.
+
+        Where the position is 0 there is no previous byte and the learned start vector
+        is used instead (``prev_tokens`` is ignored there). Returns float32.
+        """
+        tok = self.token_embed[...].astype(jnp.float32)[prev_tokens]
+        start = self.start[...].astype(jnp.float32)
+        x = jnp.where((positions == 0)[..., None], start, tok)
+        return x + self.position_embedding(positions)
+
+    def logits(self, h: jax.Array) -> jax.Array:
+        """Final norm and output projection of the residual stream -> float32 logits."""
+        y = self.final_norm(h)
+        out = jnp.einsum("...d,dv->...v", y, self.head[...].astype(self.dtype), preferred_element_type=jnp.float32)
+        return out + self.head_bias[...].astype(jnp.float32)
+
+    # -- the parallel forward pass -----------------------------------------------------
+
+    def __call__(
+        self, tokens: jax.Array, *, deterministic: bool = True, rngs: nnx.Rngs | None = None
+    ) -> jax.Array:
+        """tokens int32 [B, T] (T <= seq_len) -> float32 logits [B, T, vocab_size].
+
+        ``deterministic=False`` enables dropout, drawing from ``rngs.dropout``.
+        """
+        if tokens.ndim != 2:
+            raise ValueError(f"tokens must be [batch, time], got shape {tokens.shape}")
+        T = tokens.shape[1]
+        if T > self.seq_len:
+            raise ValueError(f"sequence of {T} tokens exceeds the model's context of {self.seq_len}")
+        keys: list[jax.Array | None] = [None] * self.num_layers
+        if not deterministic and self.dropout > 0.0:
+            if rngs is None:
+                raise ValueError("deterministic=False needs rngs with a 'dropout' stream for dropout masks.")
+            keys = list(jax.random.split(rngs.dropout(), self.num_layers))
+        h = self._embed_sequence(tokens)
+        for block, key in zip(self.blocks, keys):
+            h = self._run_block(block, h, key)
+        return self.logits(h)
+
+    def forward_with_kv(self, tokens: jax.Array) -> tuple[jax.Array, list[tuple[jax.Array, jax.Array]]]:
+        """Deterministic forward pass that also returns each layer's keys and values.
+
+        This is how decoding fills its cache from a prompt: the same parallel pass, and
+        the same attention entry point, as ``__call__``.
+        """
+        if tokens.ndim != 2 or tokens.shape[1] > self.seq_len:
+            raise ValueError(f"tokens must be [batch, time <= {self.seq_len}], got {tokens.shape}")
+        h = self._embed_sequence(tokens)
+        kvs = []
+        for block in self.blocks:
+            h, kv = block.forward(h, None)
+            kvs.append(kv)
+        return self.logits(h), kvs
+
+    def _embed_sequence(self, tokens: jax.Array) -> jax.Array:
+        # Shift right: position t sees byte t-1 (the start vector at t=0).
+        prev = jnp.pad(tokens[:, :-1], ((0, 0), (1, 0)))
+        return self.embed_inputs(prev, jnp.arange(tokens.shape[1])[None, :])
+
+    def _run_block(self, block: Block, h: jax.Array, key: jax.Array | None) -> jax.Array:
+        if self.remat == "none":
+            return block(h, key)
+        # Rematerialize each block: the backward pass recomputes what the policy does
+        # not save, trading compute for activation memory at long context.
+        return nnx.remat(lambda b, x, k: b(x, k), policy=REMAT_POLICIES[self.remat])(block, h, key)
+
+
+def build_model(config: Any, rngs: nnx.Rngs) -> Transformer:
+    """Transformer from a full config (``config.model``, ``config.attention``, ``config.data.seq_len``)."""
+    return Transformer(config.model, config.attention, seq_len=int(config.data.seq_len), rngs=rngs)
+
+
+def count_params(model: nnx.Module) -> int:
+    """Number of parameters (scalars) in ``model``."""
+    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))

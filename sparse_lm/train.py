@@ -1,0 +1,274 @@
+"""The training loop: build or resume a run in a workdir, train, evaluate, checkpoint.
+
+One jitted step over a device mesh; the loop around it only moves batches in and
+figures out. See ``train_and_evaluate`` for the order of events.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+from jax.experimental import multihost_utils
+
+from sparse_lm import config as config_lib
+from sparse_lm import data as data_lib
+from sparse_lm import sharding
+from sparse_lm.checkpoint import Checkpointer
+from sparse_lm.evaluate import Evaluator
+from sparse_lm.metrics import MetricsWriter, log
+from sparse_lm.model import build_model
+from sparse_lm.optim import make_optimizer
+from sparse_lm.steps import TrainState, abstract_model, init_state, make_train_step, split_model
+
+
+class TrainingHalted(RuntimeError):
+    """Training stopped on non-finite values; the last good checkpoint is kept."""
+
+
+class WorkdirError(ValueError):
+    """The workdir cannot be used; the message says why."""
+
+
+def check_workdir(workdir: str | Path) -> Path:
+    path = Path(workdir).absolute()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".write_test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise WorkdirError(
+            f"cannot write to workdir {path} ({e.strerror or e}). Choose a folder you can "
+            "write to with --workdir, or fix its permissions."
+        ) from None
+    return path
+
+
+def state_shardings(abstract_state: TrainState, param_shardings: Any, mesh) -> TrainState:
+    """Shardings for every leaf: parameters by their rules, optimizer moments like the
+    parameter they track (found by key path suffix), everything else replicated."""
+    by_path = {
+        tuple(path): s
+        for path, s in jax.tree_util.tree_flatten_with_path(param_shardings)[0]
+    }
+    replicated = sharding.replicated(mesh)
+
+    def for_leaf(path, leaf):
+        # The longest suffix first: a parameter's full path from the params root.
+        for n in range(len(path)):
+            s = by_path.get(tuple(path[n:]))
+            if s is not None:
+                return s
+        return replicated
+
+    return jax.tree_util.tree_map_with_path(for_leaf, abstract_state)
+
+
+class _StopRequest:
+    """Remembers SIGTERM/SIGINT so the loop can finish its step and checkpoint."""
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: leave signals alone
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signum is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C means now
+        self.signum = signum
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def agreed(self) -> bool:
+        """True on every process if any process was asked to stop."""
+        flag = self.signum is not None
+        if jax.process_count() > 1:
+            flag = bool(multihost_utils.process_allgather(np.array(flag)).any())
+        return flag
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
+    """Trains ``config`` in ``workdir`` (resuming from its latest checkpoint).
+
+    Returns a summary: final step, last train and eval figures, paths, and
+    ``status`` ("done" or "preempted").
+    """
+    config_lib.validate(config)
+    workdir = check_workdir(workdir)
+    mesh = sharding.make_mesh(config.mesh)
+    dp = sharding.data_parallel_size(mesh)
+    d = config.data
+    accum = config.optim.grad_accum_steps
+    if (d.batch_size // accum) % dp:
+        raise config_lib.ConfigError(
+            f"config.data.batch_size={d.batch_size} over {accum} accumulation step(s) gives "
+            f"{d.batch_size // accum} rows per step, which {dp} data-parallel devices cannot "
+            "share evenly; make the batch size a multiple of their product."
+        )
+
+    train_source = data_lib.load_split(d, "train")
+    valid_source = data_lib.load_split(d, "valid")
+    iterator = data_lib.TrainIterator(
+        train_source,
+        d.batch_size,
+        config.seed,
+        flip=bool(d.get("flip", False)),
+        image_shape=tuple(config.model.pos_shape) if d.name == "cifar10" else None,
+    )
+
+    fns, abstract_params = split_model(abstract_model(config))
+    param_sh = sharding.tree_shardings(abstract_params, fns.logical_specs(), mesh)
+    tx = make_optimizer(config)
+
+    def init():
+        with nnx.use_eager_sharding(False):
+            model = build_model(config, nnx.Rngs(config.seed))
+        _, params = split_model(model)
+        return init_state(params, tx, config.seed)
+
+    abstract_state = jax.eval_shape(init)
+    state_sh = state_shardings(abstract_state, param_sh, mesh)
+
+    ckpt = Checkpointer(
+        workdir, keep=config.train.keep_checkpoints, async_save=config.train.async_checkpoint
+    )
+    latest = ckpt.latest_step()
+    if latest is not None:
+        target = jax.tree.map(
+            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, state_sh
+        )
+        state, data_state = ckpt.restore(latest, target, config)
+        iterator.set_state(data_state)
+        log(f"Resumed from {ckpt.directory / str(latest)} at step {latest}.")
+    else:
+        state = jax.jit(init, out_shardings=state_sh)()
+        (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+
+    num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract_params))
+    log(
+        f"Model: {num_params / 1e6:.2f}M parameters, {config.model.num_layers} layers, "
+        f"pattern {config.attention.pattern}; mesh {dict(mesh.shape)} on "
+        f"{jax.device_count()} {jax.devices()[0].platform} device(s)."
+    )
+
+    batch_sh = sharding.batch_sharding(mesh, extra_leading=1)
+    train_step = jax.jit(
+        make_train_step(fns, tx, config),
+        in_shardings=(state_sh, batch_sh),
+        out_shardings=(state_sh, None),
+        donate_argnums=0,
+    )
+
+    evaluator = Evaluator(fns, config, mesh)
+    writer = MetricsWriter(workdir, total_steps=config.train.num_steps)
+    step = int(jax.device_get(state.step))
+    num_steps = config.train.num_steps
+    tokens_per_step = d.batch_size * d.seq_len
+    last_train: dict = {}
+    last_eval: dict = {}
+    status = "done"
+    window_start, window_steps = time.time(), 0
+
+    def run_eval() -> dict:
+        result = evaluator(state.params, valid_source, max_batches=config.train.eval_max_batches)
+        writer.write(step, "eval_valid", result)
+        log(
+            f"eval  step {step}: valid bits per byte {result['bits_per_byte']:.4f} over "
+            f"{result['num_bytes']:,} bytes"
+        )
+        return result
+
+    def check_halted(metrics: dict) -> None:
+        halted_at = int(metrics["halted_at"])
+        if halted_at >= 0:
+            raise TrainingHalted(
+                f"non-finite loss or gradient at step {halted_at}; training stopped "
+                f"(config.train.nonfinite='stop'). The last good checkpoint in "
+                f"{ckpt.directory} is kept (step {ckpt.latest_step()})."
+            )
+        if int(metrics["skipped_in_a_row"]) > config.train.max_skipped:
+            raise TrainingHalted(
+                f"{int(metrics['skipped_in_a_row'])} updates in a row had a non-finite loss "
+                f"or gradient (up to step {step}), more than config.train.max_skipped="
+                f"{config.train.max_skipped}. The last good checkpoint in {ckpt.directory} "
+                f"is kept (step {ckpt.latest_step()}). Lower the learning rate or check the data."
+            )
+
+    try:
+        with _StopRequest() as stop:
+            while step < num_steps:
+                local = iterator_next(iterator, accum)
+                batch = sharding.global_batch(local, mesh, extra_leading=1)
+                state, metrics = train_step(state, batch)
+                step += 1
+                window_steps += 1
+                is_last = step == num_steps
+                if step % config.train.log_every == 0 or is_last:
+                    metrics = jax.device_get(metrics)
+                    elapsed = time.time() - window_start
+                    metrics["step_time"] = elapsed / window_steps
+                    metrics["tokens_per_second"] = tokens_per_step * window_steps / elapsed
+                    window_start, window_steps = time.time(), 0
+                    check_halted(metrics)
+                    last_train = metrics
+                    writer.write(step, "train", metrics)
+                    writer.progress(
+                        step,
+                        {k: metrics[k] for k in ("loss", "bits_per_byte", "learning_rate", "grad_norm", "tokens_per_second")},
+                    )
+                if config.train.eval_every and step % config.train.eval_every == 0 or is_last:
+                    last_eval = run_eval()
+                if step % config.train.checkpoint_every == 0 or is_last:
+                    check_halted(jax.device_get(_health(state)))
+                    ckpt.save(step, state, iterator.get_state(), config)
+                if stop.agreed() and not is_last:
+                    check_halted(jax.device_get(_health(state)))
+                    if ckpt.latest_step() != step:
+                        ckpt.save(step, state, iterator.get_state(), config)
+                    ckpt.wait()
+                    status = "preempted"
+                    log(
+                        f"Stopped by signal {stop.signum} after step {step}; checkpoint saved in "
+                        f"{ckpt.directory}. Run the same command again to resume."
+                    )
+                    break
+    finally:
+        ckpt.close()
+        writer.close()
+
+    return {
+        "status": status,
+        "step": step,
+        "train": last_train,
+        "eval": last_eval,
+        "workdir": str(workdir),
+        "checkpoints": str(ckpt.directory),
+        "metrics": str(writer.jsonl_path),
+    }
+
+
+def _health(state: TrainState) -> dict:
+    return {"halted_at": state.halted_at, "skipped_in_a_row": state.skipped_in_a_row}
+
+
+def iterator_next(iterator, accum: int) -> np.ndarray:
+    """This host's next batch, shaped [accum, rows // accum, T] for accumulation."""
+    local = next(iterator)
+    return local.reshape(accum, local.shape[0] // accum, local.shape[1])

@@ -1,0 +1,230 @@
+"""The Sparse Transformer model, specified by what it must do (tiny sizes, CPU)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+from flax import nnx
+
+from sparse_lm.attention import PatternError
+from sparse_lm.model import AXIS_NAMES, ConfigError, Transformer, build_model
+
+SEQ_LEN = 32
+
+
+def tiny_config(pattern: str = "dense", combine: str = "merged", **model) -> ml_collections.ConfigDict:
+    cfg = ml_collections.ConfigDict()
+    cfg.model = dict(
+        vocab_size=256, num_layers=2, d_model=32, num_heads=4, ff_ratio=4.0, qk_ratio=1.0,
+        dropout=0.0, pos_shape=(SEQ_LEN // 8, 8), dtype="float32", param_dtype="float32", remat="none",
+    )
+    cfg.model.update(model)
+    cfg.attention = dict(
+        pattern=pattern, stride=8, summary=2, combine=combine, distinct_summaries=False, impl="reference"
+    )
+    cfg.data = dict(seq_len=SEQ_LEN)
+    return cfg
+
+
+def random_tokens(batch: int = 2, length: int = SEQ_LEN, seed: int = 0) -> jax.Array:
+    return jax.random.randint(jax.random.key(seed), (batch, length), 0, 256, dtype=jnp.int32)
+
+
+PATTERNS = [
+    ("dense", "merged"),
+    ("local", "merged"),
+    ("strided", "merged"),
+    ("strided", "interleaved"),
+    ("strided", "multihead"),
+    ("fixed", "merged"),
+    ("fixed", "interleaved"),
+    ("fixed", "multihead"),
+]
+
+
+def test_logits_are_float32_with_one_row_per_input_byte():
+    model = build_model(tiny_config(dtype="bfloat16"), nnx.Rngs(0))
+    logits = model(random_tokens())
+    assert logits.shape == (2, SEQ_LEN, 256)
+    assert logits.dtype == jnp.float32
+    assert bool(jnp.isfinite(logits).all())
+
+
+def test_shorter_inputs_than_the_context_are_accepted_and_longer_rejected():
+    model = build_model(tiny_config(), nnx.Rngs(0))
+    tokens = random_tokens()
+    # A prefix's logits are the full sequence's logits on that prefix (causal, absolute positions).
+    np.testing.assert_allclose(model(tokens[:, :11]), model(tokens)[:, :11], atol=1e-5)
+    with pytest.raises(ValueError, match="exceeds the model's context"):
+        model(random_tokens(length=SEQ_LEN + 8))
+
+
+@pytest.mark.parametrize("pattern,combine", PATTERNS)
+def test_changing_byte_t_changes_no_logit_up_to_t(pattern, combine):
+    model = build_model(tiny_config(pattern, combine, distinct_summaries=False), nnx.Rngs(1))
+    tokens = random_tokens()
+    base = np.asarray(model(tokens))
+    for t in (0, 5, 17, SEQ_LEN - 2):
+        changed = tokens.at[:, t].set((tokens[:, t] + 1) % 256)
+        out = np.asarray(model(changed))
+        # logits[:, t] predicts byte t, so it must not see byte t either.
+        np.testing.assert_array_equal(out[:, : t + 1], base[:, : t + 1])
+        assert np.abs(out[:, t + 1] - base[:, t + 1]).max() > 1e-4, "byte t must reach position t + 1"
+
+
+@pytest.mark.parametrize("pattern,combine", [p for p in PATTERNS if p[0] != "local"])
+def test_two_factorized_layers_connect_the_first_byte_to_the_last_position(pattern, combine):
+    model = build_model(tiny_config(pattern, combine), nnx.Rngs(2))
+    tokens = random_tokens()
+    changed = tokens.at[:, 0].set((tokens[:, 0] + 1) % 256)
+    assert np.abs(np.asarray(model(changed)[:, -1] - model(tokens)[:, -1])).max() > 1e-6
+
+
+def test_residual_output_projections_init_std_is_scaled_by_one_over_sqrt_2n():
+    def stds(num_layers: int) -> dict[str, float]:
+        m = build_model(tiny_config(num_layers=num_layers, d_model=64, num_heads=2), nnx.Rngs(3))
+        b = m.blocks[0]
+        return {
+            "attn_out": float(np.std(b.attn.out[...])),
+            "ff_out": float(np.std(b.ff.w_out[...])),
+            "ff_in": float(np.std(b.ff.w_in[...])),
+        }
+
+    for n in (2, 8):
+        s = stds(n)
+        # Fan-in init (1/sqrt(fan_in)) times 1/sqrt(2N) on the residual outputs only.
+        np.testing.assert_allclose(s["attn_out"], 64**-0.5 / np.sqrt(2 * n), rtol=0.05)
+        np.testing.assert_allclose(s["ff_out"], 256**-0.5 / np.sqrt(2 * n), rtol=0.05)
+        np.testing.assert_allclose(s["ff_in"], 64**-0.5, rtol=0.05)
+
+
+def test_half_size_feed_forward_and_query_key_change_parameter_shapes():
+    full = build_model(tiny_config(d_model=64, num_heads=4), nnx.Rngs(0)).blocks[0]
+    half = build_model(tiny_config(d_model=64, num_heads=4, ff_ratio=2.0, qk_ratio=0.5), nnx.Rngs(0)).blocks[0]
+    assert full.ff.w_in.shape == (64, 256) and half.ff.w_in.shape == (64, 128)
+    assert half.ff.w_out.shape == (128, 64)
+    assert full.attn.query.shape == (64, 4, 16) and half.attn.query.shape == (64, 4, 8)
+    assert half.attn.key.shape == (64, 4, 8)
+    # Values keep the full head size, so the output projection is unchanged.
+    assert half.attn.value.shape == (64, 4, 16) and half.attn.out.shape == (4, 16, 64)
+    tokens = random_tokens()
+    assert build_model(tiny_config(ff_ratio=2.0, qk_ratio=0.5), nnx.Rngs(0))(tokens).shape == (2, SEQ_LEN, 256)
+
+
+def test_dropout_is_active_only_when_not_deterministic():
+    model = build_model(tiny_config(dropout=0.3), nnx.Rngs(0))
+    tokens = random_tokens()
+    det = model(tokens)
+    np.testing.assert_array_equal(det, model(tokens, deterministic=True, rngs=nnx.Rngs(dropout=1)))
+    a = model(tokens, deterministic=False, rngs=nnx.Rngs(dropout=1))
+    b = model(tokens, deterministic=False, rngs=nnx.Rngs(dropout=1))
+    c = model(tokens, deterministic=False, rngs=nnx.Rngs(dropout=2))
+    np.testing.assert_array_equal(a, b)  # same key, same masks
+    assert np.abs(np.asarray(a - det)).max() > 1e-3
+    assert np.abs(np.asarray(a - c)).max() > 1e-3
+    with pytest.raises(ValueError, match="rngs"):
+        model(tokens, deterministic=False)
+    # dropout=0 is a no-op even in training mode.
+    plain = build_model(tiny_config(dropout=0.0), nnx.Rngs(0))
+    np.testing.assert_array_equal(plain(tokens), plain(tokens, deterministic=False, rngs=nnx.Rngs(dropout=1)))
+
+
+def _loss_and_grads(remat: str):
+    model = build_model(tiny_config("strided", "interleaved", remat=remat, dropout=0.2), nnx.Rngs(4))
+    tokens = random_tokens()
+
+    def loss_fn(m):
+        logits = m(tokens, deterministic=False, rngs=nnx.Rngs(dropout=7))
+        return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), tokens[..., None], -1))
+
+    loss, grads = nnx.value_and_grad(loss_fn)(model)
+    return loss, grads
+
+
+@pytest.mark.parametrize("remat", ["full", "dots", "dots_no_batch"])
+def test_remat_gives_the_same_loss_and_grads_as_no_remat(remat):
+    loss0, grads0 = _loss_and_grads("none")
+    loss1, grads1 = _loss_and_grads(remat)
+    np.testing.assert_allclose(loss1, loss0, rtol=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), grads1, grads0)
+    assert jax.tree.structure(grads1) == jax.tree.structure(grads0)
+
+
+def test_float32_params_with_bfloat16_compute():
+    model = build_model(tiny_config(dtype="bfloat16", param_dtype="float32"), nnx.Rngs(0))
+    for leaf in jax.tree.leaves(nnx.state(model, nnx.Param)):
+        assert leaf.dtype == jnp.float32
+    tokens = random_tokens()
+    graphdef, state = nnx.split(model)
+    jaxpr = jax.make_jaxpr(lambda s, t: nnx.merge(graphdef, s)(t))(state, tokens)
+    dots = [e for e in jaxpr.jaxpr.eqns if e.primitive.name == "dot_general"]
+    assert dots, "expected matmuls in the forward pass"
+    for eqn in dots:  # every matmul, attention included, reads bf16 operands
+        assert [v.aval.dtype for v in eqn.invars] == [jnp.bfloat16, jnp.bfloat16], eqn
+    assert jaxpr.out_avals[0].dtype == jnp.float32
+    # And it is a real change of precision, not a no-op: float32 compute differs slightly.
+    f32 = build_model(tiny_config(dtype="float32"), nnx.Rngs(0))(tokens)
+    diff = float(jnp.abs(model(tokens) - f32).max())
+    assert 1e-4 < diff < 0.5
+
+
+def test_parameters_carry_logical_axis_names():
+    model = build_model(tiny_config("fixed", "merged", num_layers=1), nnx.Rngs(0))
+    specs = nnx.get_partition_spec(nnx.state(model, nnx.Param))
+    shapes = nnx.state(model, nnx.Param)
+    flat_specs = jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
+    flat_shapes = jax.tree.leaves(shapes)
+    assert len(flat_specs) == len(flat_shapes)
+    for spec, leaf in zip(flat_specs, flat_shapes):
+        assert isinstance(spec, jax.sharding.PartitionSpec)
+        assert len(spec) == leaf.ndim
+        assert all(name is None or name in AXIS_NAMES for name in spec)
+    assert specs["token_embed"] == jax.sharding.PartitionSpec("vocab", "embed")
+    assert specs["pos_embed"][0] == jax.sharding.PartitionSpec("pos", "embed")
+    assert specs["blocks"][0]["attn"]["query"] == jax.sharding.PartitionSpec("embed", "heads", "head_dim")
+    assert specs["blocks"][0]["attn"]["out"] == jax.sharding.PartitionSpec("heads", "head_dim", "embed")
+    assert specs["blocks"][0]["ff"]["w_in"] == jax.sharding.PartitionSpec("embed", "mlp")
+    assert specs["head"] == jax.sharding.PartitionSpec("embed", "vocab")
+
+
+def test_image_positions_factorize_into_row_column_and_channel_tables():
+    cfg = tiny_config(pos_shape=(2, 4, 3), num_layers=1)
+    cfg.data.seq_len = 24
+    cfg.attention.stride = 12
+    model = build_model(cfg, nnx.Rngs(0))
+    assert [t.shape for t in model.pos_embed] == [(2, 32), (4, 32), (3, 32)]
+    pos = model.position_embedding(jnp.arange(24))
+    rows, cols, chans = (np.asarray(t[...]) for t in model.pos_embed)
+    # position 17 = row 1, column 1, channel 2 in raster (row, column, channel) order.
+    np.testing.assert_allclose(pos[17], rows[1] + cols[1] + chans[2], rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "change,error,match",
+    [
+        (dict(model=dict(pos_shape=(4, 4))), ConfigError, "pos_shape"),
+        (dict(model=dict(d_model=30)), ConfigError, "divisible"),
+        (dict(model=dict(qk_ratio=0.3)), ConfigError, "qk_ratio"),
+        (dict(model=dict(remat="some")), ConfigError, "remat"),
+        (dict(attention=dict(pattern="strided", stride=12)), PatternError, "multiple"),
+        (dict(attention=dict(pattern="fixed", summary=16)), PatternError, "c <= l"),
+        (dict(attention=dict(pattern="diagonal")), PatternError, "unknown attention pattern"),
+        (dict(model=dict(num_heads=1, d_model=32), attention=dict(pattern="strided", combine="multihead")),
+         PatternError, "at least 2 heads"),
+    ],
+)
+def test_bad_configs_fail_at_build_time_with_a_clear_error(change, error, match):
+    cfg = tiny_config()
+    for section, fields in change.items():
+        cfg[section].update(fields)
+    with pytest.raises(error, match=match):
+        build_model(cfg, nnx.Rngs(0))
+
+
+def test_transformer_can_be_built_from_its_two_config_sections():
+    cfg = tiny_config()
+    model = Transformer(cfg.model, cfg.attention, rngs=nnx.Rngs(0))
+    assert model.seq_len == SEQ_LEN
