@@ -43,15 +43,15 @@ class ModelFns:
     rest: Any  # non-parameter state (empty for this model), merged back unchanged
 
     def bind(self, params: dict) -> nnx.Module:
-        return nnx.merge(self.graphdef, nnx.State(params), self.rest)
+        return nnx.merge(self.graphdef, params, self.rest)
 
     def logical_specs(self) -> dict:
-        return nnx.get_partition_spec(self.params_template).to_pure_dict()
+        return nnx.to_pure_dict(nnx.get_partition_spec(self.params_template))
 
 
 def split_model(model: nnx.Module) -> tuple[ModelFns, dict]:
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    return ModelFns(graphdef, params, rest), params.to_pure_dict()
+    return ModelFns(graphdef, params, rest), nnx.to_pure_dict(params)
 
 
 def abstract_model(config: ml_collections.ConfigDict) -> nnx.Module:
@@ -111,7 +111,7 @@ def make_train_step(
         )
         loss = loss_sum / accum
         grads = jax.tree.map(lambda g: g / accum, grad_sum)
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
 
         updates, new_opt = tx.update(grads, state.opt_state, state.params)
         new_params = optax.apply_updates(state.params, updates)

@@ -270,6 +270,16 @@ _SHARD_SCRIPT = textwrap.dedent(
                                                   mesh=mesh))(qs, ks, vs)
     np.testing.assert_allclose(np.asarray(via_entry), np.asarray(out), rtol=0, atol=0)
 
+    # The model calls attention(...) with no mesh; under jax.set_mesh it must shard
+    # itself (a shard_map in the trace), forward and backward.
+    entry = lambda q, k, v: attention(q, k, v, pattern, impl="pallas_tpu")
+    with jax.set_mesh(mesh):
+        assert "shard_map" in str(jax.make_jaxpr(entry)(qs, ks, vs))
+        (_, ambient), ambient_grads = loss(entry)(qs, ks, vs)
+    for a, b in zip((ambient, *ambient_grads), (out, *grads)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=0)
+    assert "shard_map" not in str(jax.make_jaxpr(entry)(q, k, v))  # no mesh set
+
     try:
         pallas_tpu.shard_attention(mesh, pattern)(q[:1], k[:1], v[:1])
     except PatternError as e:

@@ -28,7 +28,10 @@ into splash masks and adapts shapes, scaling and the empty-row convention.
 
 ``shard_attention`` composes the kernel with a device mesh: a Pallas call cannot be
 partitioned by XLA, so the kernel runs under ``jax.shard_map`` with the batch split
-over the data axes and the heads over the tensor axis.
+over the data axes and the heads over the tensor axis. ``attention`` does this by
+itself when given ``mesh=`` or when traced under ``jax.set_mesh(mesh)`` (so the
+model's plain ``attention(..., impl="pallas_tpu")`` call composes with a train step
+jitted under that mesh); inside a ``shard_map`` it runs on the local shard as is.
 
 Verified only in Pallas TPU interpret mode on CPU (see docs/tpu.md).
 """
@@ -50,7 +53,7 @@ from jax.experimental.pallas.ops.tpu.splash_attention import (
 from jax.experimental.pallas.ops.tpu.splash_attention import (
     splash_attention_mask as splash_mask,
 )
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import AbstractMesh, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from sparse_lm.attention.patterns import Component, HeadPattern, LayerPattern, PatternError
@@ -100,7 +103,7 @@ class PatternMask(splash_mask._ComputableMask):
 
     def __init__(self, head: HeadPattern, seq_len: int, shard_count: int = 1) -> None:
         self.head = tuple(head)
-        self.empty_rows = 0
+        self.empty_rows = min(first_nonempty_row(self.head), seq_len)
         components: tuple[Component, ...] = self.head
         empty_rows = self.empty_rows
 
@@ -285,7 +288,7 @@ def attention(
     interpret: Interpret = None,
     block_q: int | None = None,
     block_kv: int | None = None,
-    mesh: Mesh | None = None,
+    mesh: Mesh | AbstractMesh | None = None,
     batch_axes: Sequence[str] = ("data", "fsdp"),
     head_axis: str | None = "tensor",
 ) -> jax.Array:
@@ -302,14 +305,17 @@ def attention(
         Pallas's generic interpreter (see ``_resolve_interpret``).
       block_q, block_kv: tile sizes, multiples of 128 dividing T (default: the
         largest of 512, 256, 128 that divides T). Used for forward and backward.
-      mesh: if given, run under ``shard_map`` over ``mesh`` (see ``shard_attention``);
-        q, k, v are then global arrays.
+      mesh: run under ``shard_map`` over ``mesh`` (see ``shard_attention``); q, k, v
+        are then global arrays. Default: the mesh set by ``jax.set_mesh`` if it has
+        more than one device and we are not already inside a ``shard_map``.
       batch_axes, head_axis: mesh axes for the batch and head dims when ``mesh`` is set.
 
     Raises:
       PatternError: T or a block size breaks splash's tiling constraints, or the
         shapes, dtypes or head count do not fit.
     """
+    if mesh is None:
+        mesh = _ambient_mesh()
     if mesh is not None:
         fn = shard_attention(
             mesh,
@@ -329,8 +335,20 @@ def attention(
     return _run_kernel(kernel, None if keep.all() else keep, q, k, v)
 
 
+def _ambient_mesh() -> AbstractMesh | None:
+    """The mesh of ``jax.set_mesh`` to shard over, or None to run as is.
+
+    None when no mesh is set, when it has one device, or when some axis is already
+    manual (we are inside a shard_map and q, k, v are local shards).
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1 or mesh.manual_axes:
+        return None
+    return mesh
+
+
 def shard_attention(
-    mesh: Mesh,
+    mesh: Mesh | AbstractMesh,
     pattern: LayerPattern,
     *,
     batch_axes: Sequence[str] = ("data", "fsdp"),
