@@ -45,21 +45,15 @@ def define_common_flags() -> None:
 
 def initialize_distributed() -> None:
     """Starts JAX's multi-process runtime when asked; a no-op for one process."""
-    import jax
+    from sparse_lm import distributed
 
-    if FLAGS.coordinator_address:
-        if FLAGS.num_processes < 1 or FLAGS.process_id < 0:
-            raise UsageError(
-                "--coordinator_address needs --num_processes and --process_id (or the "
-                "SPARSE_LM_NUM_PROCESSES and SPARSE_LM_PROCESS_ID environment variables)."
-            )
-        jax.distributed.initialize(
-            coordinator_address=FLAGS.coordinator_address,
-            num_processes=FLAGS.num_processes,
-            process_id=FLAGS.process_id,
+    try:
+        distributed.initialize(
+            FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
+            auto=FLAGS.distributed,
         )
-    elif FLAGS.distributed:
-        jax.distributed.initialize()
+    except distributed.DistributedSetupError as e:
+        raise UsageError(str(e)) from None
 
 
 class UsageError(ValueError):

@@ -116,6 +116,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
         pattern_spec(config).validate(seq_len=d.seq_len, num_heads=m.num_heads)
     except PatternError as e:
         raise ConfigError(f"config.attention: {e}") from None
+    impls = ("auto", "reference", "pallas_gpu", "pallas_tpu")
+    if config.attention.impl not in impls:
+        raise ConfigError(
+            f"config.attention.impl={config.attention.impl!r}; choose one of {', '.join(impls)}."
+        )
     if math.prod(m.pos_shape) != d.seq_len:
         raise ConfigError(
             f"config.model.pos_shape={tuple(m.pos_shape)} holds {math.prod(m.pos_shape)} "

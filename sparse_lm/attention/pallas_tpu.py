@@ -366,7 +366,8 @@ def shard_attention(
     device, since splash does not split the key sequence. Splash builds its schedule
     for all heads with ``head_shards`` = the tensor-axis size and the kernel's
     schedule arrays are themselves sharded over heads, so each device runs exactly
-    its own heads' masks, whatever the combine mode.
+    its own heads' masks, whatever the combine mode. ``mesh`` may be a concrete mesh
+    or the abstract one that ``jax.sharding.get_abstract_mesh()`` gives inside jit.
 
     Raises:
       PatternError: B is not divisible by the batch-axes size or H by the head-axis size.
@@ -405,8 +406,8 @@ def shard_attention(
             mesh=mesh,
             in_specs=(kernel_spec, P(None, heads), data_spec, data_spec, data_spec),
             out_specs=data_spec,
-            # pallas_call has no replication rule, so shard_map's varying-axis
-            # check cannot see through it.
+            # Splash declares its outputs with plain ShapeDtypeStructs (no
+            # varying-axes annotation), which shard_map's check_vma rejects.
             check_vma=False,
         )(kernel, jnp.asarray(keep), q, k, v)
 

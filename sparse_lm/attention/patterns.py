@@ -100,14 +100,15 @@ class PatternSpec:
             raise PatternError(
                 f"unknown attention pattern {self.name!r}; choose one of {', '.join(PATTERNS)}."
             )
+        # Checked for every pattern, so a typo is caught even where combine is unused.
+        if self.combine not in COMBINES:
+            raise PatternError(
+                f"unknown combine mode {self.combine!r}; choose one of {', '.join(COMBINES)}."
+            )
         if self.name == "dense":
             return
         if self.stride < 1:
             raise PatternError(f"attention stride l={self.stride} must be a positive integer.")
-        if self.name in ("strided", "fixed") and self.combine not in COMBINES:
-            raise PatternError(
-                f"unknown combine mode {self.combine!r}; choose one of {', '.join(COMBINES)}."
-            )
         if self.name == "fixed":
             if not 1 <= self.summary <= self.stride:
                 raise PatternError(
