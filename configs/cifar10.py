@@ -8,11 +8,11 @@ Variants: (none) the paper's model; ``small`` 8 layers; ``smoke`` tiny, on the 4
 real images in ../shared/data, for CPU tests.
 """
 
-from sparse_lm.config import base_config
+from sparse_lm.config import ConfigError, base_config, long_run_defaults, smoke_defaults
 
 
 def get_config(variant: str = ""):
-    c = base_config()
+    c = long_run_defaults(base_config())
     c.data.name = "cifar10"
     c.data.path = "data/cifar10"  # cifar-10-binary.tar.gz or cifar-10-batches-bin/
     c.data.seq_len = 3072
@@ -26,37 +26,21 @@ def get_config(variant: str = ""):
     c.model.qk_ratio = 0.5
     c.model.dropout = 0.25
     c.model.pos_shape = (32, 32, 3)  # row, column, channel
-    c.model.dtype = "bfloat16"
-    c.model.remat = "full"
     c.attention.pattern = "strided"
     c.attention.stride = 96
     c.attention.combine = "merged"
     c.optim.learning_rate = 3.5e-4
-    c.optim.warmup_steps = 5000
     c.train.num_steps = 300_000
-    c.train.log_every = 100
-    c.train.eval_every = 5000
-    c.train.checkpoint_every = 1000
     c.sample.length = 3072
     if variant == "small":
         c.model.num_layers = 8
         c.model.dropout = 0.0
     elif variant == "smoke":
+        smoke_defaults(c)
         c.data.path = "../shared/data/cifar10-sample/cifar-10-batches-bin"
         c.data.batch_size = 4
         c.data.eval_batch_size = 16
-        c.model.num_layers = 2
         c.model.d_model = 32
-        c.model.dropout = 0.0
-        c.model.dtype = "float32"
-        c.model.remat = "none"
-        c.optim.learning_rate = 3e-3
-        c.optim.warmup_steps = 5
-        c.train.num_steps = 20
-        c.train.log_every = 5
-        c.train.eval_every = 0
-        c.train.eval_max_batches = 2
-        c.train.checkpoint_every = 10
     elif variant:
-        raise ValueError(f"unknown cifar10 config variant {variant!r}; use '', 'small' or 'smoke'.")
+        raise ConfigError(f"unknown cifar10 config variant {variant!r}; use '', 'small' or 'smoke'.")
     return c

@@ -10,11 +10,11 @@ Variants (``--config configs/enwik8.py:VARIANT``):
   smoke   2 tiny layers at context 512 on the 1 MB sample in ../shared/data: CPU tests.
 """
 
-from sparse_lm.config import base_config
+from sparse_lm.config import ConfigError, base_config, long_run_defaults, smoke_defaults
 
 
 def get_config(variant: str = ""):
-    c = base_config()
+    c = long_run_defaults(base_config())
     c.data.name = "enwik8"
     c.data.path = "data/enwik8"  # the file, enwik8.zip, or a folder holding either
     c.data.seq_len = 12288
@@ -25,47 +25,36 @@ def get_config(variant: str = ""):
     c.model.num_heads = 8
     c.model.dropout = 0.4
     c.model.pos_shape = (96, 128)  # rows x columns of width l
-    c.model.dtype = "bfloat16"
-    c.model.remat = "full"
     c.attention.pattern = "fixed"
     c.attention.stride = 128
     c.attention.summary = 32
     c.attention.combine = "merged"
-    c.optim.learning_rate = 3.5e-4
-    c.optim.warmup_steps = 5000
     c.optim.weight_decay = 0.01
     c.optim.clip_norm = 1.0
     c.train.num_steps = 200_000
-    c.train.log_every = 100
-    c.train.eval_every = 5000
     c.train.eval_max_batches = 0
-    c.train.checkpoint_every = 1000
     c.sample.length = 12288
     if variant == "small":
         c.model.num_layers = 4
         c.model.dropout = 0.0
         c.data.batch_size = 8
     elif variant == "smoke":
+        smoke_defaults(c, num_steps=200)
         c.data.path = "../shared/data/text/enwik8_first_1MB.xml"
         c.data.seq_len = 512
         c.data.batch_size = 8
         c.data.eval_batch_size = 32
-        c.model.num_layers = 2
         c.model.d_model = 64
         c.model.num_heads = 2
-        c.model.dropout = 0.0
         c.model.pos_shape = (16, 32)
-        c.model.dtype = "float32"
-        c.model.remat = "none"
         c.attention.stride = 32
         c.attention.summary = 8
-        c.optim.learning_rate = 3e-3
         c.optim.warmup_steps = 20
-        c.train.num_steps = 200
         c.train.log_every = 20
         c.train.eval_every = 100
+        c.train.eval_max_batches = 0
         c.train.checkpoint_every = 100
         c.sample.length = 512
     elif variant:
-        raise ValueError(f"unknown enwik8 config variant {variant!r}; use '', 'small' or 'smoke'.")
+        raise ConfigError(f"unknown enwik8 config variant {variant!r}; use '', 'small' or 'smoke'.")
     return c

@@ -145,3 +145,32 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise ConfigError(
             f"config.model.remat={m.remat!r}; choose none, full, dots or dots_no_batch."
         )
+
+
+def long_run_defaults(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Settings the paper-scale configs share: bf16 with remat, 5,000 warmup steps, and
+    logging, evaluation and checkpoint intervals suited to runs of 100k+ steps."""
+    c.model.dtype = "bfloat16"
+    c.model.remat = "full"
+    c.optim.learning_rate = 3.5e-4
+    c.optim.warmup_steps = 5000
+    c.train.log_every = 100
+    c.train.eval_every = 5000
+    c.train.checkpoint_every = 1000
+    return c
+
+
+def smoke_defaults(c: ml_collections.ConfigDict, *, num_steps: int = 20) -> ml_collections.ConfigDict:
+    """A tiny float32 model and a short schedule: the ``smoke`` variants used by CPU tests."""
+    c.model.num_layers = 2
+    c.model.dropout = 0.0
+    c.model.dtype = "float32"
+    c.model.remat = "none"
+    c.optim.learning_rate = 3e-3
+    c.optim.warmup_steps = max(5, num_steps // 10)
+    c.train.num_steps = num_steps
+    c.train.log_every = max(5, num_steps // 10)
+    c.train.eval_every = 0
+    c.train.eval_max_batches = 2
+    c.train.checkpoint_every = max(10, num_steps // 2)
+    return c

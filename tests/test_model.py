@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -132,6 +133,7 @@ def test_dropout_is_active_only_when_not_deterministic():
     np.testing.assert_array_equal(plain(tokens), plain(tokens, deterministic=False, rngs=nnx.Rngs(dropout=1)))
 
 
+@functools.cache
 def _loss_and_grads(remat: str):
     model = build_model(tiny_config("strided", "interleaved", remat=remat, dropout=0.2), nnx.Rngs(4))
     tokens = random_tokens()
