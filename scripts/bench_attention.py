@@ -137,7 +137,9 @@ def gpu_check(quick: bool) -> None:
             try:
                 o, grads = value_and_grads(lambda *a: pallas_gpu.attention(*a, pat))(q, k, v, g)
                 f32s = [x.astype(jnp.float32) for x in (q, k, v, g)]
-                ro, rgrads = value_and_grads(lambda *a: reference_attention(*a, pat))(*f32s)
+                # The reference at full float32 precision (XLA's GPU default is tf32).
+                with jax.default_matmul_precision("highest"):
+                    ro, rgrads = value_and_grads(lambda *a: reference_attention(*a, pat))(*f32s)
                 errs = [rel_err(o, ro)] + [rel_err(a, r) for a, r in zip(grads, rgrads)]
                 nan = any(bool(jnp.isnan(x).any()) for x in (o, *grads))
                 tol = 1e-2 if dt == jnp.bfloat16 else 1e-4
@@ -192,7 +194,16 @@ def flex_setup():
     import torch
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
-    return torch, create_block_mask, torch.compile(flex_attention, dynamic=False)
+    # Every mask and shape is its own compile: lift dynamo's limit (default 8), past
+    # which flex_attention silently falls back to an unfused, dense implementation.
+    torch._dynamo.config.recompile_limit = 256
+    torch._dynamo.config.accumulated_recompile_limit = 4096
+
+    def block_mask(fn, t):
+        # _compile=True builds the block mask without a dense [T, T] mask (4 GiB at 64k).
+        return create_block_mask(fn, None, None, t, t, device="cuda", _compile=True)
+
+    return torch, block_mask, torch.compile(flex_attention, dynamic=False)
 
 
 def flex_masks(spec: PatternSpec):
@@ -286,7 +297,7 @@ def bench_shape(shape, quick: bool, sweep: bool) -> None:
         pairs = b * h * pairs_per_head(spec, t)
 
         def run_flex():
-            bm = create_block_mask(flex_masks(spec), None, None, t, t, device="cuda")
+            bm = create_block_mask(flex_masks(spec), t)
             x = [a.detach().clone().requires_grad_(True) for a in (tq, tk, tv)]
             fwd = lambda: flex(*x, block_mask=bm)  # noqa: E731
             out = fwd()
@@ -314,12 +325,10 @@ def bench_shape(shape, quick: bool, sweep: bool) -> None:
 
     def run_flex_perm():
         n = t // l
-        bm_local = create_block_mask(flex_masks(PatternSpec("local", l)), None, None, t, t,
-                                     device="cuda")
+        bm_local = create_block_mask(flex_masks(PatternSpec("local", l)), t)
         # Permuted order p = col * n + row: same column <=> same segment of n rows.
         bm_stride = create_block_mask(
-            lambda b_, h_, qi, kv: (qi // n == kv // n) & (qi - kv >= 2), None, None, t, t,
-            device="cuda")
+            lambda b_, h_, qi, kv: (qi // n == kv // n) & (qi - kv >= 2), t)
         x = [a.detach().clone().requires_grad_(True) for a in (tq, tk, tv)]
 
         def perm(a):

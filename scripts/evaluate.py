@@ -17,6 +17,11 @@ cli.define_common_flags()
 flags.DEFINE_enum("split", "valid", ["train", "valid", "test"], "Split to evaluate.")
 flags.DEFINE_integer("checkpoint_step", None, "Step to evaluate (default: the latest).")
 flags.DEFINE_integer("max_batches", 0, "Evaluate only the first N batches (0: the whole split).")
+flags.DEFINE_integer(
+    "min_context", 0,
+    "Predict every byte with at least this many bytes of context, by overlapping windows "
+    "(the paper's longer-context evaluation; 0: non-overlapping windows).",
+)
 
 
 def main(argv):
@@ -29,7 +34,8 @@ def main(argv):
         cli.initialize_distributed()
         F = cli.FLAGS
         result = evaluate_checkpoint(
-            F.config, F.workdir, split=F.split, step=F.checkpoint_step, max_batches=F.max_batches
+            F.config, F.workdir, split=F.split, step=F.checkpoint_step, max_batches=F.max_batches,
+            min_context=F.min_context,
         )
         log(
             f"{F.split} bits per byte at step {result['step']}: {result['bits_per_byte']:.4f} "
@@ -41,4 +47,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=cli.parse_flags)

@@ -1,8 +1,12 @@
 """Orbax checkpoints of a training run: state, data-iterator position and run metadata.
 
 Layout: ``<workdir>/checkpoints/<step>/{state,data,meta}``. Orbax writes each step
-into a temporary folder and renames it only when complete, so a run killed in the
-middle of an (asynchronous) write leaves nothing that a later run would trust.
+into a temporary folder (``<step>.orbax-checkpoint-tmp``) and renames it only when
+complete, so a run killed in the middle of an (asynchronous) write leaves nothing
+that a later run would trust; the next training run deletes such leftovers. A step
+folder that is nevertheless unreadable (damaged on disk, or cut short by a kill while
+Orbax was deleting an old step) is reported as a ``CheckpointError``, never loaded in
+part. docs/reliability.md lists the faults that were tried.
 
 ``meta`` records the model's shape-defining config; restoring into a different model
 is refused before any array is read.
@@ -46,6 +50,8 @@ def model_signature(config: ml_collections.ConfigDict) -> dict:
         "summary": a.summary,
         "combine": a.combine,
         "distinct_summaries": a.distinct_summaries,
+        # Orbax would silently cast float32 parameters to another dtype on restore.
+        "param_dtype": m.param_dtype,
     }
 
 
@@ -76,6 +82,9 @@ class Checkpointer:
             enable_async_checkpointing=async_save and not read_only,
             create=not read_only,
             read_only=read_only,
+            # Leftovers of writes cut short by a kill; never for readers, which must not
+            # touch a training run's folder.
+            cleanup_tmp_directories=not read_only,
         )
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
 
@@ -99,14 +108,30 @@ class Checkpointer:
             force=True,
         )
 
+    def _unreadable(self, step: int, error: BaseException) -> CheckpointError:
+        return CheckpointError(
+            f"the checkpoint at step {step} in {self.directory} cannot be read "
+            f"({type(error).__name__}: {_brief(error)}). It is damaged or incomplete; "
+            f"nothing was loaded. Delete the folder {self.directory / str(step)} to resume from "
+            f"the previous checkpoint (steps on disk: {self.all_steps()})."
+        )
+
     def read_meta(self, step: int) -> dict:
-        restored = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
-        return restored["meta"]
+        try:
+            restored = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+            return dict(restored["meta"])
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise self._unreadable(step, e) from e
 
     def check_compatible(self, step: int, config: ml_collections.ConfigDict) -> None:
         saved = self.read_meta(step)["model"]
         wanted = model_signature(config)
-        diffs = [f"{k}: checkpoint {saved.get(k)!r}, config {v!r}" for k, v in wanted.items() if saved.get(k) != v]
+        # A field missing from an older checkpoint's signature is not compared.
+        diffs = [
+            f"{k}: checkpoint {saved[k]!r}, config {v!r}"
+            for k, v in wanted.items()
+            if k in saved and saved[k] != v
+        ]
         if diffs:
             raise CheckpointError(
                 f"the checkpoint at step {step} in {self.directory} was written by a different "
@@ -119,13 +144,26 @@ class Checkpointer:
     ) -> tuple[TrainState, dict]:
         """Restores state (placed as ``abstract_state``'s shardings) and the data position."""
         self.check_compatible(step, config)
-        restored = self.manager.restore(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(_as_dict(abstract_state)),
-                data=ocp.args.JsonRestore(),
-            ),
-        )
+        try:
+            restored = self.manager.restore(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(_as_dict(abstract_state)),
+                    data=ocp.args.JsonRestore(),
+                ),
+            )
+        except ValueError as e:
+            if "tree structures do not match" in str(e):
+                # Orbax compares the saved tree with the target before reading arrays.
+                raise CheckpointError(
+                    f"the checkpoint at step {step} in {self.directory} holds a training state "
+                    f"of a different structure than this config builds ({_brief(e)}); "
+                    "optimizer settings such as optim.clip_norm probably differ. Nothing was "
+                    "loaded. Use the config that wrote it, or a new --workdir."
+                ) from e
+            raise self._unreadable(step, e) from e
+        except (OSError, KeyError, TypeError) as e:
+            raise self._unreadable(step, e) from e
         return TrainState(**restored["state"]), restored["data"]
 
     def restore_params(self, step: int, abstract_params: Any, config: ml_collections.ConfigDict) -> Any:
@@ -133,16 +171,19 @@ class Checkpointer:
         self.check_compatible(step, config)
         # partial_restore reads only the 'params' subtree: optimizer moments (twice the
         # parameters' size) are never loaded.
-        restored = self.manager.restore(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.PyTreeRestore(
-                    item={"params": abstract_params},
-                    restore_args={"params": ocp.checkpoint_utils.construct_restore_args(abstract_params)},
-                    partial_restore=True,
-                )
-            ),
-        )
+        try:
+            restored = self.manager.restore(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.PyTreeRestore(
+                        item={"params": abstract_params},
+                        restore_args={"params": ocp.checkpoint_utils.construct_restore_args(abstract_params)},
+                        partial_restore=True,
+                    )
+                ),
+            )
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise self._unreadable(step, e) from e
         return restored["state"]["params"]
 
     def wait(self) -> None:
@@ -151,6 +192,13 @@ class Checkpointer:
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+def _brief(error: BaseException, limit: int = 300) -> str:
+    """An exception's text on one line, cut to ``limit`` characters, for a one-paragraph error."""
+    text = " ".join(line.strip() for line in str(error).splitlines() if line.strip())
+    text = text or "no details"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _as_dict(state: TrainState) -> dict:

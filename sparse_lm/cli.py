@@ -7,6 +7,7 @@ end with one paragraph that names the problem and the fix, not a traceback.
 from __future__ import annotations
 
 import os
+import re
 import sys
 import textwrap
 from typing import Callable
@@ -60,6 +61,77 @@ class UsageError(ValueError):
     """A command-line mistake."""
 
 
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing, with config mistakes reported as one paragraph (exit code 2).
+
+    Pass as ``app.run(main, flags_parser=cli.parse_flags)``. ml_collections raises a bare
+    ``AttributeError: "'name'"`` (a traceback) for an override of a field that does not
+    exist, and ``OSError`` for a config file it cannot load; absl's own parse errors
+    already are one line but exit with 1 and a second line of help.
+    """
+    try:
+        remaining = FLAGS(argv)
+        if "config" in FLAGS:
+            # ml_collections defers a config file that fails to load to the first
+            # attribute access (its placeholder raises OSError): surface it here, before
+            # any work starts.
+            FLAGS.config.keys  # noqa: B018
+        return remaining
+    except flags.Error as e:
+        _paragraph(f"error: {_flag_error_text(e)}. Run with --helpfull to list the flags.")
+    except (AttributeError, KeyError) as e:
+        _paragraph(f"error: {_unknown_field_message(argv, e)}")
+    except (OSError, ImportError, SyntaxError, ValueError, TypeError) as e:
+        # The config file itself failed to load (missing file, bad variant, bad code).
+        text = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
+        _paragraph(f"error: cannot load the config ({type(e).__name__}: {text}). Check --config.")
+    sys.exit(2)
+
+
+def _flag_error_text(error: BaseException) -> str:
+    """absl's message, with an embedded traceback (a config file that raised) cut to its
+    first line and its final exception line."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    if any(line.startswith("Traceback (most recent call last)") for line in lines):
+        lines = [lines[0], lines[-1]]
+    return " ".join(lines).rstrip(".")
+
+
+def _unknown_field_message(argv: list[str], error: BaseException) -> str:
+    """Names the --config.* override that refers to a missing field, and its siblings."""
+    # ml_collections' texts look like "'name'" or "'name'\nDid you mean ...": the first
+    # quoted word is the missing field.
+    found = re.search(r"'([A-Za-z0-9_]+)", str(error))
+    missing = found.group(1) if found else str(error)
+    hint = re.search(r'Did you mean "([A-Za-z0-9_]+)"', str(error))
+    overrides = [
+        a.split("=", 1)[0].lstrip("-") for a in argv[1:] if a.startswith("--config.")
+    ]
+    culprit = next((o for o in overrides if missing in o.split(".")[1:]), None)
+    if culprit is None:
+        return f"unknown config field {missing!r} in a --config.* override ({_first(overrides)})."
+    parts = culprit.split(".")[1:]
+    parent = parts[: parts.index(missing)]
+    message = f"unknown config field --{culprit}: the config has no field {missing!r}"
+    message += f" under config.{'.'.join(parent)}." if parent else "."
+    try:
+        from sparse_lm.config import base_config
+
+        node = base_config()
+        for p in parent:
+            node = node[p]
+        message += f" Fields there: {', '.join(sorted(node.keys()))}."
+    except (KeyError, AttributeError, TypeError):
+        pass  # a parent that is itself unknown: the name alone has to do
+    if hint:
+        message += f" Did you mean {hint.group(1)!r}?"
+    return message + " Fields are documented in sparse_lm/config.py; check the spelling."
+
+
+def _first(items: list[str]) -> str:
+    return ", ".join(items[:3]) + (", ..." if len(items) > 3 else "") if items else "none given"
+
+
 def user_errors() -> tuple[type[BaseException], ...]:
     from sparse_lm.attention import PatternError
     from sparse_lm.checkpoint import CheckpointError
@@ -86,4 +158,8 @@ def run_reporting_errors(fn: Callable[[], int | None]) -> int:
 
 
 def _paragraph(text: str) -> None:
-    print(textwrap.fill(text, width=100), file=sys.stderr, flush=True)
+    # Paths are wrapped only at spaces, never at their hyphens, so they can be copied.
+    print(
+        textwrap.fill(text, width=100, break_on_hyphens=False, break_long_words=False),
+        file=sys.stderr, flush=True,
+    )

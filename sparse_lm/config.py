@@ -80,7 +80,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.keep_checkpoints = 3
     c.train.async_checkpoint = True
     c.train.nonfinite = "skip"  # skip | stop: what a non-finite loss or gradient does
-    c.train.max_skipped = 10  # with 'skip': stop after this many skipped updates in a row
+    c.train.max_skipped = 10  # with 'skip': up to this many updates in a row may be skipped; one more stops
+    # Fault injection for tests and drills only: the loss and gradients of these steps
+    # (numbered as in the metrics, from 1) are made NaN. Leave empty in real runs.
+    c.train.debug_nan_steps = ()
     c.train.profile_steps = 0
 
     c.mesh = ml_collections.ConfigDict()
@@ -116,7 +119,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
         pattern_spec(config).validate(seq_len=d.seq_len, num_heads=m.num_heads)
     except PatternError as e:
         raise ConfigError(f"config.attention: {e}") from None
-    impls = ("auto", "reference", "pallas_gpu", "pallas_tpu")
+    impls = ("auto", "reference", "pallas_gpu", "pallas_tpu", "cudnn_dense")
     if config.attention.impl not in impls:
         raise ConfigError(
             f"config.attention.impl={config.attention.impl!r}; choose one of {', '.join(impls)}."
@@ -140,6 +143,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if config.train.nonfinite not in ("skip", "stop"):
         raise ConfigError(
             f"config.train.nonfinite={config.train.nonfinite!r}; choose 'skip' or 'stop'."
+        )
+    nan_steps = config.train.get("debug_nan_steps", ()) or ()
+    if any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in nan_steps):
+        raise ConfigError(
+            f"config.train.debug_nan_steps={tuple(nan_steps)!r} must hold step numbers >= 1 "
+            "(it injects NaNs for testing; leave it empty in real runs)."
         )
     if m.remat not in ("none", "full", "dots", "dots_no_batch"):
         raise ConfigError(

@@ -155,17 +155,37 @@ def decode_step(
     return model.logits(h), new_cache
 
 
+PREFILL_MULTIPLE = 64  # the GPU kernel's default tile; see prefill_length
+
+
+def prefill_length(model: Transformer, prompt_len: int) -> int:
+    """Length of the parallel pass that processes a prompt of ``prompt_len`` bytes.
+
+    Block-sparse kernels take lengths that are multiples of their tiles and of the
+    pattern's stride (the training length always is), so the prompt is padded up to
+    such a length, capped at the context. Padding at the end cannot change the
+    prompt's own keys and values: attention is causal.
+    """
+    multiple = PREFILL_MULTIPLE
+    if model.spec.name != "dense":
+        multiple = math.lcm(multiple, model.spec.stride)
+    return min(-(-prompt_len // multiple) * multiple, model.seq_len)
+
+
 def prefill(model: Transformer, cache: Cache, prompt: jax.Array) -> tuple[jax.Array, Cache]:
-    """One parallel forward pass over prompt [B, P] that writes positions [0, P) of the cache."""
-    logits, kvs = model.forward_with_kv(prompt)
+    """One parallel forward pass over prompt [B, P]: its logits [B, P, V], and the
+    cache with positions [0, P) written (and nothing else)."""
+    p = prompt.shape[1]
+    padded = jnp.pad(prompt, ((0, 0), (0, prefill_length(model, p) - p)))
+    logits, kvs = model.forward_with_kv(padded)
     new_cache = [
         (
-            jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), (0, 0, 0, 0)),
-            jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, 0, 0, 0)),
+            jax.lax.dynamic_update_slice(ck, k[:, :p].astype(ck.dtype), (0, 0, 0, 0)),
+            jax.lax.dynamic_update_slice(cv, v[:, :p].astype(cv.dtype), (0, 0, 0, 0)),
         )
         for (ck, cv), (k, v) in zip(cache, kvs)
     ]
-    return logits, new_cache
+    return logits[:, :p], new_cache
 
 
 def init_cache(model: Transformer, batch_size: int, cache_len: int, dtype: jnp.dtype = jnp.bfloat16) -> Cache:
@@ -272,7 +292,17 @@ class Decoder:
         sampling: Sampling = Sampling(),
         cache_dtype: jnp.dtype = jnp.bfloat16,
         mode: str = "sparse",
+        mesh: jax.sharding.Mesh | None = None,
     ):
+        if mesh is not None:
+            from sparse_lm.sharding import data_parallel_size
+
+            if batch_size % data_parallel_size(mesh):
+                raise ValueError(
+                    f"batch_size={batch_size} must be a multiple of the mesh's "
+                    f"{data_parallel_size(mesh)} data-parallel devices to decode sharded."
+                )
+        self.mesh = mesh
         if length > model.seq_len:
             raise ValueError(
                 f"requested length {length} exceeds the model's context of {model.seq_len} "
@@ -291,6 +321,15 @@ class Decoder:
         """A state with the prompt [B, P] in place and its keys/values in the cache."""
         tokens = jnp.zeros((self.batch_size, self.length), jnp.int32)
         cache = init_cache(self.model, self.batch_size, self.length, self.cache_dtype)
+        if self.mesh is not None:
+            # Samples are independent: split the batch (tokens, cache, prompt) over the
+            # data-parallel axes like training batches; the jitted loop keeps that layout.
+            from sparse_lm.sharding import batch_sharding
+
+            rows = batch_sharding(self.mesh)
+            tokens, cache = jax.device_put((tokens, cache), rows)
+            if prompt is not None:
+                prompt = jax.device_put(jnp.asarray(prompt, jnp.int32), rows)
         p = 0
         if prompt is not None:
             prompt = jnp.asarray(prompt, jnp.int32)
@@ -327,18 +366,21 @@ def generate(
     on_chunk: Callable[[int, int], None] | None = None,
     cache_dtype: jnp.dtype = jnp.bfloat16,
     mode: str = "sparse",
+    mesh: jax.sharding.Mesh | None = None,
 ) -> np.ndarray:
     """Sample ``batch_size`` sequences of ``length`` bytes (prompt included) -> int32 [B, length].
 
     ``prompt`` (int32 [B, P]) is copied verbatim to the start of every output row and
     fills the cache in one parallel pass. ``on_chunk(done, length)`` is called after
     each chunk of ``chunk_size`` steps with the number of positions done so far.
+    With ``mesh``, samples are split over its data-parallel axes.
     """
     if chunk_size < 1:
         raise ValueError(f"chunk_size={chunk_size} must be positive.")
     sampling = Sampling(float(temperature), int(top_k), float(top_p))
     decoder = Decoder(
-        model, batch_size=batch_size, length=length, sampling=sampling, cache_dtype=cache_dtype, mode=mode
+        model, batch_size=batch_size, length=length, sampling=sampling, cache_dtype=cache_dtype,
+        mode=mode, mesh=mesh,
     )
     state = decoder.init(prompt)
     done = int(state.t)

@@ -24,16 +24,22 @@ class Evaluator:
         batch_sh = sharding.batch_sharding(mesh)
         self._step = jax.jit(make_eval_step(fns), in_shardings=(None, batch_sh, batch_sh))
 
-    def __call__(self, params: Any, source: Any, *, max_batches: int = 0) -> dict:
+    def __call__(
+        self, params: Any, source: Any, *, max_batches: int = 0, min_context: int = 0
+    ) -> dict:
         """Log2 loss averaged over every predicted byte of ``source`` (or its first batches).
 
         Every byte of the split is predicted once, each window from its own start;
-        padding carries weight 0. Sums are accumulated on the host in float64 so that
+        padding carries weight 0. With ``min_context`` windows overlap so that every
+        byte after the first window of a segment is predicted from at least that many
+        bytes (see ``ByteSource.eval_cover``). Sums are accumulated on the host in float64 so that
         a 5 MB split loses no precision.
         """
         nats = 0.0
         count = 0.0
-        batches = data_lib.eval_batches(source, self.config.data.eval_batch_size)
+        batches = data_lib.eval_batches(
+            source, self.config.data.eval_batch_size, min_context=min_context
+        )
         for i, (tokens, weights) in enumerate(batches):
             if max_batches and i >= max_batches:
                 break
@@ -61,14 +67,19 @@ def evaluate_checkpoint(
     split: str = "valid",
     step: int | None = None,
     max_batches: int = 0,
+    min_context: int = 0,
 ) -> dict:
-    """Restores a checkpoint read-only, evaluates ``split``, writes eval_<split>_<step>.json."""
+    """Restores a checkpoint read-only, evaluates ``split``, writes eval_<split>_<step>.json
+    (``eval_<split>_<step>_ctx<m>.json`` with ``min_context=m``)."""
     fns, params, step, mesh = restore_for_inference(config, workdir, step=step)
     source = data_lib.load_split(config.data, split)
-    result = Evaluator(fns, config, mesh)(params, source, max_batches=max_batches)
-    result = {"split": split, "step": step, **result}
+    result = Evaluator(fns, config, mesh)(
+        params, source, max_batches=max_batches, min_context=min_context
+    )
+    result = {"split": split, "step": step, "min_context": min_context, **result}
     if jax.process_index() == 0:
-        out = Path(workdir) / f"eval_{split}_{step}.json"
+        suffix = f"_ctx{min_context}" if min_context else ""
+        out = Path(workdir) / f"eval_{split}_{step}{suffix}.json"
         out.write_text(json.dumps(result, indent=2) + "\n")
         result["path"] = str(out)
     return result

@@ -10,8 +10,8 @@ every byte of a window is predicted and bits per byte counts all of them.
 
 Parameters carry logical axis names ('vocab', 'embed', 'mlp', 'heads', 'head_dim',
 'pos' or None) through ``nnx.with_partitioning``; the trainer maps them to mesh axes.
-The pieces the parallel forward pass is made of (``embed``, ``Attention.project``,
-``Block.attn_branch`` ...) are public so that ``sparse_lm.decode`` can run the same
+The pieces the parallel forward pass is made of (``embed_inputs``, ``Block.qkv``,
+``Block.finish``, ``logits``) are public so that ``sparse_lm.decode`` runs the same
 computation one position at a time against its cache.
 """
 

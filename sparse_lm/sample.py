@@ -20,6 +20,7 @@ from sparse_lm import outputs
 from sparse_lm.checkpoint import restore_for_inference
 from sparse_lm.config import ConfigError
 from sparse_lm.decode import generate
+from sparse_lm.sharding import data_parallel_size
 
 TEXT_DATA = ("enwik8", "text", "pystdlib")
 
@@ -110,7 +111,7 @@ def sample_from_checkpoint(
             )
         prompt = np.tile(encoded[None], (num_samples, 1))
 
-    fns, params, step, _ = restore_for_inference(config, workdir, step=checkpoint_step)
+    fns, params, step, mesh = restore_for_inference(config, workdir, step=checkpoint_step)
     model = fns.bind(params)
     start = time.time()
     tokens = generate(
@@ -124,6 +125,7 @@ def sample_from_checkpoint(
         seed=seed,
         on_chunk=Progress(num_samples) if progress else None,
         cache_dtype=jnp.float32 if config.model.dtype == "float32" else jnp.bfloat16,
+        mesh=mesh if num_samples % data_parallel_size(mesh) == 0 else None,
     )
     seconds = time.time() - start
 

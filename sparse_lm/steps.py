@@ -31,7 +31,7 @@ class TrainState:
     rng: jax.Array  # uint32 key data; dropout keys are fold_in(rng, step)
     skipped_in_a_row: jax.Array  # int32: consecutive non-finite steps whose update was dropped
     skipped_total: jax.Array  # int32
-    halted_at: jax.Array  # int32: -1, or the step whose non-finite update stopped training
+    halted_at: jax.Array  # int32: -1, or the step (as numbered in the metrics) whose non-finite update stopped training
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,6 +86,9 @@ def make_train_step(
     """Returns train_step(state, batch) with batch int32 [accum, micro_batch, T]."""
     schedule_lr = learning_rate_schedule(config)
     stop_mode = config.train.nonfinite == "stop"
+    # Test-only fault injection (config.train.debug_nan_steps): empty in real runs, and
+    # then no extra operation is traced into the step at all.
+    nan_steps = tuple(int(s) for s in config.train.get("debug_nan_steps", ()) or ())
 
     def loss_fn(params, tokens, key):
         model = fns.bind(params)
@@ -111,6 +114,14 @@ def make_train_step(
         )
         loss = loss_sum / accum
         grads = jax.tree.map(lambda g: g / accum, grad_sum)
+        # Steps are numbered as in the metrics: the update computed from state.step is step + 1.
+        step_number = state.step + 1
+        if nan_steps:
+            # Poisons the loss and every gradient, as a real overflow would, so the same
+            # device-side checks below see it.
+            poison = jnp.where(jnp.isin(step_number, jnp.asarray(nan_steps)), jnp.nan, 1.0)
+            loss = loss * poison
+            grads = jax.tree.map(lambda g: g * poison, grads)
         grad_norm = optax.tree.norm(grads)
 
         updates, new_opt = tx.update(grads, state.opt_state, state.params)
@@ -123,7 +134,7 @@ def make_train_step(
         keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(apply, n, o), new, old)
         halted_at = state.halted_at
         if stop_mode:
-            halted_at = jnp.where((state.halted_at < 0) & ~finite, state.step, state.halted_at)
+            halted_at = jnp.where((state.halted_at < 0) & ~finite, step_number, state.halted_at)
         new_state = state.replace(
             step=state.step + 1,
             params=keep(new_params, state.params),

@@ -6,6 +6,8 @@ figures out. See ``train_and_evaluate`` for the order of events.
 
 from __future__ import annotations
 
+import json
+import os
 import signal
 import time
 from pathlib import Path
@@ -125,6 +127,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
 
     train_source = data_lib.load_split(d, "train")
     valid_source = data_lib.load_split(d, "valid")
+    _report_skipped_files(train_source, valid_source)
     iterator = data_lib.TrainIterator(
         train_source,
         d.batch_size,
@@ -156,6 +159,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
         )
         state, data_state = ckpt.restore(latest, target, config)
         iterator.set_state(data_state)
+        if jax.process_index() == 0:
+            dropped = drop_metrics_after(workdir / "metrics.jsonl", latest)
+            if dropped:
+                log(f"Dropped {dropped} metrics record(s) past step {latest} from an interrupted run.")
         log(f"Resumed from {ckpt.directory / str(latest)} at step {latest}.")
     else:
         state = jax.jit(init, out_shardings=state_sh)()
@@ -197,6 +204,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
 
     def check_halted(metrics: dict) -> None:
         halted_at = int(metrics["halted_at"])
+        if halted_at >= 0 or int(metrics["skipped_in_a_row"]) > config.train.max_skipped:
+            # An asynchronous save may still be in flight: finish it so the message names
+            # the checkpoint that is really on disk.
+            ckpt.wait()
         if halted_at >= 0:
             raise TrainingHalted(
                 f"non-finite loss or gradient at step {halted_at}; training stopped "
@@ -262,6 +273,41 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
         "checkpoints": str(ckpt.directory),
         "metrics": str(writer.jsonl_path),
     }
+
+
+def drop_metrics_after(path: Path, step: int) -> int:
+    """Removes the records of steps after ``step`` from ``metrics.jsonl``; returns how many.
+
+    A run killed between checkpoints has logged steps that the resumed run repeats;
+    without this, those steps would appear twice with different wall times.
+    """
+    if not path.exists():
+        return 0
+    lines = path.read_text().splitlines(keepends=True)
+    kept = []
+    for line in lines:
+        try:
+            record_step = json.loads(line)["step"]
+        except (ValueError, KeyError, TypeError):
+            continue  # a line cut short by the kill
+        if record_step <= step:
+            kept.append(line if line.endswith("\n") else line + "\n")
+    if len(kept) != len(lines):
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(kept))
+        os.replace(tmp, path)  # atomic: a kill now leaves the old or the new file, whole
+    return len(lines) - len(kept)
+
+
+def _report_skipped_files(*sources: data_lib.ByteSource) -> None:
+    """Says how many input files were unreadable and skipped (each also warned about)."""
+    skipped = [p for src in sources for p, _ in src.meta.get("skipped_files", [])]
+    if skipped:
+        names = ", ".join(Path(p).name for p in skipped[:5])
+        log(
+            f"Skipped {len(skipped)} unreadable input file(s): {names}"
+            f"{', ...' if len(skipped) > 5 else ''}."
+        )
 
 
 def _health(state: TrainState) -> dict:

@@ -56,3 +56,44 @@ def run_python(code: str, *, devices: int = 1, timeout: int = 600, env: dict | N
             f"STDERR:\n{result.stderr[-5000:]}"
         )
     return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def script_env(devices: int = 1) -> dict:
+    """The environment for running an entry point in ``scripts/`` on ``devices`` CPU devices."""
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    env["JAX_PLATFORMS"] = "cpu"
+    env["PYTHONUNBUFFERED"] = "1"  # so a test can read progress while the script runs
+    return env
+
+
+def script_command(script: str, config: str, workdir: str | Path, *flags: str) -> list[str]:
+    """``python scripts/<script>.py --config <config> --workdir <workdir> <flags>``."""
+    return [
+        sys.executable, str(REPO_ROOT / "scripts" / f"{script}.py"),
+        "--config", str(REPO_ROOT / config), "--workdir", str(workdir), *flags,
+    ]
+
+
+def run_script(command: list[str], *, timeout: int = 300, devices: int = 1) -> subprocess.CompletedProcess:
+    """Runs an entry point to completion; returns the CompletedProcess (any exit code)."""
+    return subprocess.run(
+        command, capture_output=True, text=True, timeout=timeout, env=script_env(devices), cwd=REPO_ROOT,
+    )
+
+
+def checkpoint_steps(workdir: str | Path) -> list[int]:
+    """Steps whose checkpoint folder Orbax has finalized (named by the bare step number)."""
+    folder = Path(workdir) / "checkpoints"
+    if not folder.is_dir():
+        return []
+    return sorted(int(p.name) for p in folder.iterdir() if p.is_dir() and p.name.isdigit())
+
+
+def tree_snapshot(folder: str | Path) -> dict[str, tuple[int, int]]:
+    """Every file and folder under ``folder``: relative path -> (size, mtime in ns)."""
+    root = Path(folder)
+    return {
+        str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns)
+        for p in sorted(root.rglob("*"))
+    }

@@ -243,3 +243,13 @@ def test_bench_sample_smoke_runs_and_writes_json(tmp_path, capsys):
     assert sparse["keys_read_per_head"] == 17 + 128 // 16
     assert set(result["speedup_tokens_per_s"]) == {"64", "128"}
     assert "sparse / dense tokens/s at 128" in capsys.readouterr().out.strip().splitlines()[-1]
+
+
+def test_prompts_are_padded_to_lengths_a_block_sparse_kernel_takes():
+    cfg = tiny_config("strided")
+    cfg.model.update(num_layers=1, pos_shape=(8, 96))
+    cfg.data.seq_len = 768
+    cfg.attention.stride = 96
+    model = build_model(cfg, nnx.Rngs(0))
+    # Multiples of lcm(64, l = 96) = 192, never past the context.
+    assert [decode.prefill_length(model, p) for p in (1, 10, 192, 193, 700)] == [192, 192, 192, 384, 768]

@@ -74,35 +74,39 @@ def assert_matches_reference(spec, layer, shape, dtype, **opts):
         assert err < TOL[dtype], f"{name}: relative error {err:.2e} >= {TOL[dtype]:.0e}"
 
 
-@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32], ids=["bf16", "f32"])
 @pytest.mark.parametrize("spec,layer", PATTERNS, ids=PATTERN_IDS)
-def test_every_pattern_matches_reference_forward_and_backward(spec, layer, dtype):
-    assert_matches_reference(spec, layer, (1, 64, 4, 64), dtype, block_q=16, block_k=32)
+def test_every_pattern_matches_reference_in_float32(spec, layer):
+    # float32 at 1e-5 is the sharp test of the layout and the kernels' logic.
+    assert_matches_reference(spec, layer, (1, 64, 4, 64), jnp.float32, block_q=16, block_k=32)
 
 
-@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32], ids=["bf16", "f32"])
+BF16_PATTERNS = [PATTERNS[i] for i in (0, 2, 8, 10)]
+
+
+@pytest.mark.parametrize("spec,layer", BF16_PATTERNS,
+                         ids=[PATTERN_IDS[i] for i in (0, 2, 8, 10)])
+def test_bf16_operands_match_reference(spec, layer):
+    assert_matches_reference(spec, layer, (1, 64, 4, 64), jnp.bfloat16, block_q=16, block_k=32)
+
+
 @pytest.mark.parametrize(
-    "spec", [PatternSpec("strided", 16), PatternSpec("fixed", 16, 4, distinct_summaries=True)],
-    ids=["strided-merged", "fixed-merged-distinct"],
+    "spec,dtype",
+    [(PatternSpec("strided", 16), jnp.bfloat16),
+     (PatternSpec("fixed", 16, 4, distinct_summaries=True), jnp.float32)],
+    ids=["strided-merged-bf16", "fixed-merged-distinct-f32"],
 )
 def test_head_dim_128(spec, dtype):
     assert_matches_reference(spec, 0, (1, 64, 4, 128), dtype, block_q=32, block_k=16)
 
 
 @pytest.mark.parametrize(
-    "t,l,blocks",
-    [(32, 8, (16, 16)), (192, 16, (64, 32)), (256, 32, (16, 16))],
-    ids=["T32-l8", "T192-l16", "T256-l32"],
+    "name,t,l,blocks",
+    [("strided", 192, 16, (64, 32)), ("fixed", 32, 8, None)],
+    ids=["strided-T192-l16-q64-k32", "fixed-T32-l8-default-blocks"],
 )
-@pytest.mark.parametrize("name", ["strided", "fixed"])
-def test_several_lengths_and_block_shapes(name, t, l, blocks):  # noqa: E741
-    spec = PatternSpec(name, l, l // 4)
-    assert_matches_reference(spec, 0, (2, t, 2, 64), jnp.float32,
-                             block_q=blocks[0], block_k=blocks[1])
-
-
-def test_default_block_sizes_and_batch():
-    assert_matches_reference(PatternSpec("fixed", 32, 8), 0, (2, 128, 2, 64), jnp.bfloat16)
+def test_other_lengths_block_shapes_and_batch(name, t, l, blocks):  # noqa: E741
+    opts = {} if blocks is None else {"block_q": blocks[0], "block_k": blocks[1]}
+    assert_matches_reference(PatternSpec(name, l, l // 4), 0, (2, t, 2, 64), jnp.float32, **opts)
 
 
 def test_interpreter_poisons_unwritten_outputs_with_nan():

@@ -129,3 +129,13 @@ def test_eight_virtual_devices_give_the_same_losses_as_one(tmp_path, shared_data
     assert one["devices"] == 1 and eight["devices"] == 8
     assert len(one["losses"]) == 3
     np.testing.assert_allclose(eight["losses"], one["losses"], rtol=1e-5, atol=1e-5)
+
+
+def test_longer_context_evaluation_scores_the_same_bytes_with_more_context(trained_run):
+    config, workdir, _ = trained_run
+    plain = evaluate_checkpoint(config, workdir, split="valid")
+    longer = evaluate_checkpoint(config, workdir, split="valid", min_context=384)
+    assert longer["num_bytes"] == plain["num_bytes"]
+    assert (workdir / "eval_valid_200_ctx384.json").exists()
+    # Bytes early in a window lose nothing and later ones gain context: no worse overall.
+    assert longer["bits_per_byte"] <= plain["bits_per_byte"] + 1e-3, (longer, plain)

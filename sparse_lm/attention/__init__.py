@@ -45,6 +45,10 @@ def _load(impl: str) -> AttentionFn:
             from sparse_lm.attention import pallas_tpu
 
             IMPLEMENTATIONS[impl] = pallas_tpu.attention
+        elif impl == "cudnn_dense":
+            from sparse_lm.attention.cudnn import cudnn_dense_attention
+
+            IMPLEMENTATIONS[impl] = cudnn_dense_attention
         else:
             raise PatternError(
                 f"unknown attention impl {impl!r}; choose 'auto', 'reference', "

@@ -258,8 +258,10 @@ def _run_kernel(
 ) -> jax.Array:
     """Apply a built kernel to [B, T, H, D] arrays (the heads the kernel was built for)."""
     scale = q.shape[-1] ** -0.5
-    # Scale in float32 and round once, so bf16 q is rounded only once as in the
-    # reference's product (which scales the f32 scores instead).
+    # Splash has no scale argument, so fold 1/sqrt(D) into q: computed in float32 and
+    # rounded once. For bf16 that one rounding is the only difference from the
+    # reference (which scales float32 scores); it is exact when 1/sqrt(D) is a power
+    # of two (D = 64) and a 2^-9 relative perturbation otherwise.
     q = (q.astype(jnp.float32) * scale).astype(q.dtype)
     to_heads = lambda x: jnp.swapaxes(x, 1, 2)  # [B, T, H, D] -> [B, H, T, D]
     qkv = (to_heads(q), to_heads(k), to_heads(v))

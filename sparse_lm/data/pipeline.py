@@ -176,6 +176,7 @@ def eval_batches(
     source: ByteSource,
     batch_size: int,
     *,
+    min_context: int = 0,
     process_index: int | None = None,
     process_count: int | None = None,
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
@@ -183,13 +184,14 @@ def eval_batches(
 
     ``batch_size`` is global; ``b = batch_size // process_count``. Global batch ``k``
     holds cover rows ``k * batch_size ...``, each host its contiguous block of them.
-    Rows past the end, and the padding after a segment's tail, have weight 0, so the
-    sum of all weights over all hosts is ``source.num_bytes``. Every host yields the same
-    number of batches, which collective evaluation steps require.
+    Rows past the end, padding after a segment's tail, and (with ``min_context``) the
+    context-only prefix of overlapping windows have weight 0, so the sum of all weights
+    over all hosts is ``source.num_bytes``. Every host yields the same number of
+    batches, which collective evaluation steps require.
     """
     process_index, process_count = _process_layout(process_index, process_count)
     local = _per_host(int(batch_size), process_count, "evaluation")
-    rows = source.num_eval_rows
+    rows = source.eval_cover(min_context).starts.size
     num_batches = -(-rows // batch_size)
     positions = np.arange(source.seq_len)
     for k in range(num_batches):
@@ -198,7 +200,7 @@ def eval_batches(
         first = k * batch_size + process_index * local
         for j in range(local):
             if first + j < rows:
-                row, length = source.eval_row(first + j)
+                row, length, scored_from = source.eval_row(first + j, min_context)
                 tokens[j] = row
-                weights[j] = positions < length
+                weights[j] = (positions >= scored_from) & (positions < length)
         yield tokens, weights

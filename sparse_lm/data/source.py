@@ -12,6 +12,7 @@ every byte of the split.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
@@ -58,11 +59,8 @@ class ByteSource:
         # Training windows: every full window of each segment, in buffer order.
         full = lengths // self.seq_len
         self._starts = _window_starts(starts, full, self.seq_len)
-        # Evaluation rows: full windows plus one padded row for each segment's tail.
-        rows = -(-lengths // self.seq_len)
-        self._eval_starts = _window_starts(starts, rows, self.seq_len)
-        ends = np.repeat(starts + lengths, rows)
-        self._eval_lengths = np.minimum(ends - self._eval_starts, self.seq_len)
+        self._seg_starts, self._seg_lengths = starts, lengths
+        self._eval_cover: dict[int, EvalCover] = {}
 
     def __len__(self) -> int:
         return int(self._starts.size)
@@ -80,17 +78,39 @@ class ByteSource:
         offsets = self._starts[idx][:, None] + np.arange(self.seq_len)[None, :]
         return np.asarray(self.buffer[offsets], dtype=np.uint8)
 
+    def eval_cover(self, min_context: int = 0) -> "EvalCover":
+        """Windows that predict every byte of the split exactly once.
+
+        With ``min_context=0`` the windows tile each segment (the last one padded), and
+        each byte is predicted from the start of its window. With ``min_context=m`` the
+        windows of a segment overlap by ``m`` bytes and each window after the first
+        predicts only its last ``seq_len - m`` positions, so every byte past the first
+        window is predicted with at least ``m`` bytes of context (the paper's longer-
+        context evaluation). Windows never cross a segment boundary.
+        """
+        m = int(min_context)
+        if not 0 <= m < self.seq_len:
+            raise DataError(
+                f"min_context={m} must be at least 0 and smaller than the context of "
+                f"{self.seq_len} bytes."
+            )
+        if m not in self._eval_cover:
+            self._eval_cover[m] = _cover(self._seg_starts, self._seg_lengths, self.seq_len, m)
+        return self._eval_cover[m]
+
     @property
     def num_eval_rows(self) -> int:
         """Rows needed to cover every byte once (full windows and padded tails)."""
-        return int(self._eval_starts.size)
+        return int(self.eval_cover(0).starts.size)
 
-    def eval_row(self, i: int) -> tuple[np.ndarray, int]:
-        """Row ``i`` of the evaluation cover: ``(uint8 [seq_len] zero-padded, valid length)``."""
-        start, length = int(self._eval_starts[i]), int(self._eval_lengths[i])
+    def eval_row(self, i: int, min_context: int = 0) -> tuple[np.ndarray, int, int]:
+        """Row ``i`` of the evaluation cover: ``(uint8 [seq_len] zero-padded, valid length,
+        first predicted position)``; positions in [first, valid length) are scored."""
+        cover = self.eval_cover(min_context)
+        start, length = int(cover.starts[i]), int(cover.lengths[i])
         row = np.zeros(self.seq_len, dtype=np.uint8)
         row[:length] = self.buffer[start : start + length]
-        return row, length
+        return row, length, int(cover.first_scored[i])
 
     def __repr__(self) -> str:
         return (
@@ -99,8 +119,28 @@ class ByteSource:
         )
 
 
+@dataclasses.dataclass(frozen=True)
+class EvalCover:
+    starts: np.ndarray  # int64 [rows]: buffer offset of each window
+    lengths: np.ndarray  # int64 [rows]: bytes of the window inside its segment
+    first_scored: np.ndarray  # int64 [rows]: first position whose prediction counts
+
+
+def _cover(seg_starts: np.ndarray, seg_lengths: np.ndarray, seq_len: int, m: int) -> EvalCover:
+    stride = seq_len - m
+    # Windows per segment: the first covers seq_len bytes, each further one stride more.
+    rows = 1 + -(-np.maximum(seg_lengths - seq_len, 0) // stride)
+    rows = np.where(seg_lengths > 0, rows, 0)
+    starts = _window_starts(seg_starts, rows, stride)
+    ends = np.repeat(seg_starts + seg_lengths, rows)
+    lengths = np.minimum(ends - starts, seq_len)
+    first = np.repeat(np.cumsum(rows) - rows, rows)
+    first_scored = np.where(np.arange(starts.size) == first, 0, m)
+    return EvalCover(starts, lengths, first_scored.astype(np.int64))
+
+
 def _window_starts(seg_starts: np.ndarray, counts: np.ndarray, seq_len: int) -> np.ndarray:
-    """Start offsets of ``counts[k]`` consecutive windows from each ``seg_starts[k]``."""
+    """Start offsets of ``counts[k]`` windows ``seq_len`` apart from each ``seg_starts[k]``."""
     total = int(counts.sum())
     if total == 0:
         return np.zeros(0, dtype=np.int64)
