@@ -27,6 +27,7 @@ from flax import nnx
 from flax.core import meta as flax_meta
 
 from sparse_lm.attention import LayerPattern, PatternSpec, attention
+from sparse_lm.config import ConfigError
 
 AXIS_NAMES = ("vocab", "embed", "mlp", "heads", "head_dim", "pos")
 REMAT_POLICIES: dict[str, Callable[..., bool] | None] = {
@@ -34,10 +35,6 @@ REMAT_POLICIES: dict[str, Callable[..., bool] | None] = {
     "dots": jax.checkpoint_policies.checkpoint_dots,
     "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
 }
-
-
-class ConfigError(ValueError):
-    """A model config cannot work; the message names the field and the fix."""
 
 
 def _param(
@@ -210,17 +207,6 @@ def _dtype(name: Any, field: str) -> Any:
         raise ConfigError(f"model.{field}={name!r} is not a dtype; use e.g. 'bfloat16' or 'float32'.") from e
 
 
-def pattern_spec(attn_cfg: Any) -> PatternSpec:
-    """The PatternSpec that an ``config.attention`` section describes."""
-    return PatternSpec(
-        name=attn_cfg.pattern,
-        stride=int(_get(attn_cfg, "stride", 128)),
-        summary=int(_get(attn_cfg, "summary", 32)),
-        combine=_get(attn_cfg, "combine", "merged"),
-        distinct_summaries=bool(_get(attn_cfg, "distinct_summaries", False)),
-    )
-
-
 class Transformer(nnx.Module):
     """The Sparse Transformer. Call with int32 tokens [B, T]; returns float32 logits [B, T, V]."""
 
@@ -237,7 +223,7 @@ class Transformer(nnx.Module):
         self.remat = str(_get(model_cfg, "remat", "none"))
         ff_ratio = float(_get(model_cfg, "ff_ratio", 4.0))
         qk_ratio = float(_get(model_cfg, "qk_ratio", 1.0))
-        self.spec = pattern_spec(attn_cfg)
+        self.spec = PatternSpec.from_config(attn_cfg)
         impl = str(_get(attn_cfg, "impl", "auto"))
         self._validate(ff_ratio, qk_ratio)
 

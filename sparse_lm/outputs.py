@@ -9,8 +9,8 @@ import numpy as np
 import soundfile
 from PIL import Image
 
-IMAGE_SHAPE = (32, 32, 3)  # CIFAR-10, raster order (row, column, channel)
-MU = 255
+from sparse_lm.data import IMAGE_SHAPE, mulaw_decode
+
 
 
 def _as_bytes(samples: np.ndarray | Sequence[Sequence[int]], ndim: int = 2) -> np.ndarray:
@@ -92,15 +92,6 @@ def _tile(rows: list[list[np.ndarray]], pad: int) -> np.ndarray:
     return grid
 
 
-def _mu_law_decode(data: np.ndarray, mu: int = MU) -> np.ndarray:
-    """8-bit mu-law codes (0..255) -> float32 waveform in [-1, 1].
-
-    Inverse of the usual encoder: code = round((sign(x) ln(1 + mu|x|) / ln(1 + mu) + 1) / 2 * mu).
-    """
-    y = 2.0 * data.astype(np.float64) / mu - 1.0
-    return (np.sign(y) * np.expm1(np.abs(y) * np.log1p(mu)) / mu).astype(np.float32)
-
-
 def write_wav(
     samples: np.ndarray, out_dir: str | Path, sample_rate: int, prefix: str = "sample"
 ) -> list[Path]:
@@ -113,6 +104,6 @@ def write_wav(
     paths = []
     for i, row in enumerate(data):
         path = out / f"{prefix}_{i:03d}.wav"
-        soundfile.write(path, _mu_law_decode(row), int(sample_rate), subtype="PCM_16")
+        soundfile.write(path, mulaw_decode(row), int(sample_rate), subtype="PCM_16")
         paths.append(path)
     return paths

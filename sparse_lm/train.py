@@ -159,14 +159,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
         )
         state, data_state = ckpt.restore(latest, target, config)
         iterator.set_state(data_state)
-        if jax.process_index() == 0:
-            dropped = drop_metrics_after(workdir / "metrics.jsonl", latest)
-            if dropped:
-                log(f"Dropped {dropped} metrics record(s) past step {latest} from an interrupted run.")
         log(f"Resumed from {ckpt.directory / str(latest)} at step {latest}.")
     else:
         state = jax.jit(init, out_shardings=state_sh)()
         (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+    if jax.process_index() == 0:
+        # Steps logged by a run killed after its last checkpoint (all of them, if it never
+        # finished one) are about to be trained and logged again.
+        dropped = drop_metrics_after(workdir / "metrics.jsonl", latest or 0)
+        if dropped:
+            log(f"Dropped {dropped} metrics record(s) past step {latest or 0} from an interrupted run.")
 
     num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract_params))
     log(

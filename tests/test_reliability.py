@@ -206,8 +206,8 @@ def test_sigkill_at_several_points_resumes_from_the_last_complete_checkpoint(str
         reader = Checkpointer(workdir, read_only=True)
         assert reader.all_steps() == complete and reader.latest_step() == (complete[-1] if complete else None)
         reader.close()
-        assert complete, f"no checkpoint finalized before the kill {what}"
-        resume_at = complete[-1]
+        # None yet (a kill inside the very first write) means the next run starts afresh.
+        resume_at = complete[-1] if complete else 0
 
     # Writes were in flight at the kill at least once: the case under test did happen.
     assert any(killed_mid_write), killed_mid_write

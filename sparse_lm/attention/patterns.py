@@ -29,7 +29,7 @@ gets a zero output: the residual stream passes through unchanged.
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 
@@ -93,6 +93,18 @@ class PatternSpec:
     summary: int = 32
     combine: str = "merged"
     distinct_summaries: bool = False
+
+    @classmethod
+    def from_config(cls, attn_cfg: Any) -> "PatternSpec":
+        """The spec that a ``config.attention`` section (ConfigDict, dict or object) describes."""
+        get = attn_cfg.get if hasattr(attn_cfg, "get") else lambda k, d: getattr(attn_cfg, k, d)
+        return cls(
+            name=str(get("pattern", "dense")),
+            stride=int(get("stride", 128)),
+            summary=int(get("summary", 32)),
+            combine=str(get("combine", "merged")),
+            distinct_summaries=bool(get("distinct_summaries", False)),
+        )
 
     def validate(self, seq_len: int | None = None, num_heads: int | None = None) -> None:
         """Raises PatternError naming the problem and the fix."""

@@ -1,0 +1,64 @@
+"""Figures of training runs: validation bits per byte against steps and wall-clock time."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+from sparse_lm.metrics import read_metrics
+
+
+def run_curve(workdir: str | Path, split: str = "valid") -> tuple[list[int], list[float], list[float]]:
+    """(steps, seconds since the run's first record, bits per byte) of a run's evaluations."""
+    records = read_metrics(workdir)
+    if not records:
+        raise ValueError(f"{workdir} has no metrics.jsonl; is it a training run's folder?")
+    evals = [r for r in records if r["kind"] == f"eval_{split}"]
+    if not evals:
+        raise ValueError(f"{workdir} has no eval_{split} records; train with train.eval_every > 0.")
+    t0 = records[0]["time"]
+    return (
+        [r["step"] for r in evals],
+        [r["time"] - t0 for r in evals],
+        [r["bits_per_byte"] for r in evals],
+    )
+
+
+def plot_runs(
+    runs: Sequence[str | Path],
+    out: str | Path,
+    *,
+    labels: Sequence[str] | None = None,
+    title: str = "",
+    split: str = "valid",
+) -> tuple[Path, str]:
+    """Writes a two-panel PNG (against steps, against time); returns it and a text table."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display is needed or assumed
+    import matplotlib.pyplot as plt
+
+    labels = list(labels) if labels else [Path(r).name for r in runs]
+    if len(labels) != len(runs):
+        raise ValueError(f"{len(labels)} labels for {len(runs)} runs; give one label per run.")
+    fig, (by_step, by_time) = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    rows = [f"{'run':<20} {'steps':>7} {'minutes':>8} {'final bpb':>10} {'best bpb':>9}"]
+    for run, label in zip(runs, labels):
+        steps, seconds, bpb = run_curve(run, split)
+        by_step.plot(steps, bpb, marker="o", markersize=3, label=label)
+        by_time.plot([s / 60 for s in seconds], bpb, marker="o", markersize=3, label=label)
+        rows.append(f"{label:<20} {steps[-1]:>7} {seconds[-1] / 60:>8.1f} {bpb[-1]:>10.4f} {min(bpb):>9.4f}")
+    by_step.set_xlabel("step")
+    by_time.set_xlabel("wall-clock minutes")
+    by_step.set_ylabel(f"{split} bits per byte")
+    for ax in (by_step, by_time):
+        ax.grid(alpha=0.3)
+    by_time.legend()
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out, "\n".join(rows)

@@ -1,0 +1,49 @@
+"""scripts/plot_runs.py turns run folders into a PNG and a table of final figures."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from PIL import Image
+
+from tests.helpers import REPO_ROOT
+
+
+def fake_run(folder, curve):
+    """A run folder as scripts/train.py writes it, with the given (step, bpb) evaluations."""
+    folder.mkdir()
+    with (folder / "metrics.jsonl").open("w") as f:
+        f.write(json.dumps({"step": 1, "kind": "train", "time": 1000.0, "loss": 5.0}) + "\n")
+        for step, bpb in curve:
+            f.write(json.dumps({"step": step, "kind": "eval_valid", "time": 1000.0 + 6 * step,
+                                "bits_per_byte": bpb, "num_bytes": 10}) + "\n")
+    return folder
+
+
+def test_plot_runs_writes_png_and_table(tmp_path):
+    a = fake_run(tmp_path / "dense", [(10, 3.0), (20, 2.5)])
+    b = fake_run(tmp_path / "strided", [(10, 3.1), (20, 2.4), (30, 2.2)])
+    out = tmp_path / "plot.png"
+    result = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "scripts" / "plot_runs.py"), str(a), str(b), "--out", str(out)],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    with Image.open(out) as image:
+        assert image.format == "PNG" and image.width > 500
+    lines = result.stdout.splitlines()
+    assert lines[1].split() == ["dense", "20", "2.0", "2.5000", "2.5000"]
+    assert lines[2].split() == ["strided", "30", "3.0", "2.2000", "2.2000"]
+
+
+def test_a_folder_without_metrics_is_a_clear_error(tmp_path):
+    (tmp_path / "empty").mkdir()
+    result = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "scripts" / "plot_runs.py"), str(tmp_path / "empty"),
+         "--out", str(tmp_path / "x.png")],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 2
+    assert "has no metrics.jsonl" in result.stderr
