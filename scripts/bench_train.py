@@ -58,7 +58,7 @@ flags.DEFINE_float("peak_tflops", 0.0, "Dense bf16 peak per device; 0: from the 
 flags.DEFINE_bool("find_max_batch", False, "Also binary-search the largest global batch that fits.")
 flags.DEFINE_integer("max_batch", 4096, "Upper bound of the --find_max_batch search (rows).")
 flags.DEFINE_float("device_memory_gb", 0.0, "Memory per device for --find_max_batch; 0: the allocator's limit.")
-flags.DEFINE_bool("smoke", False, "CPU check: configs/enwik8.py:smoke (unless --config), 2 warm-up and 3 timed steps.")
+flags.DEFINE_bool("smoke", False, "Quick check: configs/enwik8.py:smoke (unless --config), 2 warm-up and 3 timed steps (bfloat16 on GPU).")
 flags.mark_flag_as_required("out")
 FLAGS = flags.FLAGS
 
@@ -175,9 +175,8 @@ def memory_report(compiled) -> dict:
         return {}
     out = {f: int(getattr(m, f, 0) or 0) for f in fields}
     # What must be live at once is at most arguments + outputs + scratch, less the donated
-    # buffers reused as outputs. The compiler's own peak is the better figure where it
-    # counts everything (GPU), but the CPU runtime leaves scratch out of it, so the
-    # larger of the two is what fitting is judged on.
+    # buffers reused as outputs. The CPU runtime's own peak leaves the scratch out (seen
+    # with jax 0.11), so fitting is judged on the larger of the two, safe on any backend.
     bound = (out["argument_size_in_bytes"] + out["output_size_in_bytes"]
              + out["temp_size_in_bytes"] - out["alias_size_in_bytes"])
     out["estimated_peak_bytes"] = max(out["peak_memory_in_bytes"], bound)
@@ -314,10 +313,11 @@ def table(results: list[dict]) -> str:
         speed = f"{r['steps_per_s'] / dense['steps_per_s']:.2f}x" if dense else "-"
         rows.append(
             f"{r['resolved_impl']:<14}{r['batch_size']:>6}{r['step_s'] * 1e3:>10.1f}{r['tokens_per_s']:>12,.0f}"
-            f"{r['model_tflops_per_s']:>9.1f}{mfu:>7}{_gib(r['memory'].get('estimated_peak_bytes')):>11}{speed:>9}"
+            f"{r['model_tflops_per_s']:>9.3g}{mfu:>7}{_gib(r['memory'].get('estimated_peak_bytes')):>11}{speed:>9}"
         )
         if "max_batch" in r:
             rows.append(f"{'':<14}largest batch that fits: {r['max_batch'].get('max_batch', r['max_batch'])}")
+    rows.append(f"FLOPs: {FLOP_CONVENTION}")
     return "\n".join(rows)
 
 
@@ -332,6 +332,10 @@ def main(argv) -> None:
         config = get_config("smoke")
     if FLAGS.smoke:
         FLAGS.steps, FLAGS.warmup = min(FLAGS.steps, 3), min(FLAGS.warmup, 2)
+        if jax.default_backend() == "gpu" and "cudnn_dense" in FLAGS.impls:
+            # The smoke model computes in float32, which cuDNN attention does not take.
+            config.model.dtype = "bfloat16"
+            log("--smoke on GPU: model.dtype set to bfloat16 for cuDNN attention.")
     device = jax.devices()[0]
     log(f"{distributed.process_summary()}; device kind {device.device_kind!r}")
     log(f"FLOP convention: {FLOP_CONVENTION}")
@@ -355,8 +359,8 @@ def main(argv) -> None:
     if jax.process_index() == 0:
         Path(FLAGS.out).parent.mkdir(parents=True, exist_ok=True)
         Path(FLAGS.out).write_text(json.dumps(report, indent=2) + "\n")
-    log("\n" + table(results))
     log(f"JSON: {os.path.abspath(FLAGS.out)}")
+    log("\n" + table(results))
     if any("error" in r for r in results):
         sys.exit(1)
 

@@ -36,6 +36,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.flip = False  # cifar10: random horizontal flip for training
     c.data.cifar_source = "binary"  # binary | tfds
     c.data.tfds_data_dir = ""
+    c.data.split_by = "file"  # audio: 'file' (files hashed into splits) or 'time' (cut each file)
+    c.data.cache_dir = ""  # audio: decoded-audio cache ('': ~/.cache/sparse_lm/audio, 'off': none)
+    c.data.valid_size = -1  # cifar10: training images held out as 'valid' (-1: min(5000, n/10))
 
     c.model = ml_collections.ConfigDict()
     c.model.vocab_size = 256

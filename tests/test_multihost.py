@@ -160,23 +160,35 @@ from jax.experimental import multihost_utils
 from tests.helpers import smoke_config
 from pathlib import Path
 from sparse_lm import data as data_lib, sharding
-from sparse_lm.train import iterator_next
+from sparse_lm.prefetch import DevicePrefetcher
 
 cfg = smoke_config("enwik8", Path({data!r}), **{{"mesh.data": 2, "mesh.fsdp": 2}})
 mesh = sharding.make_mesh(cfg.mesh)
 source = data_lib.load_split(cfg.data, "train")
 mine = data_lib.TrainIterator(source, cfg.data.batch_size, cfg.seed)
 alone = data_lib.TrainIterator(source, cfg.data.batch_size, cfg.seed, process_index=0, process_count=1)
-same, local_rows = [], []
+# The same stream again through the device prefetcher: its background thread builds the
+# global arrays from this process's rows while the main thread runs collectives.
+ahead = DevicePrefetcher(
+    data_lib.TrainIterator(source, cfg.data.batch_size, cfg.seed),
+    lambda b: sharding.global_batch(b[None], mesh, extra_leading=1), size=2,
+)
+same, same_prefetched, local_rows = [], [], []
 for _ in range(3):
-    local = iterator_next(mine, 1)
+    local = next(mine)[None]  # [accum=1, rows, T], as the train step takes it
     local_rows.append(local.shape[1])
     glob = sharding.global_batch(local, mesh, extra_leading=1)
+    want = next(alone)[None]
     # Every row of the global array, gathered back to each host, against one process's batch.
     gathered = multihost_utils.process_allgather(glob, tiled=True)
-    same.append(bool(np.array_equal(np.asarray(gathered), iterator_next(alone, 1))))
+    same.append(bool(np.array_equal(np.asarray(gathered), want)))
+    placed, state = next(ahead)
+    gathered = multihost_utils.process_allgather(placed, tiled=True)
+    same_prefetched.append(bool(np.array_equal(np.asarray(gathered), want))
+                           and state == alone.get_state())
+ahead.close()
 print(json.dumps({{"process": jax.process_index(), "count": jax.process_count(),
-                  "local_rows": local_rows, "same": same,
+                  "local_rows": local_rows, "same": same, "same_prefetched": same_prefetched,
                   "state": mine.get_state()["position"], "alone": alone.get_state()["position"]}}))
 """
 
@@ -189,10 +201,13 @@ def test_each_process_reads_its_own_shard_of_the_one_process_global_batch(tmp_pa
         _env(LOCAL_DEVICES),
         tmp_path / "logs",
     )
-    results = [json.loads(out.strip().splitlines()[-1]) for out in outputs]
+    # JAX may log after the result (its shutdown at exit), so look for the line itself.
+    results = [json.loads([ln for ln in out.splitlines() if ln.startswith('{"process"')][-1])
+               for out in outputs]
     assert sorted(r["process"] for r in results) == list(range(NUM_PROCESSES))
     for r in results:
         assert r["count"] == NUM_PROCESSES
         assert r["local_rows"] == [8 // NUM_PROCESSES] * 3  # smoke batch 8, half each
         assert r["same"] == [True, True, True], r
+        assert r["same_prefetched"] == [True, True, True], r
         assert r["state"] == r["alone"]  # the position counts global rows on every host

@@ -177,21 +177,29 @@ def test_sigkill_at_several_points_resumes_from_the_last_complete_checkpoint(str
     ckpts = workdir / "checkpoints"
     command = train_command(workdir, shared_data, **{"train.checkpoint_every": 1})
 
-    def writing() -> bool:
-        return bool(tmp_folders(workdir))
+    def progress(log: Path) -> int:
+        """The last step this run printed (its own console, not metrics.jsonl, which
+        still holds what earlier runs logged)."""
+        steps = re.findall(r"^step +(\d+)/", log.read_text(), flags=re.M)
+        return int(steps[-1]) if steps else 0
 
-    kill_points: list[tuple[str, Callable[[int], Callable[[], bool]]]] = [
-        ("during the first asynchronous checkpoint write", lambda start: writing),
-        ("during a write after resuming", lambda start: lambda: last_train_step(workdir) > start and writing()),
-        ("just after a checkpoint was finalized", lambda start: lambda: checkpoint_steps(workdir)[-1:] > [start + 1]),
-        ("between checkpoints, mid-run", lambda start: lambda: last_train_step(workdir) >= start + 3),
+    def writing_after(step: int) -> bool:
+        """A temporary (unfinished) checkpoint folder of a step after ``step`` exists."""
+        return any(int(name.split(".")[0]) > step for name in tmp_folders(workdir))
+
+    Condition = Callable[[Path, int], bool]
+    kill_points: list[tuple[str, Condition]] = [
+        ("during the first asynchronous checkpoint write", lambda log, at: progress(log) > 0 and writing_after(at)),
+        ("during a write after resuming", lambda log, at: progress(log) > at and writing_after(at)),
+        ("just after a checkpoint was finalized", lambda log, at: checkpoint_steps(workdir)[-1:] > [at + 1]),
+        ("between checkpoints, mid-run", lambda log, at: progress(log) >= at + 3),
     ]
     resume_at = 0
     killed_mid_write = []
-    for i, (what, make_condition) in enumerate(kill_points):
+    for i, (what, condition) in enumerate(kill_points):
         log = tmp_path / f"kill{i}.log"
         proc = start(command, log)
-        wait_until(make_condition(resume_at), proc, what)
+        wait_until(lambda: condition(log, resume_at), proc, what)
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=60)
         out = log.read_text()

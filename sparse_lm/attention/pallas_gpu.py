@@ -15,7 +15,7 @@ differentiated by JAX, so no dense attention appears anywhere in either pass. Th
 cotangent of a part's log-sum-exp enters its backward through ``delta``: for
 o = softmax(s) v and lse = logsumexp(s), ds = p * (do v^T - (rowsum(do * o) - dlse)).
 
-Kernels use only generic Pallas operations (refs, ``pl.ds`` slices, ``pl.dot``,
+Kernels use only generic Pallas operations (refs, ``pl.ds`` slices, ``dot_general``,
 ``fori_loop``), lowered through Triton on GPU and run by the Pallas interpreter on CPU.
 """
 

@@ -77,7 +77,7 @@ def load_split(data_cfg: Any, split: str) -> ByteSource:
         cifar_source = _get(data_cfg, "cifar_source", "binary")
         source = load_cifar10(
             _get(data_cfg, "path") or None, split, seq_len, source=cifar_source,
-            tfds_data_dir=_get(data_cfg, "tfds_data_dir") or None, valid_size=_get(data_cfg, "valid_size"),
+            tfds_data_dir=_get(data_cfg, "tfds_data_dir") or None, valid_size=_valid_size(data_cfg),
         )
         hint = "Check that the data set is complete."
     else:
@@ -86,7 +86,21 @@ def load_split(data_cfg: Any, split: str) -> ByteSource:
         source = load_audio(
             _path(data_cfg, name), split, seq_len, sample_rate=int(_get(data_cfg, "sample_rate", 12000)),
             fractions=fractions, split_by=_get(data_cfg, "split_by", "file"),
-            cache_dir=_get(data_cfg, "cache_dir", "default"),
+            cache_dir=_cache_dir(data_cfg),
         )
         hint = "Audio clips never span two files: use a smaller data.seq_len, longer recordings, or more files."
     return require_examples(source, split, hint)
+
+
+def _valid_size(data_cfg: Any) -> int | None:
+    # A negative value (the base config's -1) means the loader's default hold-out.
+    size = _get(data_cfg, "valid_size")
+    return None if size is None or int(size) < 0 else int(size)
+
+
+def _cache_dir(data_cfg: Any) -> str | None:
+    # '' (the base config's value) means the default cache folder; 'off' disables caching.
+    value = _get(data_cfg, "cache_dir", "")
+    if value == "off":
+        return None
+    return value or "default"
