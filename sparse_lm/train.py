@@ -28,6 +28,7 @@ from sparse_lm.evaluate import Evaluator
 from sparse_lm.metrics import MetricsWriter, log
 from sparse_lm.model import build_model
 from sparse_lm.optim import make_optimizer
+from sparse_lm.prefetch import DevicePrefetcher
 from sparse_lm.steps import TrainState, abstract_model, init_state, make_train_step, split_model
 
 
@@ -43,7 +44,7 @@ def check_workdir(workdir: str | Path) -> Path:
     path = Path(workdir).absolute()
     try:
         path.mkdir(parents=True, exist_ok=True)
-        probe = path / ".write_test"
+        probe = path / f".write_test.{jax.process_index()}"
         probe.write_text("ok")
         probe.unlink()
     except OSError as e:
@@ -224,11 +225,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
                 f"is kept (step {ckpt.latest_step()}). Lower the learning rate or check the data."
             )
 
+    # The next batches are read and placed on the devices on a background thread while a
+    # step runs; checkpoints store data_state, the position after the last batch trained on.
+    prefetcher = DevicePrefetcher(
+        iterator,
+        lambda local: sharding.global_batch(accumulation_batch(local, accum), mesh, extra_leading=1),
+        size=2,
+    )
     try:
         with _StopRequest() as stop:
             while step < num_steps:
-                local = iterator_next(iterator, accum)
-                batch = sharding.global_batch(local, mesh, extra_leading=1)
+                batch, data_state = next(prefetcher)
                 state, metrics = train_step(state, batch)
                 step += 1
                 window_steps += 1
@@ -250,11 +257,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
                     last_eval = run_eval()
                 if step % config.train.checkpoint_every == 0 or is_last:
                     check_halted(jax.device_get(_health(state)))
-                    ckpt.save(step, state, iterator.get_state(), config)
+                    ckpt.save(step, state, data_state, config)
                 if stop.agreed() and not is_last:
                     check_halted(jax.device_get(_health(state)))
                     if ckpt.latest_step() != step:
-                        ckpt.save(step, state, iterator.get_state(), config)
+                        ckpt.save(step, state, data_state, config)
                     ckpt.wait()
                     status = "preempted"
                     log(
@@ -263,6 +270,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
                     )
                     break
     finally:
+        prefetcher.close()
         ckpt.close()
         writer.close()
 
@@ -316,7 +324,6 @@ def _health(state: TrainState) -> dict:
     return {"halted_at": state.halted_at, "skipped_in_a_row": state.skipped_in_a_row}
 
 
-def iterator_next(iterator, accum: int) -> np.ndarray:
-    """This host's next batch, shaped [accum, rows // accum, T] for accumulation."""
-    local = next(iterator)
+def accumulation_batch(local: np.ndarray, accum: int) -> np.ndarray:
+    """This host's rows of one step, shaped [accum, rows // accum, T] for accumulation."""
     return local.reshape(accum, local.shape[0] // accum, local.shape[1])

@@ -494,14 +494,15 @@ def test_data_order_over_epochs_survives_a_resume_through_the_train_loop(tmp_pat
     import sparse_lm.train as train_lib
 
     seen: list[np.ndarray] = []
-    real_next = train_lib.iterator_next
 
-    def recording_next(iterator, accum):
-        batch = real_next(iterator, accum)
-        seen.append(batch.reshape(-1, batch.shape[-1]).copy())
-        return batch
+    class RecordingPrefetcher(train_lib.DevicePrefetcher):
+        # Batches as the loop takes them, not as the background thread reads ahead.
+        def __next__(self):
+            batch, state = super().__next__()
+            seen.append(np.asarray(batch).reshape(-1, batch.shape[-1]).copy())
+            return batch, state
 
-    monkeypatch.setattr(train_lib, "iterator_next", recording_next)
+    monkeypatch.setattr(train_lib, "DevicePrefetcher", RecordingPrefetcher)
     # A train split of about 60 examples: about 7.5 steps of 8 per epoch.
     overrides = {**COMMON, "data.split_fractions": (0.03, 0.485, 0.485), "model.dropout": 0.0,
                  "train.log_every": 5, "train.checkpoint_every": 100}

@@ -52,7 +52,7 @@ def _load(impl: str) -> AttentionFn:
         else:
             raise PatternError(
                 f"unknown attention impl {impl!r}; choose 'auto', 'reference', "
-                "'pallas_gpu' or 'pallas_tpu'."
+                "'pallas_gpu', 'pallas_tpu' or 'cudnn_dense'."
             )
     return IMPLEMENTATIONS[impl]
 
