@@ -73,9 +73,10 @@ def evaluate_checkpoint(
     (``eval_<split>_<step>_ctx<m>.json`` with ``min_context=m``)."""
     fns, params, step, mesh = restore_for_inference(config, workdir, step=step)
     source = data_lib.load_split(config.data, split)
-    result = Evaluator(fns, config, mesh)(
-        params, source, max_batches=max_batches, min_context=min_context
-    )
+    with jax.set_mesh(mesh):
+        result = Evaluator(fns, config, mesh)(
+            params, source, max_batches=max_batches, min_context=min_context
+        )
     result = {"split": split, "step": step, "min_context": min_context, **result}
     if jax.process_index() == 0:
         suffix = f"_ctx{min_context}" if min_context else ""

@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
@@ -114,19 +115,20 @@ def sample_from_checkpoint(
     fns, params, step, mesh = restore_for_inference(config, workdir, step=checkpoint_step)
     model = fns.bind(params)
     start = time.time()
-    tokens = generate(
-        model,
-        batch_size=num_samples,
-        length=length,
-        prompt=prompt,
-        temperature=temperature,
-        top_k=top_k,
-        top_p=top_p,
-        seed=seed,
-        on_chunk=Progress(num_samples) if progress else None,
-        cache_dtype=jnp.float32 if config.model.dtype == "float32" else jnp.bfloat16,
-        mesh=mesh if num_samples % data_parallel_size(mesh) == 0 else None,
-    )
+    with jax.set_mesh(mesh):
+        tokens = generate(
+            model,
+            batch_size=num_samples,
+            length=length,
+            prompt=prompt,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            seed=seed,
+            on_chunk=Progress(num_samples) if progress else None,
+            cache_dtype=jnp.float32 if config.model.dtype == "float32" else jnp.bfloat16,
+            mesh=mesh if num_samples % data_parallel_size(mesh) == 0 else None,
+        )
     seconds = time.time() - start
 
     out = Path(output)

@@ -233,7 +233,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
         size=2,
     )
     try:
-        with _StopRequest() as stop:
+        # Under the mesh, kernels that XLA cannot partition run per shard (attention.adapt).
+        with _StopRequest() as stop, jax.set_mesh(mesh):
             while step < num_steps:
                 batch, data_state = next(prefetcher)
                 state, metrics = train_step(state, batch)

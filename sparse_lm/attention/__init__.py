@@ -11,6 +11,7 @@ from typing import Callable
 
 import jax
 
+from sparse_lm.attention import adapt
 from sparse_lm.attention.patterns import (
     COMBINES,
     PATTERNS,
@@ -83,9 +84,19 @@ def attention(
     """Causal sparse attention. q, k, v: [B, T, H, D]; returns [B, T, H, D].
 
     ``pattern`` gives each head's allowed set (see ``PatternSpec.layer_pattern``);
-    ``options`` go to the implementation (block sizes, interpret mode).
+    ``options`` go to the implementation (block sizes, interpret mode). q and k may
+    have a smaller head dim than v (half-size query/key projections).
     """
-    return _load(resolve_impl(impl))(q, k, v, pattern, **options)
+    name = resolve_impl(impl)
+    fn = _load(name)
+    if name == "reference":
+        return fn(q, k, v, pattern, **options)
+    q, k = adapt.equalize_head_dims(q, k, v)
+    if name == "pallas_gpu" and (mesh := adapt.ambient_mesh()) is not None:
+        return adapt.run_sharded(fn, q, k, v, pattern, mesh, **options)
+    # pallas_tpu shards itself (it shards splash's per-head schedule as well), and
+    # cuDNN attention is an XLA custom call that the partitioner handles.
+    return fn(q, k, v, pattern, **options)
 
 
 __all__ = [
