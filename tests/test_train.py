@@ -139,3 +139,15 @@ def test_longer_context_evaluation_scores_the_same_bytes_with_more_context(train
     assert (workdir / "eval_valid_200_ctx384.json").exists()
     # Bytes early in a window lose nothing and later ones gain context: no worse overall.
     assert longer["bits_per_byte"] <= plain["bits_per_byte"] + 1e-3, (longer, plain)
+
+
+def test_gradient_accumulation_matches_one_large_batch(tmp_path, shared_data):
+    """Two micro-batches of 4 accumulate to the update of one batch of 8."""
+    common = {"train.num_steps": 3, "train.log_every": 1, "train.eval_every": 0,
+              "train.eval_max_batches": 1, "train.checkpoint_every": 100}
+    runs = {}
+    for accum in (1, 2):
+        config = smoke_config("enwik8", shared_data, **common, **{"optim.grad_accum_steps": accum})
+        train_and_evaluate(config, tmp_path / f"accum{accum}")
+        runs[accum] = [(r["loss"], r["grad_norm"]) for r in read_metrics(tmp_path / f"accum{accum}", "train")]
+    np.testing.assert_allclose(runs[2], runs[1], rtol=2e-5)
