@@ -34,6 +34,7 @@ def main(argv):
         from sparse_lm.metrics import log
         from sparse_lm.sample import sample_from_checkpoint
 
+        cli.initialize_distributed()
         F = cli.FLAGS
         s = F.config.sample
         manifest = sample_from_checkpoint(

@@ -213,24 +213,26 @@ def restore_for_inference(
     ``step`` None means the latest. Nothing is ever written into the run's folder.
     """
     ckpt = Checkpointer(workdir, read_only=True)
-    steps = ckpt.all_steps()
-    if not steps:
-        raise CheckpointError(
-            f"no complete checkpoint in {ckpt.directory}; train first, or wait for the "
-            "running training to write its first checkpoint."
+    try:
+        steps = ckpt.all_steps()
+        if not steps:
+            raise CheckpointError(
+                f"no complete checkpoint in {ckpt.directory}; train first, or wait for the "
+                "running training to write its first checkpoint."
+            )
+        if step is None:
+            step = steps[-1]
+        elif step not in steps:
+            raise CheckpointError(
+                f"no checkpoint for step {step} in {ckpt.directory}; available: {steps}."
+            )
+        mesh = sharding.make_mesh(config.mesh)
+        fns, abstract_params = split_model(abstract_model(config))
+        shardings = sharding.tree_shardings(abstract_params, fns.logical_specs(), mesh)
+        target = jax.tree.map(
+            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_params, shardings
         )
-    if step is None:
-        step = steps[-1]
-    elif step not in steps:
-        raise CheckpointError(
-            f"no checkpoint for step {step} in {ckpt.directory}; available: {steps}."
-        )
-    mesh = sharding.make_mesh(config.mesh)
-    fns, abstract_params = split_model(abstract_model(config))
-    shardings = sharding.tree_shardings(abstract_params, fns.logical_specs(), mesh)
-    target = jax.tree.map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_params, shardings
-    )
-    params = ckpt.restore_params(step, target, config)
-    ckpt.close()
+        params = ckpt.restore_params(step, target, config)
+    finally:
+        ckpt.close()
     return fns, params, step, mesh

@@ -8,7 +8,6 @@ so each field has one documented default here. Fields are ml_collections
 
 from __future__ import annotations
 
-
 import ml_collections
 
 from sparse_lm.attention import PatternError, PatternSpec
@@ -27,6 +26,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.path = ""  # file, folder or archive, per data set
     c.data.files = []  # 'text' only: paths or globs
     c.data.download = False  # fetch the official archive when path lacks it
+    c.data.download_sha256 = ""  # enwik8: expected SHA-256 of the downloaded zip ('': size check only)
     c.data.seq_len = 256
     c.data.batch_size = 8  # global, over all devices and hosts
     c.data.eval_batch_size = 16  # global
@@ -52,6 +52,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.dtype = "float32"  # compute dtype; bfloat16 on accelerators
     c.model.param_dtype = "float32"
     c.model.remat = "none"  # none | full | dots | dots_no_batch
+    # Stack the blocks' parameters on a 'layers' axis and apply them with a scan: compile
+    # time stops growing with depth. Parameter trees (checkpoints) differ between layouts.
+    c.model.scan_layers = False
 
     c.attention = ml_collections.ConfigDict()
     c.attention.pattern = "strided"  # dense | local | strided | fixed
@@ -59,7 +62,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.attention.summary = 4  # the paper's c (fixed)
     c.attention.combine = "merged"  # interleaved | merged | multihead
     c.attention.distinct_summaries = False
-    c.attention.impl = "auto"  # auto | reference | pallas_gpu | pallas_tpu
+    c.attention.impl = "auto"  # auto | reference | pallas_gpu | pallas_tpu | cudnn_dense
 
     c.optim = ml_collections.ConfigDict()
     c.optim.learning_rate = 1e-3
@@ -86,7 +89,6 @@ def base_config() -> ml_collections.ConfigDict:
     # Fault injection for tests and drills only: the loss and gradients of these steps
     # (numbered as in the metrics, from 1) are made NaN. Leave empty in real runs.
     c.train.debug_nan_steps = ()
-    c.train.profile_steps = 0
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = -1  # -1: all devices left over
@@ -140,10 +142,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
 
 
 def long_run_defaults(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """Settings the paper-scale configs share: bf16 with remat, 5,000 warmup steps, and
-    logging, evaluation and checkpoint intervals suited to runs of 100k+ steps."""
+    """Settings the paper-scale configs share: bf16 with remat, scanned layers, 5,000
+    warmup steps, and logging, evaluation and checkpoint intervals suited to runs of
+    100k+ steps."""
     c.model.dtype = "bfloat16"
     c.model.remat = "full"
+    c.model.scan_layers = True
     c.optim.learning_rate = 3.5e-4
     c.optim.warmup_steps = 5000
     c.train.log_every = 100

@@ -13,6 +13,7 @@ import ml_collections
 from sparse_lm import data as data_lib
 from sparse_lm import sharding
 from sparse_lm.checkpoint import restore_for_inference
+from sparse_lm.config import ConfigError
 from sparse_lm.steps import ModelFns, make_eval_step
 
 
@@ -21,6 +22,13 @@ class Evaluator:
 
     def __init__(self, fns: ModelFns, config: ml_collections.ConfigDict, mesh):
         self.config, self.mesh = config, mesh
+        dp = sharding.data_parallel_size(mesh)
+        if config.data.eval_batch_size % dp:
+            # Otherwise JAX fails mid-evaluation, with a traceback, placing the first batch.
+            raise ConfigError(
+                f"config.data.eval_batch_size={config.data.eval_batch_size} cannot be shared "
+                f"evenly by {dp} data-parallel devices; make it a multiple of {dp}."
+            )
         batch_sh = sharding.batch_sharding(mesh)
         self._step = jax.jit(make_eval_step(fns), in_shardings=(None, batch_sh, batch_sh))
 

@@ -75,7 +75,12 @@ def read_metrics(workdir: str | Path, kind: str | None = None) -> list[dict]:
     path = Path(workdir) / "metrics.jsonl"
     if not path.exists():
         return []
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            continue  # blank, or the last line of a run killed while writing it
     return [r for r in records if kind is None or r["kind"] == kind]
 
 

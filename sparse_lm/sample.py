@@ -91,6 +91,10 @@ def sample_from_checkpoint(
             f"--length={length} is longer than the model's context of {seq_len} bytes; ask "
             f"for at most {seq_len} (prompt included)."
         )
+    if config.data.name == "cifar10" and length != seq_len:
+        raise ConfigError(
+            f"CIFAR-10 samples must be whole images: leave --length at {seq_len} (or 0)."
+        )
     if prompt_from_split and prompt_text:
         raise ConfigError("give either --prompt_from_split or --prompt, not both.")
     if prompt_text and config.data.name not in TEXT_DATA:
@@ -131,20 +135,7 @@ def sample_from_checkpoint(
         )
     seconds = time.time() - start
 
-    out = Path(output)
-    out.mkdir(parents=True, exist_ok=True)
-    name = config.data.name
-    if name == "cifar10":
-        if length != seq_len:
-            raise ConfigError("CIFAR-10 samples must be whole images: leave --length at 3072.")
-        prompt_rows = None
-        if prompt is not None:
-            prompt_rows = prompt.shape[1] // int(np.prod(config.model.pos_shape[1:]))
-        files = [outputs.write_png_grid(tokens, out / f"samples_step{step}.png", prompt_rows=prompt_rows, scale=2)]
-    elif name == "audio":
-        files = outputs.write_wav(tokens, out, config.data.sample_rate, prefix=f"step{step}")
-    else:
-        files = outputs.write_text(tokens, out, prefix=f"step{step}")
+    files = _write_samples(config, tokens, prompt, Path(output), step) if jax.process_index() == 0 else []
     manifest = {
         "step": step,
         "num_samples": num_samples,
@@ -157,5 +148,22 @@ def sample_from_checkpoint(
         "seconds": seconds,
         "files": [str(f) for f in files],
     }
-    (out / f"samples_step{step}.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    if jax.process_index() == 0:  # every host holds all samples; one writes them
+        (Path(output) / f"samples_step{step}.json").write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
+
+
+def _write_samples(
+    config: ml_collections.ConfigDict, tokens: np.ndarray, prompt: np.ndarray | None, out: Path, step: int
+) -> list[Path]:
+    """The samples as files people can open: PNG grid, WAVs or text files."""
+    out.mkdir(parents=True, exist_ok=True)
+    name = config.data.name
+    if name == "cifar10":
+        prompt_rows = None
+        if prompt is not None:
+            prompt_rows = prompt.shape[1] // int(np.prod(config.model.pos_shape[1:]))
+        return [outputs.write_png_grid(tokens, out / f"samples_step{step}.png", prompt_rows=prompt_rows, scale=2)]
+    if name == "audio":
+        return outputs.write_wav(tokens, out, config.data.sample_rate, prefix=f"step{step}")
+    return outputs.write_text(tokens, out, prefix=f"step{step}")

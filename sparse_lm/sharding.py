@@ -28,6 +28,9 @@ LOGICAL_RULES: dict[str, str | None] = {
     "heads": "tensor",
     "head_dim": None,
     "pos": None,
+    # The stacking axis of scanned layers (model.scan_layers): each device holds every
+    # layer's slice of its shard, as the scan reads one layer at a time.
+    "layers": None,
 }
 
 

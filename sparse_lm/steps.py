@@ -86,6 +86,7 @@ def make_train_step(
     """Returns train_step(state, batch) with batch int32 [accum, micro_batch, T]."""
     schedule_lr = learning_rate_schedule(config)
     stop_mode = config.train.nonfinite == "stop"
+    max_skipped = int(config.train.max_skipped)
     # Test-only fault injection (config.train.debug_nan_steps): empty in real runs, and
     # then no extra operation is traced into the step at all.
     nan_steps = tuple(int(s) for s in config.train.get("debug_nan_steps", ()) or ())
@@ -132,14 +133,17 @@ def make_train_step(
         # even if the host notices only a few steps later.
         apply = finite & (state.halted_at < 0)
         keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(apply, n, o), new, old)
-        halted_at = state.halted_at
-        if stop_mode:
-            halted_at = jnp.where((state.halted_at < 0) & ~finite, step_number, state.halted_at)
+        skipped_in_a_row = jnp.where(finite, 0, state.skipped_in_a_row + 1)
+        # 'stop' halts at the first non-finite step; 'skip' once more than max_skipped
+        # come in a row. Decided here, on the device, so that a burst of bad steps
+        # between two host checks cannot go unnoticed.
+        too_many = ~finite if stop_mode else skipped_in_a_row > max_skipped
+        halted_at = jnp.where((state.halted_at < 0) & too_many, step_number, state.halted_at)
         new_state = state.replace(
             step=state.step + 1,
             params=keep(new_params, state.params),
             opt_state=keep(new_opt, state.opt_state),
-            skipped_in_a_row=jnp.where(finite, 0, state.skipped_in_a_row + 1),
+            skipped_in_a_row=skipped_in_a_row,
             skipped_total=state.skipped_total + (~finite).astype(jnp.int32),
             halted_at=halted_at,
         )
@@ -147,7 +151,8 @@ def make_train_step(
             "loss": loss,
             "bits_per_byte": loss / LN2,
             "grad_norm": grad_norm,
-            "learning_rate": schedule_lr(state.step),
+            # Skipped updates do not advance the optimizer's schedule count.
+            "learning_rate": schedule_lr(state.step - state.skipped_total),
             "skipped_total": new_state.skipped_total,
             "skipped_in_a_row": new_state.skipped_in_a_row,
             "halted_at": halted_at,

@@ -6,6 +6,7 @@ figures out. See ``train_and_evaluate`` for the order of events.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -99,10 +100,17 @@ class _StopRequest:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
 
-    def agreed(self) -> bool:
-        """True on every process if any process was asked to stop."""
+    def agreed(self, step: int, every: int = 10) -> bool:
+        """True on every process if any process was asked to stop.
+
+        With several processes they must stop at the same step, which takes a
+        collective; it runs every ``every`` steps rather than every step, so a stop
+        request waits at most that many steps.
+        """
         flag = self.signum is not None
         if jax.process_count() > 1:
+            if step % every:
+                return False
             flag = bool(multihost_utils.process_allgather(np.array(flag)).any())
         return flag
 
@@ -150,89 +158,94 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     abstract_state = jax.eval_shape(init)
     state_sh = state_shardings(abstract_state, param_sh, mesh)
 
-    ckpt = Checkpointer(
-        workdir, keep=config.train.keep_checkpoints, async_save=config.train.async_checkpoint
-    )
-    latest = ckpt.latest_step()
-    if latest is not None:
-        target = jax.tree.map(
-            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, state_sh
+    # What is opened from here on (the checkpoint manager's threads, TensorBoard's writer,
+    # the prefetch thread) is closed on every way out, errors before the loop included.
+    with contextlib.ExitStack() as cleanup:
+        ckpt = Checkpointer(
+            workdir, keep=config.train.keep_checkpoints, async_save=config.train.async_checkpoint
         )
-        state, data_state = ckpt.restore(latest, target, config)
-        iterator.set_state(data_state)
-        log(f"Resumed from {ckpt.directory / str(latest)} at step {latest}.")
-    else:
-        state = jax.jit(init, out_shardings=state_sh)()
-        (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
-    if jax.process_index() == 0:
-        # Steps logged by a run killed after its last checkpoint (all of them, if it never
-        # finished one) are about to be trained and logged again.
-        dropped = drop_metrics_after(workdir / "metrics.jsonl", latest or 0)
-        if dropped:
-            log(f"Dropped {dropped} metrics record(s) past step {latest or 0} from an interrupted run.")
+        cleanup.callback(ckpt.close)
+        latest = ckpt.latest_step()
+        if latest is not None:
+            target = jax.tree.map(
+                lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, state_sh
+            )
+            state, data_state = ckpt.restore(latest, target, config)
+            iterator.set_state(data_state)
+            log(f"Resumed from {ckpt.directory / str(latest)} at step {latest}.")
+        else:
+            state = jax.jit(init, out_shardings=state_sh)()
+            if jax.process_index() == 0:  # one writer for a workdir that hosts may share
+                (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+        if jax.process_index() == 0:
+            # Steps logged by a run killed after its last checkpoint (all of them, if it never
+            # finished one) are about to be trained and logged again.
+            dropped = drop_metrics_after(workdir / "metrics.jsonl", latest or 0)
+            if dropped:
+                log(f"Dropped {dropped} metrics record(s) past step {latest or 0} from an interrupted run.")
 
-    num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract_params))
-    log(
-        f"Model: {num_params / 1e6:.2f}M parameters, {config.model.num_layers} layers, "
-        f"pattern {config.attention.pattern}; mesh {dict(mesh.shape)} on "
-        f"{jax.device_count()} {jax.devices()[0].platform} device(s)."
-    )
-
-    batch_sh = sharding.batch_sharding(mesh, extra_leading=1)
-    train_step = jax.jit(
-        make_train_step(fns, tx, config),
-        in_shardings=(state_sh, batch_sh),
-        out_shardings=(state_sh, None),
-        donate_argnums=0,
-    )
-
-    evaluator = Evaluator(fns, config, mesh)
-    writer = MetricsWriter(workdir, total_steps=config.train.num_steps)
-    step = int(jax.device_get(state.step))
-    num_steps = config.train.num_steps
-    tokens_per_step = d.batch_size * d.seq_len
-    last_train: dict = {}
-    last_eval: dict = {}
-    status = "done"
-    window_start, window_steps = time.time(), 0
-
-    def run_eval() -> dict:
-        result = evaluator(state.params, valid_source, max_batches=config.train.eval_max_batches)
-        writer.write(step, "eval_valid", result)
+        num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract_params))
         log(
-            f"eval  step {step}: valid bits per byte {result['bits_per_byte']:.4f} over "
-            f"{result['num_bytes']:,} bytes"
+            f"Model: {num_params / 1e6:.2f}M parameters, {config.model.num_layers} layers, "
+            f"pattern {config.attention.pattern}; mesh {dict(mesh.shape)} on "
+            f"{jax.device_count()} {jax.devices()[0].platform} device(s)."
         )
-        return result
 
-    def check_halted(metrics: dict) -> None:
-        halted_at = int(metrics["halted_at"])
-        if halted_at >= 0 or int(metrics["skipped_in_a_row"]) > config.train.max_skipped:
+        batch_sh = sharding.batch_sharding(mesh, extra_leading=1)
+        train_step = jax.jit(
+            make_train_step(fns, tx, config),
+            in_shardings=(state_sh, batch_sh),
+            out_shardings=(state_sh, None),
+            donate_argnums=0,
+        )
+
+        evaluator = Evaluator(fns, config, mesh)
+        writer = MetricsWriter(workdir, total_steps=config.train.num_steps)
+        cleanup.callback(writer.close)
+        step = int(jax.device_get(state.step))
+        num_steps = config.train.num_steps
+        tokens_per_step = d.batch_size * d.seq_len
+        last_train: dict = {}
+        last_eval: dict = {}
+        status = "done"
+        window_start, window_steps = time.time(), 0
+
+        def run_eval() -> dict:
+            result = evaluator(state.params, valid_source, max_batches=config.train.eval_max_batches)
+            writer.write(step, "eval_valid", result)
+            log(
+                f"eval  step {step}: valid bits per byte {result['bits_per_byte']:.4f} over "
+                f"{result['num_bytes']:,} bytes"
+            )
+            return result
+
+        def check_halted(metrics: dict) -> None:
+            halted_at = int(metrics["halted_at"])
+            if halted_at < 0:
+                return
             # An asynchronous save may still be in flight: finish it so the message names
             # the checkpoint that is really on disk.
             ckpt.wait()
-        if halted_at >= 0:
+            kept = f"The last good checkpoint in {ckpt.directory} is kept (step {ckpt.latest_step()})."
+            if config.train.nonfinite == "stop":
+                raise TrainingHalted(
+                    f"non-finite loss or gradient at step {halted_at}; training stopped "
+                    f"(config.train.nonfinite='stop'). {kept}"
+                )
             raise TrainingHalted(
-                f"non-finite loss or gradient at step {halted_at}; training stopped "
-                f"(config.train.nonfinite='stop'). The last good checkpoint in "
-                f"{ckpt.directory} is kept (step {ckpt.latest_step()})."
-            )
-        if int(metrics["skipped_in_a_row"]) > config.train.max_skipped:
-            raise TrainingHalted(
-                f"{int(metrics['skipped_in_a_row'])} updates in a row had a non-finite loss "
-                f"or gradient (up to step {step}), more than config.train.max_skipped="
-                f"{config.train.max_skipped}. The last good checkpoint in {ckpt.directory} "
-                f"is kept (step {ckpt.latest_step()}). Lower the learning rate or check the data."
+                f"more than config.train.max_skipped={config.train.max_skipped} updates in a "
+                f"row had a non-finite loss or gradient (up to step {halted_at}); training "
+                f"stopped. {kept} Lower the learning rate or check the data."
             )
 
-    # The next batches are read and placed on the devices on a background thread while a
-    # step runs; checkpoints store data_state, the position after the last batch trained on.
-    prefetcher = DevicePrefetcher(
-        iterator,
-        lambda local: sharding.global_batch(accumulation_batch(local, accum), mesh, extra_leading=1),
-        size=2,
-    )
-    try:
+        # The next batches are read and placed on the devices on a background thread while a
+        # step runs; checkpoints store data_state, the position after the last batch trained on.
+        prefetcher = DevicePrefetcher(
+            iterator,
+            lambda local: sharding.global_batch(accumulation_batch(local, accum), mesh, extra_leading=1),
+            size=2,
+        )
+        cleanup.callback(prefetcher.close)
         # Under the mesh, kernels that XLA cannot partition run per shard (attention.adapt).
         with _StopRequest() as stop, jax.set_mesh(mesh):
             while step < num_steps:
@@ -259,7 +272,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
                 if step % config.train.checkpoint_every == 0 or is_last:
                     check_halted(jax.device_get(_health(state)))
                     ckpt.save(step, state, data_state, config)
-                if stop.agreed() and not is_last:
+                if stop.agreed(step) and not is_last:
                     check_halted(jax.device_get(_health(state)))
                     if ckpt.latest_step() != step:
                         ckpt.save(step, state, data_state, config)
@@ -270,10 +283,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
                         f"{ckpt.directory}. Run the same command again to resume."
                     )
                     break
-    finally:
-        prefetcher.close()
-        ckpt.close()
-        writer.close()
 
     return {
         "status": status,

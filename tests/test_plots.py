@@ -47,3 +47,15 @@ def test_a_folder_without_metrics_is_a_clear_error(tmp_path):
     )
     assert result.returncode == 2
     assert "has no metrics.jsonl" in result.stderr
+
+
+def test_a_last_line_cut_short_by_a_kill_is_ignored(tmp_path):
+    run = fake_run(tmp_path / "killed", [(10, 3.0), (20, 2.5)])
+    with (run / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 30, "kind": "eval_va')  # the process died mid-write
+    result = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "scripts" / "plot_runs.py"), str(run), "--out", str(tmp_path / "p.png")],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[1].split() == ["killed", "20", "2.0", "2.5000", "2.5000"]

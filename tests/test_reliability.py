@@ -8,7 +8,6 @@ Entry points run as subprocesses wherever the behaviour under test is the proces
 
 from __future__ import annotations
 
-import json
 import re
 import shutil
 import signal
@@ -32,6 +31,7 @@ from tests.helpers import (
 )
 from sparse_lm.checkpoint import CheckpointError, Checkpointer, restore_for_inference
 from sparse_lm.data import DataError, TrainIterator, load_split
+from sparse_lm.metrics import read_metrics
 from sparse_lm.train import TrainingHalted, train_and_evaluate
 
 ENWIK8 = "configs/enwik8.py:smoke"
@@ -66,18 +66,8 @@ def train_command(workdir: Path, shared_data: Path, **changes) -> list[str]:
 
 
 def train_records(workdir: Path) -> list[dict]:
-    """metrics.jsonl's train records; tolerates a last line that a kill cut short."""
-    path = workdir / "metrics.jsonl"
-    records = []
-    if path.exists():
-        for line in path.read_text().splitlines():
-            try:
-                record = json.loads(line)
-            except ValueError:
-                continue
-            if record.get("kind") == "train":
-                records.append(record)
-    return records
+    """metrics.jsonl's train records (read_metrics skips a last line that a kill cut short)."""
+    return read_metrics(workdir, "train")
 
 
 def last_train_step(workdir: Path) -> int:
@@ -237,14 +227,12 @@ def test_sigkill_at_several_points_resumes_from_the_last_complete_checkpoint(str
 def test_skip_mode_counts_skipped_updates_then_stops_past_the_limit(tmp_path, shared_data):
     """NaN at step 3 (skipped, training goes on) and at steps 6, 7, 8 (three in a row,
     past max_skipped=2: stop)."""
-    from sparse_lm.metrics import read_metrics
-
     config = smoke_config("enwik8", shared_data, **{
         **COMMON, "train.num_steps": 10, "train.checkpoint_every": 1, "train.keep_checkpoints": 10,
         "model.dropout": 0.0, "train.nonfinite": "skip", "train.max_skipped": 2,
         "train.debug_nan_steps": (3, 6, 7, 8),
     })
-    with pytest.raises(TrainingHalted, match=r"3 updates in a row .*max_skipped=2") as halted:
+    with pytest.raises(TrainingHalted, match=r"max_skipped=2 updates in a row .*up to step 8") as halted:
         train_and_evaluate(config, tmp_path)
     assert "(step 7)" in str(halted.value)  # the last good checkpoint, named and kept
 
@@ -270,6 +258,20 @@ def test_skip_mode_counts_skipped_updates_then_stops_past_the_limit(tmp_path, sh
     assert same(2, 3) and same(5, 6) and same(5, 7)
     assert not same(3, 4) and not same(4, 5)
     assert all(np.isfinite(x).all() for x in params(7))
+
+
+def test_skip_mode_catches_a_burst_between_two_host_checks(tmp_path, shared_data):
+    """NaN at steps 3, 4, 5 then good steps, with the host looking only every 10 steps:
+    the device notices the burst, freezes the parameters and the run still halts."""
+    config = smoke_config("enwik8", shared_data, **{
+        **COMMON, "train.num_steps": 12, "train.log_every": 10, "train.checkpoint_every": 2,
+        "train.keep_checkpoints": 10, "model.dropout": 0.0, "train.nonfinite": "skip",
+        "train.max_skipped": 2, "train.debug_nan_steps": (3, 4, 5),
+    })
+    with pytest.raises(TrainingHalted, match=r"max_skipped=2 updates in a row .*up to step 5"):
+        train_and_evaluate(config, tmp_path)
+    # Checkpoints at 2 and 4 only: the one due at step 6 saw the halt and was not written.
+    assert checkpoint_steps(tmp_path) == [2, 4]
 
 
 def test_stop_mode_names_the_step_and_keeps_the_last_good_checkpoint(tmp_path, shared_data):

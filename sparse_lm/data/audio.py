@@ -103,8 +103,9 @@ def _cache_path(path: Path, sample_rate: int, cache_dir: Path) -> Path:
 def encoded_audio(path: Path, sample_rate: int, cache_dir: Path | None) -> np.ndarray:
     """``decode_file`` through the cache (``cache_dir=None`` disables it).
 
-    ``load_split`` reads ``data.cache_dir``: unset uses ``$SPARSE_LM_CACHE_DIR/audio`` or
-    ``~/.cache/sparse_lm/audio``; an empty string turns caching off.
+    ``load_split`` reads ``data.cache_dir``: empty (the default) uses
+    ``$SPARSE_LM_CACHE_DIR/audio`` or ``~/.cache/sparse_lm/audio``; ``'off'`` turns
+    caching off.
     """
     if cache_dir is None:
         return decode_file(path, sample_rate)

@@ -54,7 +54,21 @@ def _locate(path: Path, want_download: bool, sha256: str | None) -> Path:
                 return path / name
     if want_download:
         zip_path = path if path.suffix == ".zip" else path / "enwik8.zip"
-        download(URL, zip_path, expected_size=ZIP_SIZE, sha256=sha256)
+        # One process downloads while the others wait: hosts often share a filesystem,
+        # and several writers of one .part file would corrupt it.
+        import jax
+        from jax.experimental import multihost_utils
+
+        if jax.process_index() == 0:
+            download(URL, zip_path, expected_size=ZIP_SIZE, sha256=sha256)
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices("sparse_lm enwik8 download")
+            if not zip_path.is_file():
+                raise DataError(
+                    f"process 0 downloaded enwik8 to {zip_path}, which this host cannot see; "
+                    "put data.path on a filesystem every host shares, or copy the file to "
+                    "each host first."
+                )
         data = _read_zip(zip_path)
         if data.size != UNZIPPED_SIZE:
             raise DataError(

@@ -1,0 +1,57 @@
+"""Config fields that the code reads can be set, and bad batch sizes fail before any work."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from tests.helpers import REPO_ROOT, run_python
+
+
+def test_every_data_field_the_loader_reads_is_in_the_base_config():
+    """With lock_config, a field missing from base_config cannot be set on the command line."""
+    from sparse_lm.config import base_config
+
+    read = ("name", "path", "seq_len", "download", "files", "split_fractions", "sample_rate",
+            "split_by", "cache_dir", "cifar_source", "tfds_data_dir", "valid_size", "max_bytes",
+            "download_sha256")  # the fields sparse_lm.data.load_split reads
+    assert [f for f in read if f not in base_config().data] == []
+
+
+def test_download_sha256_can_be_set_on_the_command_line():
+    code = (
+        "import sys; from absl import flags; from sparse_lm import cli; cli.define_common_flags(); "
+        "cli.parse_flags(sys.argv); print(flags.FLAGS.config.data.download_sha256)"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code, "--config=configs/enwik8.py", "--workdir=/tmp/unused",
+         "--config.data.download_sha256=abc123"],
+        capture_output=True, text=True, timeout=120, cwd=REPO_ROOT,
+        env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO_ROOT), "JAX_PLATFORMS": "cpu"},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip().splitlines()[-1] == "abc123"
+
+
+def test_eval_batch_size_that_the_devices_cannot_share_is_a_config_error():
+    out = run_python(
+        """
+        import json
+        from sparse_lm import sharding
+        from sparse_lm.config import ConfigError, base_config
+        from sparse_lm.evaluate import Evaluator
+        cfg = base_config()
+        mesh = sharding.make_mesh(cfg.mesh)
+        cfg.data.eval_batch_size = 3
+        try:
+            Evaluator(None, cfg, mesh)
+            message = None
+        except ConfigError as e:
+            message = str(e)
+        cfg.data.eval_batch_size = 4
+        Evaluator(None, cfg, mesh)  # a multiple of the devices is fine
+        print(json.dumps({"message": message}))
+        """,
+        devices=2,
+    )
+    assert out["message"] and "eval_batch_size=3" in out["message"] and "multiple of 2" in out["message"]
