@@ -97,7 +97,7 @@ def time_decoder(
         "tokens_per_s": batch * steps / total,
         "ms_per_token_mean": 1e3 * total / steps,
         "ms_per_token_last_chunk": 1e3 * chunks[-1][0] / chunks[-1][1],
-        "keys_read_per_head": gather_size(model.blocks[0].pattern, length) if mode == "sparse" else length,
+        "keys_read_per_head": gather_size(next(model.layer_blocks()).pattern, length) if mode == "sparse" else length,
         "cache_bytes": cache_bytes,
         "peak_bytes": _peak_bytes(),
     }

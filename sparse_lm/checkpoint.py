@@ -52,6 +52,8 @@ def model_signature(config: ml_collections.ConfigDict) -> dict:
         "distinct_summaries": a.distinct_summaries,
         # Orbax would silently cast float32 parameters to another dtype on restore.
         "param_dtype": m.param_dtype,
+        # Stacked (scanned) and per-layer parameters are different trees.
+        "scan_layers": bool(m.get("scan_layers", False)),
     }
 
 

@@ -134,7 +134,10 @@ def decode_step(
     heads = jnp.arange(model.num_heads)[:, None]
     reads: dict[LayerPattern, tuple[jax.Array, jax.Array]] = {}  # shared by equal layers
     new_cache = []
-    for block, (ck, cv) in zip(model.blocks, cache):
+    # Layer by layer in either parameter layout: a scanned model yields each layer's
+    # slice of its stacked parameters. The per-layer caches are updated in place this
+    # way, where a scan over a stacked cache would carry (and risk copying) all of it.
+    for block, (ck, cv) in zip(model.layer_blocks(), cache, strict=True):
         q, k, v = block.qkv(h)
         ck = jax.lax.dynamic_update_slice(ck, k[:, None].astype(ck.dtype), (0, t, 0, 0))
         cv = jax.lax.dynamic_update_slice(cv, v[:, None].astype(cv.dtype), (0, t, 0, 0))
@@ -392,7 +395,13 @@ def generate(
         state.tokens.block_until_ready()
         if on_chunk is not None:
             on_chunk(done, length)
-    return np.asarray(state.tokens, dtype=np.int32)
+    tokens = state.tokens
+    if not tokens.is_fully_addressable:
+        # Sharded over several hosts: every host gets all samples (rows are few and small).
+        from jax.experimental import multihost_utils
+
+        tokens = multihost_utils.process_allgather(tokens, tiled=True)
+    return np.asarray(tokens, dtype=np.int32)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "prompt_len", "mode"))

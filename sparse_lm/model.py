@@ -9,7 +9,15 @@ byte sequence shifted right by one with a learned start vector at position 0, so
 every byte of a window is predicted and bits per byte counts all of them.
 
 Parameters carry logical axis names ('vocab', 'embed', 'mlp', 'heads', 'head_dim',
-'pos' or None) through ``nnx.with_partitioning``; the trainer maps them to mesh axes.
+'pos', 'layers' or None) through ``nnx.with_partitioning``; the trainer maps them to
+mesh axes.
+
+With ``model.scan_layers`` the blocks' parameters are stacked along a leading
+'layers' axis and applied by ``jax.lax.scan``, so the traced program, and with it the
+compile time, no longer grows with depth. Layers differ only in their attention
+pattern, which repeats with a period of 1 or 2 layers (``interleaved`` alternates),
+so the scan runs over groups of ``period`` blocks, each with its static pattern.
+
 The pieces the parallel forward pass is made of (``embed_inputs``, ``Block.qkv``,
 ``Block.finish``, ``logits``) are public so that ``sparse_lm.decode`` runs the same
 computation one position at a time against its cache.
@@ -18,7 +26,7 @@ computation one position at a time against its cache.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -29,7 +37,7 @@ from flax.core import meta as flax_meta
 from sparse_lm.attention import LayerPattern, PatternSpec, attention
 from sparse_lm.config import ConfigError
 
-AXIS_NAMES = ("vocab", "embed", "mlp", "heads", "head_dim", "pos")
+AXIS_NAMES = ("vocab", "embed", "mlp", "heads", "head_dim", "pos", "layers")
 REMAT_POLICIES: dict[str, Callable[..., bool] | None] = {
     "full": None,  # save nothing: recompute the whole block in the backward pass
     "dots": jax.checkpoint_policies.checkpoint_dots,
@@ -196,6 +204,45 @@ class Block(nnx.Module):
         return self.forward(h, key)[0]
 
 
+class BlockGroup(nnx.Module):
+    """``period`` consecutive blocks: one step of the layer scan.
+
+    Every group holds the same sequence of (static) patterns, so one traced group
+    serves all of them; only the stacked parameters differ from step to step.
+    """
+
+    def __init__(self, patterns: Sequence[LayerPattern], *, rngs: nnx.Rngs, **block_kw: Any):
+        self.blocks = nnx.List([Block(p, rngs=rngs, **block_kw) for p in patterns])
+
+
+def pattern_period(patterns: Sequence[LayerPattern]) -> int:
+    """The smallest period (1 or 2) with which the layers' patterns repeat."""
+    for period in (1, 2):
+        if all(p == patterns[i % period] for i, p in enumerate(patterns)):
+            return period
+    # PatternSpec.layer_pattern depends on the layer only through layer % 2.
+    raise ConfigError("the attention patterns of the layers do not repeat every 1 or 2 layers.")
+
+
+def stack_layer_params(params: dict, num_layers: int, period: int) -> dict:
+    """Unrolled-layout parameters (a pure dict, as ``nnx.to_pure_dict`` gives) -> the
+    scanned layout of the same model: layer g * period + j becomes entry g of the stack
+    of the group's block j. Converts checkpoints and lets tests compare the layouts."""
+    if num_layers % period:
+        raise ConfigError(f"num_layers={num_layers} is not a multiple of the pattern period {period}.")
+    out = {k: v for k, v in params.items() if k != "blocks"}
+    blocks = params["blocks"]
+    out["layer_groups"] = {
+        "blocks": {
+            j: jax.tree.map(
+                lambda *xs: jnp.stack(xs), *[blocks[i] for i in range(j, num_layers, period)]
+            )
+            for j in range(period)
+        }
+    }
+    return out
+
+
 def _get(cfg: Any, name: str, default: Any) -> Any:
     return cfg.get(name, default) if hasattr(cfg, "get") else getattr(cfg, name, default)
 
@@ -221,6 +268,7 @@ class Transformer(nnx.Module):
         self.dtype = _dtype(_get(model_cfg, "dtype", "bfloat16"), "dtype")
         param_dtype = _dtype(_get(model_cfg, "param_dtype", "float32"), "param_dtype")
         self.remat = str(_get(model_cfg, "remat", "none"))
+        self.scan_layers = bool(_get(model_cfg, "scan_layers", False))
         ff_ratio = float(_get(model_cfg, "ff_ratio", 4.0))
         qk_ratio = float(_get(model_cfg, "qk_ratio", 1.0))
         self.spec = PatternSpec.from_config(attn_cfg)
@@ -236,23 +284,44 @@ class Transformer(nnx.Module):
         self.pos_embed = nnx.List(
             [_param(rngs, embed_init, (n, d), ("pos", "embed"), param_dtype) for n in self.pos_shape]
         )
-        self.blocks = nnx.List(
-            [
-                Block(
-                    self.spec.layer_pattern(i, self.num_heads),
-                    d_model=d,
-                    num_heads=self.num_heads,
-                    qk_dim=self.qk_dim,
-                    v_dim=self.head_dim,
-                    d_ff=int(round(d * ff_ratio)),
-                    num_layers=self.num_layers,
-                    dropout=self.dropout,
-                    impl=impl,
-                    **kw,
-                )
-                for i in range(self.num_layers)
-            ]
+        patterns = [self.spec.layer_pattern(i, self.num_heads) for i in range(self.num_layers)]
+        block_kw = dict(
+            d_model=d,
+            num_heads=self.num_heads,
+            qk_dim=self.qk_dim,
+            v_dim=self.head_dim,
+            d_ff=int(round(d * ff_ratio)),
+            num_layers=self.num_layers,
+            dropout=self.dropout,
+            impl=impl,
+            dtype=self.dtype,
+            param_dtype=param_dtype,
         )
+        if self.scan_layers:
+            self.period = pattern_period(patterns)
+            if self.num_layers % self.period:
+                raise ConfigError(
+                    f"model.scan_layers=True scans over groups of {self.period} layers (the "
+                    f"'{self.spec.combine}' patterns alternate between layers), but "
+                    f"model.num_layers={self.num_layers} is not a multiple of {self.period}; "
+                    "use an even number of layers or set model.scan_layers=False."
+                )
+            group_patterns = patterns[: self.period]
+
+            # One group per scan step, created under vmap so that every parameter gets
+            # a leading 'layers' axis (its logical name, for sharding rules) and its own
+            # random init. Eager sharding is off inside: it would place the unstacked
+            # per-group arrays; the trainer shards the stacked ones from their names.
+            def make_group(group_rngs: nnx.Rngs) -> BlockGroup:
+                with nnx.use_eager_sharding(False):
+                    return BlockGroup(group_patterns, rngs=group_rngs, **block_kw)
+
+            self.layer_groups = nnx.vmap(
+                make_group, in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"}
+            )(rngs.split(self.num_layers // self.period))
+        else:
+            self.period = 1
+            self.blocks = nnx.List([Block(p, rngs=rngs, **block_kw) for p in patterns])
         self.final_norm = LayerNorm(d, **kw)
         self.head = _param(rngs, nnx.initializers.normal(d**-0.5), (d, self.vocab_size), ("embed", "vocab"), param_dtype)
         self.head_bias = _param(rngs, nnx.initializers.zeros, (self.vocab_size,), ("vocab",), param_dtype)
@@ -323,14 +392,25 @@ class Transformer(nnx.Module):
         T = tokens.shape[1]
         if T > self.seq_len:
             raise ValueError(f"sequence of {T} tokens exceeds the model's context of {self.seq_len}")
-        keys: list[jax.Array | None] = [None] * self.num_layers
+        keys: jax.Array | None = None
         if not deterministic and self.dropout > 0.0:
             if rngs is None:
                 raise ValueError("deterministic=False needs rngs with a 'dropout' stream for dropout masks.")
-            keys = list(jax.random.split(rngs.dropout(), self.num_layers))
+            # One key per layer, layer i taking keys[i] in both layouts, so a scanned and
+            # an unrolled model with the same parameters draw the same masks.
+            keys = jax.random.split(rngs.dropout(), self.num_layers)
         h = self._embed_sequence(tokens)
-        for block, key in zip(self.blocks, keys):
-            h = self._run_block(block, h, key)
+        if not self.scan_layers:
+            for i, block in enumerate(self.blocks):
+                h = self._run_block(block, h, None if keys is None else keys[i])
+            return self.logits(h)
+
+        def group_step(group: BlockGroup, h: jax.Array, group_keys: jax.Array | None) -> tuple[jax.Array, None]:
+            for j, block in enumerate(group.blocks):
+                h = self._run_block(block, h, None if group_keys is None else group_keys[j])
+            return h, None
+
+        h, _ = self._scan_groups(group_step, h, keys)
         return self.logits(h)
 
     def forward_with_kv(self, tokens: jax.Array) -> tuple[jax.Array, list[tuple[jax.Array, jax.Array]]]:
@@ -342,11 +422,58 @@ class Transformer(nnx.Module):
         if tokens.ndim != 2 or tokens.shape[1] > self.seq_len:
             raise ValueError(f"tokens must be [batch, time <= {self.seq_len}], got {tokens.shape}")
         h = self._embed_sequence(tokens)
-        kvs = []
-        for block in self.blocks:
-            h, kv = block.forward(h, None)
-            kvs.append(kv)
+        if not self.scan_layers:
+            kvs = []
+            for block in self.blocks:
+                h, kv = block.forward(h, None)
+                kvs.append(kv)
+            return self.logits(h), kvs
+
+        def group_step(group: BlockGroup, h: jax.Array, _: None) -> tuple[jax.Array, list]:
+            kvs = []
+            for block in group.blocks:
+                h, kv = block.forward(h, None)
+                kvs.append(kv)
+            return h, kvs
+
+        h, stacked = self._scan_groups(group_step, h, None)
+        # stacked[j] holds block j of every group, [groups, ...]; layer i = g * period + j.
+        kvs = [
+            jax.tree.map(lambda x: x[i // self.period], stacked[i % self.period])
+            for i in range(self.num_layers)
+        ]
         return self.logits(h), kvs
+
+    def layer_blocks(self) -> Iterator[Block]:
+        """Each layer's Block in order, in either layout: with ``scan_layers`` a Block
+        whose parameters are that layer's slice of the stack (for code that works one
+        layer at a time, like the decoding step)."""
+        if not self.scan_layers:
+            yield from self.blocks
+            return
+        graphdef, state = nnx.split(self.layer_groups)
+        for g in range(self.num_layers // self.period):
+            group = nnx.merge(graphdef, jax.tree.map(lambda x: x[g], state))
+            yield from group.blocks
+
+    def _scan_groups(
+        self,
+        group_step: Callable[[BlockGroup, jax.Array, Any], tuple[jax.Array, Any]],
+        h: jax.Array,
+        keys: jax.Array | None,
+    ) -> tuple[jax.Array, Any]:
+        """Runs ``group_step(group, h, group_keys)`` over the stacked groups with a scan,
+        carrying the residual stream and stacking what each step returns."""
+        graphdef, state = nnx.split(self.layer_groups)
+        if keys is not None:
+            keys = keys.reshape(self.num_layers // self.period, self.period)
+
+        def body(h: jax.Array, xs: tuple[Any, jax.Array | None]) -> tuple[jax.Array, Any]:
+            group_state, group_keys = xs
+            # The group rebuilt from one step's slice of the stacked parameters.
+            return group_step(nnx.merge(graphdef, group_state), h, group_keys)
+
+        return jax.lax.scan(body, h, (state, keys))
 
     def _embed_sequence(self, tokens: jax.Array) -> jax.Array:
         # Shift right: position t sees byte t-1 (the start vector at t=0).

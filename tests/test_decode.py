@@ -253,3 +253,21 @@ def test_prompts_are_padded_to_lengths_a_block_sparse_kernel_takes():
     model = build_model(cfg, nnx.Rngs(0))
     # Multiples of lcm(64, l = 96) = 192, never past the context.
     assert [decode.prefill_length(model, p) for p in (1, 10, 192, 193, 700)] == [192, 192, 192, 384, 768]
+
+
+@pytest.mark.parametrize("pattern,combine,distinct", [ALL_PATTERNS[3], ALL_PATTERNS[8]])
+def test_a_scanned_layers_model_decodes_like_its_full_forward_pass(pattern, combine, distinct):
+    cfg = tiny_config(pattern, combine, distinct)
+    cfg.model.update(num_layers=4, scan_layers=True)
+    model = build_model(cfg, nnx.Rngs(3))
+    assert not hasattr(model, "blocks")  # the decoder must read the stacked parameters
+    tokens = random_tokens(seed=2)
+    full = model(tokens)
+    for prompt_len in (0, 13):  # all steps, and a prefill through the scanned parallel pass
+        stepped = decode.teacher_forced_logits(model, tokens, prompt_len=prompt_len, cache_dtype=jnp.float32)
+        np.testing.assert_allclose(stepped, full, atol=2e-5, rtol=0)
+    # Sampling goes through the same step: greedy bytes are the full pass's argmax.
+    out = decode.generate(model, batch_size=2, length=SEQ_LEN, prompt=tokens[:, :5], temperature=0.0,
+                          cache_dtype=jnp.float32)
+    np.testing.assert_array_equal(out[:, :5], tokens[:, :5])
+    np.testing.assert_array_equal(out[:, 5:], np.asarray(jnp.argmax(model(jnp.asarray(out)), -1))[:, 5:])

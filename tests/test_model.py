@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from sparse_lm import sharding
 from sparse_lm.attention import PatternError
-from sparse_lm.model import AXIS_NAMES, ConfigError, Transformer, build_model
+from sparse_lm.model import AXIS_NAMES, ConfigError, Transformer, build_model, stack_layer_params
 
 SEQ_LEN = 32
 
@@ -216,6 +217,9 @@ def test_image_positions_factorize_into_row_column_and_channel_tables():
         (dict(attention=dict(pattern="diagonal")), PatternError, "unknown attention pattern"),
         (dict(model=dict(num_heads=1, d_model=32), attention=dict(pattern="strided", combine="multihead")),
          PatternError, "at least 2 heads"),
+        # Interleaved patterns alternate, so a scan step covers 2 layers.
+        (dict(model=dict(scan_layers=True, num_layers=3), attention=dict(pattern="strided", combine="interleaved")),
+         ConfigError, "num_layers=3 is not a multiple of 2"),
     ],
 )
 def test_bad_configs_fail_at_build_time_with_a_clear_error(change, error, match):
@@ -230,3 +234,113 @@ def test_transformer_can_be_built_from_its_two_config_sections():
     cfg = tiny_config()
     model = Transformer(cfg.model, cfg.attention, rngs=nnx.Rngs(0))
     assert model.seq_len == SEQ_LEN
+
+
+# -- scanned layers (model.scan_layers) ------------------------------------------------
+
+
+def scanned_copy(unrolled: Transformer, cfg: ml_collections.ConfigDict) -> Transformer:
+    """A scan_layers model holding ``unrolled``'s parameters, stacked per layer."""
+    cfg = ml_collections.ConfigDict(cfg.to_dict())
+    cfg.model.scan_layers = True
+    scanned = build_model(cfg, nnx.Rngs(99))  # its own init is overwritten below
+    params = nnx.state(scanned, nnx.Param)
+    unrolled_params = nnx.to_pure_dict(nnx.state(unrolled, nnx.Param))
+    nnx.replace_by_pure_dict(params, stack_layer_params(unrolled_params, unrolled.num_layers, scanned.period))
+    nnx.update(scanned, params)
+    return scanned
+
+
+def _dropout_loss(model: Transformer, tokens: jax.Array) -> jax.Array:
+    logits = model(tokens, deterministic=False, rngs=nnx.Rngs(dropout=7))
+    return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), tokens[..., None], -1))
+
+
+@pytest.mark.parametrize("combine", ["merged", "interleaved"])
+@pytest.mark.parametrize("remat", ["none", "full"])
+def test_scanned_layers_give_the_logits_and_grads_of_unrolled_layers(combine, remat):
+    cfg = tiny_config("strided", combine, num_layers=4, dropout=0.2, remat=remat)
+    unrolled = build_model(cfg, nnx.Rngs(5))
+    scanned = scanned_copy(unrolled, cfg)
+    assert scanned.period == (2 if combine == "interleaved" else 1)
+    assert not hasattr(scanned, "blocks")  # no unstacked copy of the parameters
+    tokens = random_tokens()
+    np.testing.assert_allclose(scanned(tokens), unrolled(tokens), rtol=1e-5, atol=1e-5)
+
+    # Training mode: the same per-layer dropout keys, so the same masks and gradients.
+    loss_u, grads_u = nnx.value_and_grad(_dropout_loss)(unrolled, tokens)
+    loss_s, grads_s = nnx.value_and_grad(_dropout_loss)(scanned, tokens)
+    np.testing.assert_allclose(loss_s, loss_u, rtol=1e-6)
+    want = stack_layer_params(nnx.to_pure_dict(grads_u), 4, scanned.period)
+    got = nnx.to_pure_dict(grads_s)
+    assert jax.tree.structure(got) == jax.tree.structure(want)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), got, want)
+    # Dropout is live (a different key changes the loss), so the match above is not vacuous.
+    other = scanned(tokens, deterministic=False, rngs=nnx.Rngs(dropout=8))
+    assert np.abs(np.asarray(other - scanned(tokens, deterministic=False, rngs=nnx.Rngs(dropout=7)))).max() > 1e-3
+
+
+def _train_jaxpr_size(num_layers: int, scan_layers: bool, combine: str) -> int:
+    """Equations, nested ones included, of a dropout loss-and-gradient with remat."""
+    cfg = tiny_config("strided", combine, num_layers=num_layers, dropout=0.1, remat="full", scan_layers=scan_layers)
+    model = build_model(cfg, nnx.Rngs(0))
+    graphdef, params = nnx.split(model)
+    loss = lambda p, t: _dropout_loss(nnx.merge(graphdef, p), t)
+    jaxpr = jax.make_jaxpr(jax.value_and_grad(loss))(params, random_tokens())
+
+    def subjaxprs(params: dict) -> list[jax.extend.core.Jaxpr]:
+        # Scan, remat, custom_jvp and cond keep their bodies in their params.
+        found = []
+        for v in params.values():
+            for item in v if isinstance(v, (tuple, list)) else (v,):
+                if isinstance(item, jax.extend.core.ClosedJaxpr):
+                    found.append(item.jaxpr)
+                elif isinstance(item, jax.extend.core.Jaxpr):
+                    found.append(item)
+        return found
+
+    def count(j: jax.extend.core.Jaxpr) -> int:
+        return sum(1 + sum(count(sub) for sub in subjaxprs(e.params)) for e in j.eqns)
+
+    return count(jaxpr.jaxpr)
+
+
+@pytest.mark.parametrize("combine", ["merged", "interleaved"])
+def test_the_scanned_program_does_not_grow_with_depth(combine):
+    # The whole traced program, backward pass and remat included, is the same size for
+    # 2 and 8 layers: XLA compiles one scan body whatever the depth.
+    assert _train_jaxpr_size(8, True, combine) == _train_jaxpr_size(2, True, combine)
+    # Unrolled, it grows about linearly (the comparison the scan is for).
+    assert _train_jaxpr_size(8, False, combine) > 3 * _train_jaxpr_size(2, False, combine)
+
+
+def test_scanned_parameters_carry_a_leading_layers_axis_that_the_mesh_rules_map():
+    cfg = tiny_config("fixed", "interleaved", num_layers=6, scan_layers=True)
+    model = build_model(cfg, nnx.Rngs(0))
+    specs = nnx.get_partition_spec(nnx.state(model, nnx.Param))
+    P = jax.sharding.PartitionSpec
+    for j in (0, 1):  # the group's two blocks, each stacked over the 3 groups
+        block = specs["layer_groups"]["blocks"][j]
+        assert block["attn"]["query"] == P("layers", "embed", "heads", "head_dim")
+        assert block["ff"]["w_out"] == P("layers", "mlp", "embed")
+        assert block["norm_attn"]["scale"] == P("layers", "embed")
+        assert model.layer_groups.blocks[j].attn.query.shape == (3, 32, 4, 8)
+    assert specs["token_embed"] == P("vocab", "embed")  # outside the stack: unchanged
+    for spec in jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, P)):
+        assert all(name is None or name in AXIS_NAMES for name in spec)
+    # The trainer's rules know the axis: the stack stays whole, inner axes shard as before.
+    mesh = jax.make_mesh((1, 1, 1), sharding.MESH_AXES, devices=jax.devices()[:1])
+    assert sharding.logical_to_mesh(P("layers", "embed", "mlp"), (3, 32, 128), mesh) == P(None, "fsdp", "tensor")
+    # The per-layer view slices the stack in layer order, with each layer's own pattern.
+    blocks = list(model.layer_blocks())
+    assert [b.pattern for b in blocks] == [model.spec.layer_pattern(i, 4) for i in range(6)]
+    for i, block in enumerate(blocks):  # layer i = group i // 2, block i % 2
+        stack = model.layer_groups.blocks[i % 2].attn.query[...]
+        np.testing.assert_array_equal(block.attn.query[...], stack[i // 2])
+
+
+def test_layers_scan_over_any_depth_when_the_pattern_does_not_alternate():
+    model = build_model(tiny_config("strided", "merged", num_layers=3, scan_layers=True), nnx.Rngs(0))
+    assert model.period == 1
+    assert model.layer_groups.blocks[0].ff.w_in.shape == (3, 32, 128)
+    assert model(random_tokens()).shape == (2, SEQ_LEN, 256)
