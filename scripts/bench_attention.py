@@ -1,6 +1,6 @@
 """Benchmark the block-sparse Pallas attention kernel against dense and sparse peers (GPU).
 
-Usage: python3 scripts/bench_attention.py OUT.json [--quick] [--skip-check]
+Usage: python3 scripts/bench_attention.py OUT.json [--quick] [--skip-check] [--variants]
 
 In one process: (1) a correctness check of impl="pallas_gpu" against the reference on
 the GPU (output and q/k/v gradients, bf16 and float32, every pattern); (2) forward and
@@ -11,12 +11,20 @@ and (strided) in the permuted, log-sum-exp-merged form; plus the largest error o
 output against FlexAttention's on identical inputs. Effective TFLOP/s counts 4*D FLOPs
 per allowed (query, key) pair forward and 3.5 times that forward+backward. Prints a table
 last and writes everything to OUT.json.
+
+``--variants`` also checks and times the opt-in v2 path (``fuse_parts=True``: strided
+parts through BlockSpecs on the free [B, T/l, l, H, D] view, parts chained in one
+online-softmax state, no log-sum-exp merge) beside the default path, in the same run as
+the cuDNN baseline; its rows are ``ours_<bq>x<bk>_fused`` and record whether the v2
+kernels were really used (``fused_taken``: False means the group fell back to v1).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
+import re
 import math
 import os
 import signal
@@ -38,6 +46,30 @@ from sparse_lm.attention.layout import build_layout  # noqa: E402
 
 warnings.filterwarnings("ignore", category=DeprecationWarning)
 RESULTS: dict = {"check": [], "timings": [], "errors": [], "layout": []}
+
+# (impl-name suffix, extra pallas_gpu.attention options) of the kernel paths to time.
+DEFAULT_VARIANT = ("", {})
+FUSED_VARIANT = ("_fused", {"fuse_parts": True})
+
+
+def variants(with_fused: bool) -> list[tuple[str, dict]]:
+    return [DEFAULT_VARIANT, FUSED_VARIANT] if with_fused else [DEFAULT_VARIANT]
+
+
+@functools.lru_cache(maxsize=None)
+def fused_taken(spec: PatternSpec, shape: tuple, block_q: int | None = None,
+                block_k: int | None = None) -> bool:
+    """Whether ``fuse_parts=True`` really runs the v2 kernels here (traced, not run)."""
+    pat = spec.layer_pattern(0, shape[2])
+    x = jax.ShapeDtypeStruct(shape, jnp.bfloat16)
+
+    def f(q, k, v):
+        o, vjp = jax.vjp(lambda *a: pallas_gpu.attention(
+            *a, pat, block_q=block_q, block_k=block_k, fuse_parts=True), q, k, v)
+        return o, vjp(o)
+
+    names = set(re.findall(r"name=(sparse_attn\w*)", str(jax.make_jaxpr(f)(x, x, x))))
+    return bool(names) and all(n.endswith("_v2") for n in names)
 
 
 def log(*a) -> None:
@@ -114,7 +146,7 @@ def value_and_grads(fn):
     return jax.jit(f)
 
 
-def gpu_check(quick: bool) -> None:
+def gpu_check(quick: bool, with_fused: bool = False) -> None:
     bf, f32 = jnp.bfloat16, jnp.float32
     cases = [
         (PatternSpec("strided", 64, combine="merged"), 64, bf),
@@ -128,14 +160,18 @@ def gpu_check(quick: bool) -> None:
         (PatternSpec("dense"), 128, bf),
     ]
     key = jax.random.PRNGKey(int(time.time()))
-    for spec, d, dt in cases[:3] if quick else cases:
-        b, t, h = 1, 1024, 4
+    runs = [(c, DEFAULT_VARIANT) for c in (cases[:3] if quick else cases)]
+    if with_fused:  # T=4096 so that l=64 columns (64 rows) hold whole 64-row blocks
+        runs += [(c, FUSED_VARIANT) for c in (cases[:3] if quick else cases)]
+    for (spec, d, dt), (suffix, opts) in runs:
+        b, t, h = 1, 4096 if suffix else 1024, 4
         key, *ks = jax.random.split(key, 5)
         q, k, v, g = (jax.random.normal(kk, (b, t, h, d), jnp.float32).astype(dt) for kk in ks)
         for layer in (0, 1) if spec.combine == "interleaved" else (0,):
             pat = spec.layer_pattern(layer, h)
             try:
-                o, grads = value_and_grads(lambda *a: pallas_gpu.attention(*a, pat))(q, k, v, g)
+                o, grads = value_and_grads(
+                    lambda *a: pallas_gpu.attention(*a, pat, **opts))(q, k, v, g)
                 f32s = [x.astype(jnp.float32) for x in (q, k, v, g)]
                 # The reference at full float32 precision (XLA's GPU default is tf32).
                 with jax.default_matmul_precision("highest"):
@@ -145,10 +181,12 @@ def gpu_check(quick: bool) -> None:
                 tol = 1e-2 if dt == jnp.bfloat16 else 1e-4
                 row = dict(pattern=spec.name, combine=spec.combine, layer=layer,
                            distinct=spec.distinct_summaries, d=d, dtype=jnp.dtype(dt).name,
+                           variant=suffix or "default", t=t,
                            errs=errs, nan=nan, ok=(not nan) and max(errs) < tol)
             except Exception as e:  # keep going: the rest of the run still informs
                 row = dict(pattern=spec.name, combine=spec.combine, d=d,
-                           dtype=jnp.dtype(dt).name, ok=False, error=repr(e)[:1500])
+                           dtype=jnp.dtype(dt).name, variant=suffix or "default",
+                           ok=False, error=repr(e)[:1500])
                 traceback.print_exc()
             RESULTS["check"].append(row)
             log("check", row)
@@ -243,7 +281,7 @@ def guarded(what, fn):
         return None
 
 
-def bench_shape(shape, quick: bool, sweep: bool) -> None:
+def bench_shape(shape, quick: bool, sweep: bool, with_fused: bool = False) -> None:
     b, t, h, d = shape
     key = jax.random.PRNGKey(t + d)
     q, k, v, do = (jax.random.normal(kk, shape, jnp.float32).astype(jnp.bfloat16)
@@ -280,10 +318,16 @@ def bench_shape(shape, quick: bool, sweep: bool) -> None:
         if sweep and name in ("strided", "fixed"):
             configs += [(128, 64), (128, 128), (32, 32)]
         for bq, bk in configs:
-            r = guarded(f"ours {name} {shape} {bq}x{bk}",
-                        lambda: timed(ours_fn(spec, h, block_q=bq, block_k=bk)))
-            if r:
-                record(shape, f"ours_{bq}x{bk}", name, *r, pairs)
+            for suffix, opts in variants(with_fused):
+                extra = None
+                if suffix:
+                    extra = dict(fused_taken=guarded(
+                        f"trace fused {name} {shape}",
+                        lambda: fused_taken(spec, tuple(shape), bq, bk)))
+                r = guarded(f"ours{suffix} {name} {shape} {bq}x{bk}",
+                            lambda: timed(ours_fn(spec, h, block_q=bq, block_k=bk, **opts)))
+                if r:
+                    record(shape, f"ours_{bq}x{bk}{suffix}", name, *r, pairs, extra)
         ours_out[name] = guarded(f"ours out {name}", lambda: jax.jit(ours_fn(spec, h))(q, k, v))
 
     # FlexAttention on identical inputs (converted through DLPack).
@@ -383,15 +427,21 @@ def table() -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
-    # `timeout` sends SIGTERM: still print the table and write what was measured.
-    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser()
     ap.add_argument("out", help="path of the JSON results file")
     ap.add_argument("--quick", action="store_true", help="first shape only, fewer peers")
     ap.add_argument("--skip-check", action="store_true")
     ap.add_argument("--no-sweep", action="store_true")
-    args = ap.parse_args()
+    ap.add_argument("--variants", action="store_true",
+                    help="also check and time the fuse_parts=True (v2) path beside the default")
+    return ap.parse_args(argv)
+
+
+def main() -> None:
+    # `timeout` sends SIGTERM: still print the table and write what was measured.
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    args = parse_args()
     check_pair_counts()
     RESULTS["device"] = str(jax.devices()[0].device_kind)
     RESULTS["jax"] = jax.__version__
@@ -399,13 +449,14 @@ def main() -> None:
     log("device", RESULTS["device"], "jax", jax.__version__)
     t0 = time.time()
     if not args.skip_check:
-        gpu_check(args.quick)
+        gpu_check(args.quick, args.variants)
     log(f"check done in {time.time() - t0:.0f}s")
     shapes = [(2, 16384, 8, 64), (1, 65536, 8, 64), (2, 16384, 8, 128)]
     try:
         for i, shape in enumerate(shapes[:1] if args.quick else shapes):
             sweep = i == 0 and not args.no_sweep
-            guarded(f"bench {shape}", lambda: bench_shape(shape, args.quick, sweep))
+            guarded(f"bench {shape}",
+                    lambda: bench_shape(shape, args.quick, sweep, args.variants))
             log(f"shape {shape} done at {time.time() - t0:.0f}s")
             with open(args.out, "w") as f:
                 json.dump(RESULTS, f, indent=1, default=str)
@@ -418,7 +469,8 @@ def main() -> None:
           f"(bf16 < 1e-2, f32 < 1e-4); errors: {len(RESULTS['errors'])}")
     for r in RESULTS["check"]:
         if not r.get("ok"):
-            print("  FAILED", {k: r.get(k) for k in ("pattern", "combine", "d", "dtype", "errs", "error")})
+            print("  FAILED", {k: r.get(k) for k in ("pattern", "combine", "d", "dtype", "variant",
+                                                      "errs", "error")})
     print(f"device: {RESULTS['device']}")
     print(table())
 

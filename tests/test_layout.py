@@ -167,3 +167,28 @@ def test_unsupported_component_set_is_rejected():
     head = (Component("causal"), Component("summary", 16, 4))
     with pytest.raises(PatternError, match="no layout for the component set"):
         build_layout((head,), 64, 16, 16)
+
+
+@pytest.mark.parametrize("t,l,bq,bk", [(256, 16, 16, 16), (512, 16, 32, 16), (16384, 128, 64, 64)])
+def test_strided_blocks_stay_in_their_column_when_blocks_divide_it(t, l, bq, bk):  # noqa: E741
+    """What the fused (v2) kernel path relies on: with block_q and block_k dividing T/l,
+    a strided query block lists only key blocks of its own column and vice versa, so
+    the kernel can take the column of the [B, T/l, l, H, D] view as its key sequence."""
+    from sparse_lm.attention.pallas_gpu import _Rows
+
+    for spec in (PatternSpec("strided", l, combine="merged"),
+                 PatternSpec("strided", l, combine="interleaved")):
+        for layer in (0, 1):
+            layout = build_layout(spec.layer_pattern(layer, 2), t, bq, bk)
+            for part in (p for g in layout.groups for p in g.parts):
+                if part.spec.order != "strided":
+                    continue
+                rows = _Rows(part, t)
+                assert _Rows.fits(part, t)
+                n = t // l
+                fwd = rows.rebase(part.fwd, bq, bk)  # raises if a block leaves the column
+                bwd = rows.rebase(part.bwd, bk, bq)
+                for tab, per in ((fwd, n // bk), (bwd, n // bq)):
+                    for row in tab:
+                        ids = row[2 : 2 + row[0] + row[1]]
+                        assert ((ids >= 0) & (ids < per)).all()

@@ -163,3 +163,128 @@ def test_length_not_multiple_of_stride_raises():
     pattern = PatternSpec("strided", 64).layer_pattern(0, 2)
     with pytest.raises(PatternError, match="multiple of the stride l=64"):
         pallas_gpu.attention(q, q, q, pattern, block_q=16, block_k=16)
+
+
+# ------------------------------------------------------ v2 path (fuse_parts=True)
+
+# Strided parts need block_q and block_k to divide T/l (a tile is rows of one column):
+# T=256 with l=16 gives 16-row columns. Fixed parts have no such constraint.
+FUSED_PATTERNS = [
+    (PatternSpec("strided", 16, combine="merged"), 0),
+    (PatternSpec("strided", 16, combine="interleaved"), 1),
+    (PatternSpec("strided", 16, combine="multihead"), 0),
+    (PatternSpec("fixed", 16, 4, combine="merged"), 0),
+    (PatternSpec("fixed", 16, 4, combine="interleaved"), 1),
+    (PatternSpec("fixed", 16, 4, combine="multihead", distinct_summaries=True), 0),
+]
+FUSED_IDS = [f"{s.name}-{s.combine}-L{layer}{'-distinct' if s.distinct_summaries else ''}"
+             for s, layer in FUSED_PATTERNS]
+
+
+def kernel_names(pattern, shape, **opts):
+    import re
+
+    q = jnp.zeros(shape, jnp.float32)
+
+    def f(q, k, v):
+        o, vjp = jax.vjp(lambda *a: pallas_gpu.attention(*a, pattern, **opts), q, k, v)
+        return o, vjp(o)
+
+    return set(re.findall(r"name=(sparse_attn\w*)", str(jax.make_jaxpr(f)(q, q, q))))
+
+
+@pytest.mark.parametrize("spec,layer", FUSED_PATTERNS, ids=FUSED_IDS)
+def test_fused_parts_match_reference_in_float32(spec, layer):
+    assert_matches_reference(spec, layer, (1, 256, 2, 64), jnp.float32, block_q=16,
+                             block_k=16, fuse_parts=True)
+
+
+@pytest.mark.parametrize(
+    "spec,shape,blocks,dtype",
+    [(PatternSpec("strided", 8), (1, 128, 2, 128), (16, 16), jnp.bfloat16),
+     (PatternSpec("strided", 16), (2, 512, 1, 64), (32, 16), jnp.bfloat16),
+     (PatternSpec("fixed", 16, 4, distinct_summaries=True), (1, 64, 4, 128), (32, 16),
+      jnp.float32)],
+    ids=["strided-bf16-D128-T128-l8", "strided-bf16-T512-q32-k16", "fixed-distinct-f32-D128"],
+)
+def test_fused_parts_other_dtypes_head_dims_and_lengths(spec, shape, blocks, dtype):
+    assert_matches_reference(spec, 0, shape, dtype, block_q=blocks[0], block_k=blocks[1],
+                             fuse_parts=True)
+
+
+@pytest.mark.parametrize("name,shape", [("strided", (1, 256, 2, 64)), ("fixed", (1, 64, 2, 64))])
+def test_fused_parts_equal_default_path(name, shape):
+    spec = PatternSpec(name, 16, 4)
+    pattern = spec.layer_pattern(0, shape[2])
+    q, k, v, g = fresh_inputs(shape, jnp.float32)
+    opts = dict(block_q=16, block_k=16)
+    fused = output_and_grads(
+        lambda *a: pallas_gpu.attention(*a, pattern, fuse_parts=True, **opts), q, k, v, g)
+    default = output_and_grads(lambda *a: pallas_gpu.attention(*a, pattern, **opts), q, k, v, g)
+    for what, x, ref in zip(("out", "dq", "dk", "dv"), fused, default):
+        assert bool(jnp.isfinite(x).all()), what
+        assert rel_err(x, ref) < 1e-5, what
+
+
+def test_fused_parts_use_views_and_no_merge():
+    """The strided v2 graph: only v2 kernels, and no transposed copy of a [B, T, H, D]
+    array (the one transpose left is delta's [B, T, H] -> [B, H, T])."""
+    pattern = PatternSpec("strided", 16).layer_pattern(0, 2)
+    shape = (1, 256, 2, 64)
+    assert kernel_names(pattern, shape, block_q=16, block_k=16, fuse_parts=True) == {
+        "sparse_attn_fwd_v2", "sparse_attn_bwd_dq_v2", "sparse_attn_bwd_dkv_v2"}
+    q = jnp.zeros(shape, jnp.float32)
+
+    def f(q, k, v):
+        o, vjp = jax.vjp(lambda *a: pallas_gpu.attention(
+            *a, pattern, block_q=16, block_k=16, fuse_parts=True), q, k, v)
+        return o, vjp(o)
+
+    jaxpr = jax.make_jaxpr(f)(q, q, q).jaxpr
+    transposes = [e for e in jaxpr.eqns if e.primitive.name == "transpose"]
+    assert all(e.invars[0].aval.ndim < 4 for e in transposes), transposes
+    assert not any(e.primitive.name == "exp" for e in jaxpr.eqns)  # no lse merge
+
+
+def test_fused_parts_fall_back_when_blocks_span_columns():
+    # T/l = 4 rows per column < 16-row blocks: the strided group takes the v1 path.
+    pattern = PatternSpec("strided", 16).layer_pattern(0, 2)
+    names = kernel_names(pattern, (1, 64, 2, 64), block_q=16, block_k=16, fuse_parts=True)
+    assert names == {"sparse_attn_fwd", "sparse_attn_bwd_dq", "sparse_attn_bwd_dkv"}
+    assert_matches_reference(PatternSpec("strided", 16), 0, (1, 64, 2, 64), jnp.float32,
+                             block_q=16, block_k=16, fuse_parts=True)
+
+
+def test_fused_parts_empty_rows_get_zero_output_and_gradient():
+    spec = PatternSpec("fixed", 16, 4, combine="interleaved")
+    pattern = spec.layer_pattern(1, 2)
+    q, k, v, g = fresh_inputs((1, 32, 2, 64), jnp.float32)
+    out, dq, dk, dv = output_and_grads(
+        lambda *a: pallas_gpu.attention(*a, pattern, block_q=16, block_k=16, fuse_parts=True),
+        q, k, v, g)
+    assert bool((out[:, :12] == 0).all()) and bool((dq[:, :12] == 0).all())
+    assert all(bool(jnp.isfinite(x).all()) for x in (out, dq, dk, dv))
+
+
+def test_bench_script_variants_parse_and_take_the_fused_path_at_bench_shapes():
+    """CPU side of ``scripts/bench_attention.py --variants`` (tracing only, no kernel run)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "bench_attention.py"
+    mod_spec = importlib.util.spec_from_file_location("bench_attention", path)
+    bench = importlib.util.module_from_spec(mod_spec)
+    mod_spec.loader.exec_module(bench)
+    args = bench.parse_args(["out.json", "--variants", "--no-sweep"])
+    assert args.variants and args.no_sweep and not bench.parse_args(["o.json"]).variants
+    assert [s for s, _ in bench.variants(True)] == ["", "_fused"]
+    assert bench.variants(False) == [bench.DEFAULT_VARIANT]
+    bench.check_pair_counts()
+    # The benchmark's strided shapes and tiles really run the v2 kernels.
+    assert bench.fused_taken(PatternSpec("strided", 128), (2, 16384, 8, 64), 64, 64)
+    assert bench.fused_taken(PatternSpec("strided", 128), (2, 16384, 8, 64), 128, 128)
+    assert bench.fused_taken(PatternSpec("strided", 256), (1, 65536, 8, 64), 64, 64)
+    assert bench.fused_taken(PatternSpec("fixed", 128, 32), (2, 16384, 8, 64), 64, 64)
+    # The GPU check's fused cases (T=4096, l=64, default 64-row tiles) as well.
+    assert bench.fused_taken(PatternSpec("strided", 64), (1, 4096, 4, 64))
+    assert not bench.fused_taken(PatternSpec("strided", 64), (1, 1024, 4, 64))

@@ -386,6 +386,474 @@ def _group_attention(q, k, v, group: GroupLayout, cfg: KernelConfig, out_dtype):
     return _merge(outs).astype(out_dtype)
 
 
+# ------------------------------------------------------------- v2: fused parts (opt-in)
+#
+# ``attention(..., fuse_parts=True)``. Differences from the path above:
+#
+# * No materialised permutation: a strided part reads q, k, v (and writes o) through
+#   BlockSpecs on the free [B, T/l, l, H, D] view. A strided query tile is bq rows of
+#   one column c; its keys all lie in the same column (the rule is ``same_col``), so the
+#   kernel sees the column's T/l rows as its key sequence, with the layout's key block
+#   ids rebased to the column. Needs block_q and block_k to divide T/l; otherwise the
+#   group takes the v1 path.
+# * Parts are chained across launches in one online-softmax state: a part after the
+#   first starts from the previous part's normalised (o, lse), read in its own row order
+#   through the same BlockSpecs (the state (acc=o, m=lse, l=1) is an exact online-softmax
+#   state). Intermediate outputs are float32, the last part writes the input dtype and
+#   the final lse. Chaining inside one launch is not possible: the local part tiles
+#   queries in natural order, the stride part by column, so no tile owns both parts'
+#   rows; across launches the state is passed through HBM in the next part's order,
+#   which BlockSpecs make free.
+# * One custom_vjp over the whole group: the backward uses the final lse and
+#   delta = rowsum(do * o) for every part (dS = P (dP - delta) over the union of keys),
+#   so there is no merge backward; dq, dk, dv are chained the same way (each part adds
+#   the previous part's float32 partial sums and the last writes the input dtype). A
+#   summary part's gathered dk, dv are float32 and scatter-added in XLA (c/l of T).
+
+
+class _Rows:
+    """BlockSpecs addressing a part's rows, in the part's order, on free views.
+
+    Natural order: the arrays as they are. Strided order: [B, T, H, D] viewed as
+    [B, T/l, l, H, D] and [B, H, T] as [B, H, T/l, l]; strided row c*(T/l) + r is view
+    row (r, c). Grid axis 0 walks ``per``-row tiles in the part's order.
+    """
+
+    def __init__(self, part: PartLayout, t: int):
+        self.strided = part.spec.order == "strided"
+        self.t = t
+        if self.strided:
+            self.l = part.spec.l
+            self.n = t // self.l
+
+    @staticmethod
+    def fits(part: PartLayout, t: int) -> bool:
+        if part.spec.order != "strided":
+            return True
+        n = t // part.spec.l
+        return (n % part.block_q == 0 and n % part.block_k == 0 and part.k_index is None
+                and part.k_pos.shape[0] == 1)
+
+    # Views of whole arrays (reshapes of contiguous dims: no copy).
+    def view(self, x):
+        if not self.strided:
+            return x
+        b, t, h, d = x.shape
+        return x.reshape(b, self.n, self.l, h, d)
+
+    def lview(self, x):
+        if not self.strided:
+            return x
+        b, h, t = x.shape
+        return x.reshape(b, h, self.n, self.l)
+
+    def unview(self, x):
+        if not self.strided:
+            return x
+        if x.ndim == 5:
+            b, n, l, h, d = x.shape  # noqa: E741
+            return x.reshape(b, n * l, h, d)
+        b, h, n, l = x.shape  # noqa: E741
+        return x.reshape(b, h, n * l)
+
+    def _col(self, i, per):
+        return i // (self.n // per), i % (self.n // per)
+
+    # BlockSpecs (grid (tiles of `per` rows, B, H)).
+    def tile(self, per: int, d: int):
+        if not self.strided:
+            return pl.BlockSpec((None, per, None, d), lambda i, j, n: (j, i, n, 0))
+        return pl.BlockSpec((None, per, None, None, d),
+                            lambda i, j, n: (j, self._col(i, per)[1], self._col(i, per)[0], n, 0))
+
+    def column(self, per: int, d: int, length: int | None = None):
+        """The whole key/query sequence a ``per``-row tile's partners lie in."""
+        if not self.strided:
+            length = length or self.t
+            return pl.BlockSpec((None, length, None, d), lambda i, j, n: (j, 0, n, 0))
+        return pl.BlockSpec((None, self.n, None, None, d),
+                            lambda i, j, n: (j, 0, self._col(i, per)[0], n, 0))
+
+    def ltile(self, per: int):
+        if not self.strided:
+            return pl.BlockSpec((None, None, per), lambda i, j, n: (j, n, i))
+        return pl.BlockSpec((None, None, per, None),
+                            lambda i, j, n: (j, n, self._col(i, per)[1], self._col(i, per)[0]))
+
+    def lcolumn(self, per: int):
+        if not self.strided:
+            return pl.BlockSpec((None, None, self.t), lambda i, j, n: (j, n, 0))
+        return pl.BlockSpec((None, None, self.n, None),
+                            lambda i, j, n: (j, n, 0, self._col(i, per)[0]))
+
+    def pos_column(self, per: int):
+        """Positions (strided order, [T]) of the column of a ``per``-row tile."""
+        if not self.strided:
+            return pl.BlockSpec((self.t,), lambda i, j, n: (0,))
+        return pl.BlockSpec((self.n,), lambda i, j, n: (self._col(i, per)[0],))
+
+    def kpos_column(self, per: int, part: PartLayout):
+        hk, tk = part.k_pos.shape
+        if not self.strided:
+            return pl.BlockSpec((None, tk), (lambda i, j, n: (n, 0)) if hk > 1
+                                else (lambda i, j, n: (0, 0)))
+        return pl.BlockSpec((None, self.n), lambda i, j, n: (0, self._col(i, per)[0]))
+
+    def rebase(self, tab: np.ndarray, per: int, other: int) -> np.ndarray:
+        """Block ids of a table (rows: ``per``-row tiles, ids: ``other``-row blocks)
+        relative to the row's column; checks every listed block is in that column."""
+        if not self.strided:
+            return tab
+        tab = tab.copy()
+        rows_per_col, ids_per_col = self.n // per, self.n // other
+        for r in range(tab.shape[0]):
+            cnt = int(tab[r, 0] + tab[r, 1])
+            ids = tab[r, 2 : 2 + cnt] - (r // rows_per_col) * ids_per_col
+            if ids.size and (ids.min() < 0 or ids.max() >= ids_per_col):
+                raise AssertionError("strided part visits a block outside the column")
+            tab[r, 2 : 2 + cnt] = ids
+        return tab
+
+
+def _fwd_kernel_v2(tab_ref, qpos_ref, kpos_ref, q_ref, k_ref, v_ref, *refs,
+                   rule: MaskRule, block_k: int, scale: float, has_init: bool):
+    if has_init:
+        o0_ref, lse0_ref, o_ref, lse_ref = refs
+    else:
+        o_ref, lse_ref = refs
+    q = q_ref[...]
+    block_q = q.shape[0]
+    prec = _precision(q.dtype)
+    qpos = qpos_ref[...]
+    n_full = tab_ref[0]
+    n_part = tab_ref[1]
+    qk_scale = scale * LOG2E
+
+    def step(t, carry, masked: bool):
+        acc, m_prev, l_prev = carry
+        start = pl.multiple_of(tab_ref[2 + t] * block_k, block_k)
+        k = k_ref[pl.ds(start, block_k), :]
+        v = v_ref[pl.ds(start, block_k), :]
+        s = _dot(q, k, prec, trans_b=True) * qk_scale
+        if masked:
+            kpos = kpos_ref[pl.ds(start, block_k)]
+            s = jnp.where(_mask(rule, qpos[:, None], kpos[None, :]), s, -jnp.inf)
+        m_next = jnp.maximum(m_prev, jnp.max(s, axis=1))
+        m_shift = jnp.where(m_next == -jnp.inf, 0.0, m_next)
+        alpha = jnp.exp2(m_prev - m_shift)
+        p = jnp.exp2(s - m_shift[:, None])
+        l_next = alpha * l_prev + jnp.sum(p, axis=1)
+        pv = _dot(p.astype(v.dtype), v, prec)
+        return alpha[:, None] * acc + pv, m_next, l_next
+
+    if has_init:
+        # The previous parts' normalised (o, lse) as a running state: acc / l = o and
+        # m + log2(l) = lse in base 2. A row empty so far has lse = -inf: m = -inf, l = 0.
+        lse0 = lse0_ref[...]
+        empty0 = lse0 == -jnp.inf
+        carry = (
+            jnp.where(empty0[:, None], 0.0, o0_ref[...].astype(jnp.float32)),
+            lse0 * LOG2E,
+            jnp.where(empty0, 0.0, 1.0),
+        )
+    else:
+        carry = (
+            jnp.zeros((block_q, q.shape[1]), jnp.float32),
+            jnp.full((block_q,), -jnp.inf, jnp.float32),
+            jnp.zeros((block_q,), jnp.float32),
+        )
+    carry = lax.fori_loop(0, n_full, functools.partial(step, masked=False), carry)
+    carry = lax.fori_loop(n_full, n_full + n_part, functools.partial(step, masked=True), carry)
+    acc, m, l = carry
+    empty = l == 0.0
+    l_safe = jnp.where(empty, 1.0, l)
+    o_ref[...] = (acc / l_safe[:, None]).astype(o_ref.dtype)
+    lse_ref[...] = jnp.where(empty, -jnp.inf, (m + jnp.log2(l_safe)) * LN2)
+
+
+def _fwd_call_v2(q, k, v, init, part: PartLayout, cfg: KernelConfig, out_dtype):
+    """One part, starting from ``init`` = (o, lse) of the previous parts or None.
+
+    q, k, v, o: [B, T, H, D] in natural order (k, v: [B, Tk, H, D] gathered for a
+    summary part); lse: [B, H, T]. Returns (o [B, T, H, D] out_dtype, lse [B, H, T]).
+    """
+    b, t, h, d = q.shape
+    tk = k.shape[1]
+    bq, bk = part.block_q, part.block_k
+    rows = _Rows(part, t)
+    tab = jnp.asarray(rows.rebase(part.fwd, bq, bk))
+    kernel = functools.partial(_fwd_kernel_v2, rule=part.spec.rule, block_k=bk,
+                               scale=d**-0.5, has_init=init is not None)
+    in_specs = [
+        pl.BlockSpec((None, tab.shape[1]), lambda i, j, n: (i, 0)),
+        pl.BlockSpec((bq,), lambda i, j, n: (i,)),
+        rows.kpos_column(bq, part),
+        rows.tile(bq, d),
+        rows.column(bq, d, tk),
+        rows.column(bq, d, tk),
+    ]
+    args = [tab, jnp.asarray(part.q_pos), jnp.asarray(part.k_pos),
+            rows.view(q), rows.view(k), rows.view(v)]
+    if init is not None:
+        in_specs += [rows.tile(bq, d), rows.ltile(bq)]
+        args += [rows.view(init[0]), rows.lview(init[1])]
+    o, lse = pl.pallas_call(
+        kernel,
+        grid=(t // bq, b, h),
+        in_specs=in_specs,
+        out_specs=[rows.tile(bq, d), rows.ltile(bq)],
+        out_shape=[
+            jax.ShapeDtypeStruct(rows.view(q).shape, out_dtype),
+            jax.ShapeDtypeStruct((b, h, rows.n, rows.l) if rows.strided else (b, h, t),
+                                 jnp.float32),
+        ],
+        interpret=cfg.interpret,
+        compiler_params=_compiler_params(cfg),
+        name="sparse_attn_fwd_v2",
+    )(*args)
+    return rows.unview(o), rows.unview(lse)
+
+
+def _dq_kernel_v2(tab_ref, qpos_ref, kpos_ref, q_ref, k_ref, v_ref, do_ref, lse_ref,
+                  delta_ref, *refs, rule: MaskRule, block_k: int, scale: float,
+                  has_init: bool):
+    if has_init:
+        dq0_ref, dq_ref = refs
+    else:
+        (dq_ref,) = refs
+    q = q_ref[...]
+    do = do_ref[...]
+    prec = _precision(q.dtype)
+    qpos = qpos_ref[...]
+    lse2 = lse_ref[...] * LOG2E
+    delta = delta_ref[...]
+    qk_scale = scale * LOG2E
+
+    def step(t, dq, masked: bool):
+        start = pl.multiple_of(tab_ref[2 + t] * block_k, block_k)
+        k = k_ref[pl.ds(start, block_k), :]
+        v = v_ref[pl.ds(start, block_k), :]
+        s = _dot(q, k, prec, trans_b=True) * qk_scale
+        p = jnp.exp2(s - lse2[:, None])
+        if masked:
+            kpos = kpos_ref[pl.ds(start, block_k)]
+            p = jnp.where(_mask(rule, qpos[:, None], kpos[None, :]), p, 0.0)
+        dp = _dot(do, v, prec, trans_b=True)
+        ds = p * (dp - delta[:, None])
+        return dq + _dot(ds.astype(k.dtype), k, prec)
+
+    n_full = tab_ref[0]
+    n_part = tab_ref[1]
+    dq = jnp.zeros(q.shape, jnp.float32)
+    dq = lax.fori_loop(0, n_full, functools.partial(step, masked=False), dq)
+    dq = lax.fori_loop(n_full, n_full + n_part, functools.partial(step, masked=True), dq)
+    dq = dq * scale
+    if has_init:
+        dq = dq + dq0_ref[...].astype(jnp.float32)
+    dq_ref[...] = dq.astype(dq_ref.dtype)
+
+
+def _dkv_kernel_v2(tab_ref, qpos_ref, kpos_ref, q_ref, k_ref, v_ref, do_ref, lse_ref,
+                   delta_ref, *refs, rule: MaskRule, block_q: int, scale: float,
+                   has_init: bool):
+    if has_init:
+        dk0_ref, dv0_ref, dk_ref, dv_ref = refs
+    else:
+        dk_ref, dv_ref = refs
+    k = k_ref[...]
+    v = v_ref[...]
+    prec = _precision(k.dtype)
+    kpos = kpos_ref[...]
+    qk_scale = scale * LOG2E
+
+    def step(t, carry, masked: bool):
+        dk, dv = carry
+        start = pl.multiple_of(tab_ref[2 + t] * block_q, block_q)
+        sl = pl.ds(start, block_q)
+        q = q_ref[sl, :]
+        do = do_ref[sl, :]
+        lse2 = lse_ref[sl] * LOG2E
+        delta = delta_ref[sl]
+        st = _dot(k, q, prec, trans_b=True) * qk_scale
+        pt = jnp.exp2(st - lse2[None, :])
+        if masked:
+            qpos = qpos_ref[sl]
+            pt = jnp.where(_mask(rule, qpos[None, :], kpos[:, None]), pt, 0.0)
+        dv = dv + _dot(pt.astype(do.dtype), do, prec)
+        dpt = _dot(v, do, prec, trans_b=True)
+        dst = pt * (dpt - delta[None, :])
+        dk = dk + _dot(dst.astype(q.dtype), q, prec)
+        return dk, dv
+
+    n_full = tab_ref[0]
+    n_part = tab_ref[1]
+    carry = (jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32))
+    carry = lax.fori_loop(0, n_full, functools.partial(step, masked=False), carry)
+    carry = lax.fori_loop(n_full, n_full + n_part, functools.partial(step, masked=True), carry)
+    dk, dv = carry
+    dk = dk * scale
+    if has_init:
+        dk = dk + dk0_ref[...].astype(jnp.float32)
+        dv = dv + dv0_ref[...].astype(jnp.float32)
+    dk_ref[...] = dk.astype(dk_ref.dtype)
+    dv_ref[...] = dv.astype(dv_ref.dtype)
+
+
+def _dq_call_v2(q, k, v, do, lse, delta, dq0, part: PartLayout, cfg: KernelConfig, out_dtype):
+    b, t, h, d = q.shape
+    tk = k.shape[1]
+    bq, bk = part.block_q, part.block_k
+    rows = _Rows(part, t)
+    tab = jnp.asarray(rows.rebase(part.fwd, bq, bk))
+    in_specs = [
+        pl.BlockSpec((None, tab.shape[1]), lambda i, j, n: (i, 0)),
+        pl.BlockSpec((bq,), lambda i, j, n: (i,)),
+        rows.kpos_column(bq, part),
+        rows.tile(bq, d),
+        rows.column(bq, d, tk),
+        rows.column(bq, d, tk),
+        rows.tile(bq, d),
+        rows.ltile(bq),
+        rows.ltile(bq),
+    ]
+    args = [tab, jnp.asarray(part.q_pos), jnp.asarray(part.k_pos), rows.view(q),
+            rows.view(k), rows.view(v), rows.view(do), rows.lview(lse), rows.lview(delta)]
+    if dq0 is not None:
+        in_specs.append(rows.tile(bq, d))
+        args.append(rows.view(dq0))
+    dq = pl.pallas_call(
+        functools.partial(_dq_kernel_v2, rule=part.spec.rule, block_k=bk, scale=d**-0.5,
+                          has_init=dq0 is not None),
+        grid=(t // bq, b, h),
+        in_specs=in_specs,
+        out_specs=rows.tile(bq, d),
+        out_shape=jax.ShapeDtypeStruct(rows.view(q).shape, out_dtype),
+        interpret=cfg.interpret,
+        compiler_params=_compiler_params(cfg),
+        name="sparse_attn_bwd_dq_v2",
+    )(*args)
+    return rows.unview(dq)
+
+
+def _dkv_call_v2(q, k, v, do, lse, delta, dkv0, part: PartLayout, cfg: KernelConfig,
+                 out_dtype):
+    b, t, h, d = q.shape
+    tk = k.shape[1]
+    bq, bk = part.block_q, part.block_k
+    hk = part.k_pos.shape[0]
+    rows = _Rows(part, t)
+    tab = jnp.asarray(rows.rebase(part.bwd, bk, bq))
+    kblock_pos_map = (lambda i, j, n: (n, i)) if hk > 1 else (lambda i, j, n: (0, i))
+    ktile = rows.tile(bk, d)  # natural: also right for gathered keys (their own length)
+    in_specs = [
+        pl.BlockSpec((None, tab.shape[1]), lambda i, j, n: (i, 0)),
+        rows.pos_column(bk),
+        pl.BlockSpec((None, bk), kblock_pos_map),
+        rows.column(bk, d),
+        ktile,
+        ktile,
+        rows.column(bk, d),
+        rows.lcolumn(bk),
+        rows.lcolumn(bk),
+    ]
+    args = [tab, jnp.asarray(part.q_pos), jnp.asarray(part.k_pos), rows.view(q),
+            rows.view(k), rows.view(v), rows.view(do), rows.lview(lse), rows.lview(delta)]
+    if dkv0 is not None:
+        in_specs += [ktile, ktile]
+        args += [rows.view(dkv0[0]), rows.view(dkv0[1])]
+    kshape = rows.view(k).shape
+    dk, dv = pl.pallas_call(
+        functools.partial(_dkv_kernel_v2, rule=part.spec.rule, block_q=bq, scale=d**-0.5,
+                          has_init=dkv0 is not None),
+        grid=(tk // bk, b, h),
+        in_specs=in_specs,
+        out_specs=[ktile, ktile],
+        out_shape=[jax.ShapeDtypeStruct(kshape, out_dtype),
+                   jax.ShapeDtypeStruct(kshape, out_dtype)],
+        interpret=cfg.interpret,
+        compiler_params=_compiler_params(cfg),
+        name="sparse_attn_bwd_dkv_v2",
+    )(*args)
+    return rows.unview(dk), rows.unview(dv)
+
+
+def _scatter_keys(dx: jax.Array, dxg: jax.Array, part: PartLayout) -> jax.Array:
+    """dx plus the gradient of the gathered key rows dxg, scattered to their positions.
+
+    Padding rows read position 0 but are masked in every kernel, so their rows are 0.
+    """
+    idx = part.k_index
+    if idx.shape[0] == 1:
+        return dx.at[:, jnp.asarray(idx[0])].add(dxg)
+    heads = jnp.arange(idx.shape[0])[None, :]
+    return dx.at[:, jnp.asarray(idx.T), heads].add(dxg)
+
+
+def _fused_forward(q, k, v, group: GroupLayout, cfg: KernelConfig):
+    state = None
+    last = len(group.parts) - 1
+    for p, part in enumerate(group.parts):
+        out_dtype = q.dtype if p == last else jnp.float32
+        state = _fwd_call_v2(q, _keys(k, part) if part.k_index is not None else k,
+                             _keys(v, part) if part.k_index is not None else v,
+                             state, part, cfg, out_dtype)
+    return state
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _fused_group(q, k, v, group: GroupLayout, cfg: KernelConfig):
+    """Attention of one head group, all parts chained; q, k, v: [B, T, Hg, D]."""
+    return _fused_forward(q, k, v, group, cfg)[0]
+
+
+def _fused_fwd(q, k, v, group, cfg):
+    o, lse = _fused_forward(q, k, v, group, cfg)
+    return o, (q, k, v, o, lse)
+
+
+def _fused_bwd(group, cfg, res, do):
+    q, k, v, o, lse = res
+    dtype = q.dtype
+    do = do.astype(dtype)
+    # One delta and one lse for every part: the softmax is over the union of the parts.
+    delta = jnp.swapaxes(jnp.sum(do.astype(jnp.float32) * o.astype(jnp.float32), axis=-1), 1, 2)
+    lse = jnp.where(lse == -jnp.inf, jnp.inf, lse)  # empty rows: p = 0, not exp(+inf)
+    own = [p for p in group.parts if p.k_index is None]
+    gathered = [p for p in group.parts if p.k_index is not None]
+    dq = None
+    for n, part in enumerate(group.parts):
+        last = n == len(group.parts) - 1
+        kp = _keys(k, part) if part.k_index is not None else k
+        vp = _keys(v, part) if part.k_index is not None else v
+        dq = _dq_call_v2(q, kp, vp, do, lse, delta, dq, part, cfg,
+                         dtype if last else jnp.float32)
+    dkv = None
+    for n, part in enumerate(own):
+        last = n == len(own) - 1 and not gathered
+        dkv = _dkv_call_v2(q, k, v, do, lse, delta, dkv, part, cfg,
+                           dtype if last else jnp.float32)
+    if gathered:
+        dk, dv = dkv if dkv is not None else (jnp.zeros(k.shape, jnp.float32),) * 2
+        for part in gathered:
+            dkg, dvg = _dkv_call_v2(q, _keys(k, part), _keys(v, part), do, lse, delta, None,
+                                    part, cfg, jnp.float32)
+            dk = _scatter_keys(dk, dkg, part)
+            dv = _scatter_keys(dv, dvg, part)
+        dkv = (dk.astype(dtype), dv.astype(dtype))
+    return (dq, *dkv)
+
+
+_fused_group.defvjp(_fused_fwd, _fused_bwd)
+
+
+def _group_attention_v2(q, k, v, group: GroupLayout, cfg: KernelConfig, out_dtype):
+    t = q.shape[1]
+    if not all(_Rows.fits(p, t) for p in group.parts):
+        # Blocks larger than a column (T/l rows): the v1 path (materialised order).
+        return _group_attention(q, k, v, group, cfg, out_dtype)
+    return _fused_group(q, k, v, group, cfg)
+
+
 # ------------------------------------------------------------------------ entry point
 
 
@@ -406,6 +874,7 @@ def attention(
     block_k: int | None = None,
     num_warps: int | None = None,
     num_stages: int = 2,
+    fuse_parts: bool = False,
 ) -> jax.Array:
     """Block-sparse causal attention. q, k, v: [B, T, H, D] -> [B, T, H, D].
 
@@ -415,6 +884,11 @@ def attention(
         not a GPU.
       block_q, block_k: query and key tile rows (powers of two >= 16 dividing T).
       num_warps, num_stages: Triton launch parameters on GPU.
+      fuse_parts: the v2 path (see "v2: fused parts" above): strided parts read and
+        write through BlockSpecs on the free [B, T/l, l, H, D] view, parts chained in one
+        online-softmax state, no log-sum-exp merge forward or backward. Interpret-tested
+        only, not yet measured on GPU, hence off by default. Groups whose strided blocks
+        do not divide T/l fall back to the default path.
 
     Raises:
       PatternError (a ValueError) naming the constraint, for shapes, dtypes, block
@@ -445,12 +919,13 @@ def attention(
         num_stages=num_stages,
         out_dtype=q.dtype,
     )
+    group_attention = _group_attention_v2 if fuse_parts else _group_attention
     everyone = tuple(range(h))
     if len(layout.groups) == 1 and layout.groups[0].heads == everyone:
-        return _group_attention(q, k, v, layout.groups[0], cfg, q.dtype)
+        return group_attention(q, k, v, layout.groups[0], cfg, q.dtype)
     out = jnp.zeros_like(q)
     for group in layout.groups:
         idx = np.asarray(group.heads)
-        o = _group_attention(q[:, :, idx], k[:, :, idx], v[:, :, idx], group, cfg, q.dtype)
+        o = group_attention(q[:, :, idx], k[:, :, idx], v[:, :, idx], group, cfg, q.dtype)
         out = out.at[:, :, idx].set(o)
     return out
