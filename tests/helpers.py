@@ -97,3 +97,34 @@ def tree_snapshot(folder: str | Path) -> dict[str, tuple[int, int]]:
         str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns)
         for p in sorted(root.rglob("*"))
     }
+
+
+def spec_id(spec, layer: int) -> str:
+    """A pytest id for a (PatternSpec, layer) case, e.g. ``fixed-merged-L0-distinct``."""
+    return f"{spec.name}-{spec.combine}-L{layer}{'-distinct' if spec.distinct_summaries else ''}"
+
+
+def attention_spec_cases():
+    """(spec, layer) pairs: every pattern and combine mode (interleaved layers 0 and 1
+    differ), each fixed one also with distinct summaries; and their pytest ids.
+
+    A function so that importing this module does not import JAX.
+    """
+    from sparse_lm.attention import PatternSpec
+
+    cases = [
+        (PatternSpec("dense"), 0),
+        (PatternSpec("local", 16), 0),
+        (PatternSpec("strided", 16, combine="merged"), 0),
+        (PatternSpec("strided", 16, combine="interleaved"), 0),
+        (PatternSpec("strided", 16, combine="interleaved"), 1),
+        (PatternSpec("strided", 16, combine="multihead"), 0),
+        (PatternSpec("fixed", 16, 4, combine="merged"), 0),
+        (PatternSpec("fixed", 16, 4, combine="interleaved"), 0),
+        (PatternSpec("fixed", 16, 4, combine="interleaved"), 1),
+        (PatternSpec("fixed", 16, 4, combine="multihead"), 0),
+        (PatternSpec("fixed", 16, 4, combine="merged", distinct_summaries=True), 0),
+        (PatternSpec("fixed", 16, 4, combine="interleaved", distinct_summaries=True), 1),
+        (PatternSpec("fixed", 16, 4, combine="multihead", distinct_summaries=True), 0),
+    ]
+    return cases, [spec_id(s, layer) for s, layer in cases]

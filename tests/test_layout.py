@@ -15,24 +15,10 @@ from sparse_lm.attention.layout import (
     summary_positions,
 )
 from sparse_lm.attention.patterns import Component
+from tests.helpers import attention_spec_cases
 
 # (spec, layer): every pattern and combine mode; interleaved layers 0 and 1 differ.
-SPECS = [
-    (PatternSpec("dense"), 0),
-    (PatternSpec("local", 16), 0),
-    (PatternSpec("strided", 16, combine="merged"), 0),
-    (PatternSpec("strided", 16, combine="interleaved"), 0),
-    (PatternSpec("strided", 16, combine="interleaved"), 1),
-    (PatternSpec("strided", 16, combine="multihead"), 0),
-    (PatternSpec("fixed", 16, 4, combine="merged"), 0),
-    (PatternSpec("fixed", 16, 4, combine="interleaved"), 1),
-    (PatternSpec("fixed", 16, 4, combine="multihead"), 0),
-    (PatternSpec("fixed", 16, 4, combine="merged", distinct_summaries=True), 0),
-    (PatternSpec("fixed", 16, 4, combine="interleaved", distinct_summaries=True), 1),
-    (PatternSpec("fixed", 16, 4, combine="multihead", distinct_summaries=True), 0),
-]
-IDS = [f"{s.name}-{s.combine}-L{layer}{'-distinct' if s.distinct_summaries else ''}"
-       for s, layer in SPECS]
+SPECS, IDS = attention_spec_cases()
 # (T, block_q, block_k): blocks smaller than, equal to and larger than l = 16.
 SIZES = [(64, 16, 16), (128, 32, 16), (256, 16, 64)]
 

@@ -17,28 +17,13 @@ from jax.experimental import pallas as pl
 
 from sparse_lm.attention import PatternError, PatternSpec, attention, reference_attention
 from sparse_lm.attention import pallas_gpu
+from tests.helpers import attention_spec_cases, spec_id
 
 TOL = {jnp.bfloat16: 1e-2, jnp.float32: 1e-5}
 _seed = itertools.count(1)
 
 # (spec, layer): every pattern and combine mode (interleaved layers 0 and 1 differ).
-PATTERNS = [
-    (PatternSpec("dense"), 0),
-    (PatternSpec("local", 16), 0),
-    (PatternSpec("strided", 16, combine="merged"), 0),
-    (PatternSpec("strided", 16, combine="interleaved"), 0),
-    (PatternSpec("strided", 16, combine="interleaved"), 1),
-    (PatternSpec("strided", 16, combine="multihead"), 0),
-    (PatternSpec("fixed", 16, 4, combine="merged"), 0),
-    (PatternSpec("fixed", 16, 4, combine="interleaved"), 0),
-    (PatternSpec("fixed", 16, 4, combine="interleaved"), 1),
-    (PatternSpec("fixed", 16, 4, combine="multihead"), 0),
-    (PatternSpec("fixed", 16, 4, combine="merged", distinct_summaries=True), 0),
-    (PatternSpec("fixed", 16, 4, combine="interleaved", distinct_summaries=True), 1),
-    (PatternSpec("fixed", 16, 4, combine="multihead", distinct_summaries=True), 0),
-]
-PATTERN_IDS = [f"{s.name}-{s.combine}-L{layer}{'-distinct' if s.distinct_summaries else ''}"
-               for s, layer in PATTERNS]
+PATTERNS, PATTERN_IDS = attention_spec_cases()
 
 
 def rel_err(x, ref) -> float:
@@ -177,8 +162,7 @@ FUSED_PATTERNS = [
     (PatternSpec("fixed", 16, 4, combine="interleaved"), 1),
     (PatternSpec("fixed", 16, 4, combine="multihead", distinct_summaries=True), 0),
 ]
-FUSED_IDS = [f"{s.name}-{s.combine}-L{layer}{'-distinct' if s.distinct_summaries else ''}"
-             for s, layer in FUSED_PATTERNS]
+FUSED_IDS = [spec_id(s, layer) for s, layer in FUSED_PATTERNS]
 
 
 def kernel_names(pattern, shape, **opts):

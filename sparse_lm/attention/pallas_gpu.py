@@ -85,10 +85,41 @@ def _precision(dtype) -> lax.Precision | None:
 
 
 # --------------------------------------------------------------------------- forward
+#
+# The kernel bodies below serve both paths: v1 calls them directly, v2 (further down)
+# through thin wrappers that pass the previous parts' partial results as ``init``.
+
+
+def _run_tiles(tile, n_full, n_part, carry):
+    """The block loop of a kernel: the n_full unmasked blocks, then the n_part masked."""
+    carry = lax.fori_loop(0, n_full, functools.partial(tile, masked=False), carry)
+    return lax.fori_loop(n_full, n_full + n_part, functools.partial(tile, masked=True), carry)
+
+
+def _fwd_tile(t, carry, *, masked: bool, q, qpos, tab_ref, kpos_ref, k_ref, v_ref,
+              rule: MaskRule, block_k: int, qk_scale: float, prec):
+    """One online-softmax step over key block ``tab_ref[2 + t]`` of a query tile."""
+    acc, m_prev, l_prev = carry
+    start = pl.multiple_of(tab_ref[2 + t] * block_k, block_k)
+    k = k_ref[pl.ds(start, block_k), :]
+    v = v_ref[pl.ds(start, block_k), :]
+    s = _dot(q, k, prec, trans_b=True) * qk_scale
+    if masked:
+        kpos = kpos_ref[pl.ds(start, block_k)]
+        s = jnp.where(_mask(rule, qpos[:, None], kpos[None, :]), s, -jnp.inf)
+    m_next = jnp.maximum(m_prev, jnp.max(s, axis=1))
+    # A row with no allowed key yet has max -inf; shifting by 0 keeps exp2 at 0.
+    m_shift = jnp.where(m_next == -jnp.inf, 0.0, m_next)
+    alpha = jnp.exp2(m_prev - m_shift)
+    p = jnp.exp2(s - m_shift[:, None])
+    l_next = alpha * l_prev + jnp.sum(p, axis=1)
+    pv = _dot(p.astype(v.dtype), v, prec)
+    return alpha[:, None] * acc + pv, m_next, l_next
 
 
 def _fwd_kernel(tab_ref, qpos_ref, kpos_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *,
-                rule: MaskRule, block_k: int, scale: float):
+                rule: MaskRule, block_k: int, scale: float, init=None):
+    """``init`` (v2 only): refs (o0, lse0) of the previous parts, to resume from."""
     q = q_ref[...]
     block_q = q.shape[0]
     prec = _precision(q.dtype)
@@ -96,33 +127,27 @@ def _fwd_kernel(tab_ref, qpos_ref, kpos_ref, q_ref, k_ref, v_ref, o_ref, lse_ref
     n_full = tab_ref[0]
     n_part = tab_ref[1]
     qk_scale = scale * LOG2E  # scores in base 2: exp2 is the cheap instruction
-
-    def step(t, carry, masked: bool):
-        acc, m_prev, l_prev = carry
-        start = pl.multiple_of(tab_ref[2 + t] * block_k, block_k)
-        k = k_ref[pl.ds(start, block_k), :]
-        v = v_ref[pl.ds(start, block_k), :]
-        s = _dot(q, k, prec, trans_b=True) * qk_scale
-        if masked:
-            kpos = kpos_ref[pl.ds(start, block_k)]
-            s = jnp.where(_mask(rule, qpos[:, None], kpos[None, :]), s, -jnp.inf)
-        m_next = jnp.maximum(m_prev, jnp.max(s, axis=1))
-        # A row with no allowed key yet has max -inf; shifting by 0 keeps exp2 at 0.
-        m_shift = jnp.where(m_next == -jnp.inf, 0.0, m_next)
-        alpha = jnp.exp2(m_prev - m_shift)
-        p = jnp.exp2(s - m_shift[:, None])
-        l_next = alpha * l_prev + jnp.sum(p, axis=1)
-        pv = _dot(p.astype(v.dtype), v, prec)
-        return alpha[:, None] * acc + pv, m_next, l_next
-
-    carry = (
-        jnp.zeros((block_q, q.shape[1]), jnp.float32),
-        jnp.full((block_q,), -jnp.inf, jnp.float32),
-        jnp.zeros((block_q,), jnp.float32),
-    )
-    carry = lax.fori_loop(0, n_full, functools.partial(step, masked=False), carry)
-    carry = lax.fori_loop(n_full, n_full + n_part, functools.partial(step, masked=True), carry)
-    acc, m, l = carry
+    tile = functools.partial(_fwd_tile, q=q, qpos=qpos, tab_ref=tab_ref, kpos_ref=kpos_ref,
+                             k_ref=k_ref, v_ref=v_ref, rule=rule, block_k=block_k,
+                             qk_scale=qk_scale, prec=prec)
+    if init is not None:
+        # The previous parts' normalised (o, lse) as a running state: acc / l = o and
+        # m + log2(l) = lse in base 2. A row empty so far has lse = -inf: m = -inf, l = 0.
+        o0_ref, lse0_ref = init
+        lse0 = lse0_ref[...]
+        empty0 = lse0 == -jnp.inf
+        carry = (
+            jnp.where(empty0[:, None], 0.0, o0_ref[...].astype(jnp.float32)),
+            lse0 * LOG2E,
+            jnp.where(empty0, 0.0, 1.0),
+        )
+    else:
+        carry = (
+            jnp.zeros((block_q, q.shape[1]), jnp.float32),
+            jnp.full((block_q,), -jnp.inf, jnp.float32),
+            jnp.zeros((block_q,), jnp.float32),
+        )
+    acc, m, l = _run_tiles(tile, n_full, n_part, carry)
     empty = l == 0.0
     l_safe = jnp.where(empty, 1.0, l)
     o_ref[...] = (acc / l_safe[:, None]).astype(o_ref.dtype)
@@ -165,8 +190,25 @@ def _fwd_call(q, k, v, part: PartLayout, cfg: KernelConfig):
 # -------------------------------------------------------------------------- backward
 
 
+def _dq_tile(t, dq, *, masked: bool, q, do, qpos, lse2, delta, tab_ref, kpos_ref, k_ref,
+             v_ref, rule: MaskRule, block_k: int, qk_scale: float, prec):
+    """dq of a query tile plus the contribution of key block ``tab_ref[2 + t]``."""
+    start = pl.multiple_of(tab_ref[2 + t] * block_k, block_k)
+    k = k_ref[pl.ds(start, block_k), :]
+    v = v_ref[pl.ds(start, block_k), :]
+    s = _dot(q, k, prec, trans_b=True) * qk_scale
+    p = jnp.exp2(s - lse2[:, None])
+    if masked:
+        kpos = kpos_ref[pl.ds(start, block_k)]
+        p = jnp.where(_mask(rule, qpos[:, None], kpos[None, :]), p, 0.0)
+    dp = _dot(do, v, prec, trans_b=True)
+    ds = p * (dp - delta[:, None])
+    return dq + _dot(ds.astype(k.dtype), k, prec)
+
+
 def _dq_kernel(tab_ref, qpos_ref, kpos_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref,
-               dq_ref, *, rule: MaskRule, block_k: int, scale: float):
+               dq_ref, *, rule: MaskRule, block_k: int, scale: float, dq0_ref=None):
+    """``dq0_ref`` (v2 only): the previous parts' dq, added to this part's."""
     q = q_ref[...]
     do = do_ref[...]
     prec = _precision(q.dtype)
@@ -174,63 +216,65 @@ def _dq_kernel(tab_ref, qpos_ref, kpos_ref, q_ref, k_ref, v_ref, do_ref, lse_ref
     lse2 = lse_ref[...] * LOG2E
     delta = delta_ref[...]
     qk_scale = scale * LOG2E
-
-    def step(t, dq, masked: bool):
-        start = pl.multiple_of(tab_ref[2 + t] * block_k, block_k)
-        k = k_ref[pl.ds(start, block_k), :]
-        v = v_ref[pl.ds(start, block_k), :]
-        s = _dot(q, k, prec, trans_b=True) * qk_scale
-        p = jnp.exp2(s - lse2[:, None])
-        if masked:
-            kpos = kpos_ref[pl.ds(start, block_k)]
-            p = jnp.where(_mask(rule, qpos[:, None], kpos[None, :]), p, 0.0)
-        dp = _dot(do, v, prec, trans_b=True)
-        ds = p * (dp - delta[:, None])
-        return dq + _dot(ds.astype(k.dtype), k, prec)
-
+    tile = functools.partial(_dq_tile, q=q, do=do, qpos=qpos, lse2=lse2, delta=delta,
+                             tab_ref=tab_ref, kpos_ref=kpos_ref, k_ref=k_ref, v_ref=v_ref,
+                             rule=rule, block_k=block_k, qk_scale=qk_scale, prec=prec)
     n_full = tab_ref[0]
     n_part = tab_ref[1]
-    dq = jnp.zeros(q.shape, jnp.float32)
-    dq = lax.fori_loop(0, n_full, functools.partial(step, masked=False), dq)
-    dq = lax.fori_loop(n_full, n_full + n_part, functools.partial(step, masked=True), dq)
-    dq_ref[...] = (dq * scale).astype(dq_ref.dtype)
+    dq = _run_tiles(tile, n_full, n_part, jnp.zeros(q.shape, jnp.float32))
+    dq = dq * scale
+    if dq0_ref is not None:
+        dq = dq + dq0_ref[...].astype(jnp.float32)
+    dq_ref[...] = dq.astype(dq_ref.dtype)
+
+
+def _dkv_tile(t, carry, *, masked: bool, k, v, kpos, tab_ref, qpos_ref, q_ref, do_ref,
+              lse_ref, delta_ref, rule: MaskRule, block_q: int, qk_scale: float, prec):
+    """(dk, dv) of a key tile plus the contribution of query block ``tab_ref[2 + t]``.
+
+    Works on transposed scores (keys x queries) so that dK and dV are plain products.
+    """
+    dk, dv = carry
+    start = pl.multiple_of(tab_ref[2 + t] * block_q, block_q)
+    sl = pl.ds(start, block_q)
+    q = q_ref[sl, :]
+    do = do_ref[sl, :]
+    lse2 = lse_ref[sl] * LOG2E
+    delta = delta_ref[sl]
+    st = _dot(k, q, prec, trans_b=True) * qk_scale
+    pt = jnp.exp2(st - lse2[None, :])
+    if masked:
+        qpos = qpos_ref[sl]
+        pt = jnp.where(_mask(rule, qpos[None, :], kpos[:, None]), pt, 0.0)
+    dv = dv + _dot(pt.astype(do.dtype), do, prec)
+    dpt = _dot(v, do, prec, trans_b=True)
+    dst = pt * (dpt - delta[None, :])
+    dk = dk + _dot(dst.astype(q.dtype), q, prec)
+    return dk, dv
 
 
 def _dkv_kernel(tab_ref, qpos_ref, kpos_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref,
-                dk_ref, dv_ref, *, rule: MaskRule, block_q: int, scale: float):
+                dk_ref, dv_ref, *, rule: MaskRule, block_q: int, scale: float, dkv0_refs=None):
+    """``dkv0_refs`` (v2 only): refs (dk0, dv0) of the previous parts, added to this part's."""
     k = k_ref[...]
     v = v_ref[...]
     prec = _precision(k.dtype)
     kpos = kpos_ref[...]
     qk_scale = scale * LOG2E
-
-    # Works on transposed scores (keys x queries) so that dK and dV are plain products.
-    def step(t, carry, masked: bool):
-        dk, dv = carry
-        start = pl.multiple_of(tab_ref[2 + t] * block_q, block_q)
-        sl = pl.ds(start, block_q)
-        q = q_ref[sl, :]
-        do = do_ref[sl, :]
-        lse2 = lse_ref[sl] * LOG2E
-        delta = delta_ref[sl]
-        st = _dot(k, q, prec, trans_b=True) * qk_scale
-        pt = jnp.exp2(st - lse2[None, :])
-        if masked:
-            qpos = qpos_ref[sl]
-            pt = jnp.where(_mask(rule, qpos[None, :], kpos[:, None]), pt, 0.0)
-        dv = dv + _dot(pt.astype(do.dtype), do, prec)
-        dpt = _dot(v, do, prec, trans_b=True)
-        dst = pt * (dpt - delta[None, :])
-        dk = dk + _dot(dst.astype(q.dtype), q, prec)
-        return dk, dv
-
+    tile = functools.partial(_dkv_tile, k=k, v=v, kpos=kpos, tab_ref=tab_ref,
+                             qpos_ref=qpos_ref, q_ref=q_ref, do_ref=do_ref, lse_ref=lse_ref,
+                             delta_ref=delta_ref, rule=rule, block_q=block_q,
+                             qk_scale=qk_scale, prec=prec)
     n_full = tab_ref[0]
     n_part = tab_ref[1]
     carry = (jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32))
-    carry = lax.fori_loop(0, n_full, functools.partial(step, masked=False), carry)
-    carry = lax.fori_loop(n_full, n_full + n_part, functools.partial(step, masked=True), carry)
-    dk, dv = carry
-    dk_ref[...] = (dk * scale).astype(dk_ref.dtype)
+    dk, dv = _run_tiles(tile, n_full, n_part, carry)
+    dk = dk * scale
+    if dkv0_refs is not None:
+        dk0_ref, dv0_ref = dkv0_refs
+        dk = dk + dk0_ref[...].astype(jnp.float32)
+        dv = dv + dv0_ref[...].astype(jnp.float32)
+    dk_ref[...] = dk.astype(dk_ref.dtype)
     dv_ref[...] = dv.astype(dv_ref.dtype)
 
 
@@ -517,73 +561,16 @@ class _Rows:
 
 def _fwd_kernel_v2(tab_ref, qpos_ref, kpos_ref, q_ref, k_ref, v_ref, *refs,
                    rule: MaskRule, block_k: int, scale: float, has_init: bool):
-    if has_init:
-        o0_ref, lse0_ref, o_ref, lse_ref = refs
-    else:
-        o_ref, lse_ref = refs
-    q = q_ref[...]
-    block_q = q.shape[0]
-    prec = _precision(q.dtype)
-    qpos = qpos_ref[...]
-    n_full = tab_ref[0]
-    n_part = tab_ref[1]
-    qk_scale = scale * LOG2E
-
-    def step(t, carry, masked: bool):
-        acc, m_prev, l_prev = carry
-        start = pl.multiple_of(tab_ref[2 + t] * block_k, block_k)
-        k = k_ref[pl.ds(start, block_k), :]
-        v = v_ref[pl.ds(start, block_k), :]
-        s = _dot(q, k, prec, trans_b=True) * qk_scale
-        if masked:
-            kpos = kpos_ref[pl.ds(start, block_k)]
-            s = jnp.where(_mask(rule, qpos[:, None], kpos[None, :]), s, -jnp.inf)
-        m_next = jnp.maximum(m_prev, jnp.max(s, axis=1))
-        m_shift = jnp.where(m_next == -jnp.inf, 0.0, m_next)
-        alpha = jnp.exp2(m_prev - m_shift)
-        p = jnp.exp2(s - m_shift[:, None])
-        l_next = alpha * l_prev + jnp.sum(p, axis=1)
-        pv = _dot(p.astype(v.dtype), v, prec)
-        return alpha[:, None] * acc + pv, m_next, l_next
-
-    if has_init:
-        # The previous parts' normalised (o, lse) as a running state: acc / l = o and
-        # m + log2(l) = lse in base 2. A row empty so far has lse = -inf: m = -inf, l = 0.
-        lse0 = lse0_ref[...]
-        empty0 = lse0 == -jnp.inf
-        carry = (
-            jnp.where(empty0[:, None], 0.0, o0_ref[...].astype(jnp.float32)),
-            lse0 * LOG2E,
-            jnp.where(empty0, 0.0, 1.0),
-        )
-    else:
-        carry = (
-            jnp.zeros((block_q, q.shape[1]), jnp.float32),
-            jnp.full((block_q,), -jnp.inf, jnp.float32),
-            jnp.zeros((block_q,), jnp.float32),
-        )
-    carry = lax.fori_loop(0, n_full, functools.partial(step, masked=False), carry)
-    carry = lax.fori_loop(n_full, n_full + n_part, functools.partial(step, masked=True), carry)
-    acc, m, l = carry
-    empty = l == 0.0
-    l_safe = jnp.where(empty, 1.0, l)
-    o_ref[...] = (acc / l_safe[:, None]).astype(o_ref.dtype)
-    lse_ref[...] = jnp.where(empty, -jnp.inf, (m + jnp.log2(l_safe)) * LN2)
+    """The v1 kernel body; with has_init, refs (o0, lse0) come before the outputs."""
+    init, outs = (refs[:2], refs[2:]) if has_init else (None, refs)
+    _fwd_kernel(tab_ref, qpos_ref, kpos_ref, q_ref, k_ref, v_ref, *outs, rule=rule,
+                block_k=block_k, scale=scale, init=init)
 
 
-def _fwd_call_v2(q, k, v, init, part: PartLayout, cfg: KernelConfig, out_dtype):
-    """One part, starting from ``init`` = (o, lse) of the previous parts or None.
-
-    q, k, v, o: [B, T, H, D] in natural order (k, v: [B, Tk, H, D] gathered for a
-    summary part); lse: [B, H, T]. Returns (o [B, T, H, D] out_dtype, lse [B, H, T]).
-    """
-    b, t, h, d = q.shape
-    tk = k.shape[1]
-    bq, bk = part.block_q, part.block_k
-    rows = _Rows(part, t)
-    tab = jnp.asarray(rows.rebase(part.fwd, bq, bk))
-    kernel = functools.partial(_fwd_kernel_v2, rule=part.spec.rule, block_k=bk,
-                               scale=d**-0.5, has_init=init is not None)
+def _query_tile_inputs(rows: _Rows, tab, q, k, v, part: PartLayout):
+    """BlockSpecs and arrays of the inputs that the v2 forward and dq kernels share: the
+    block table, query and key positions, the q tile and the k, v rows it may visit."""
+    bq, d, tk = part.block_q, q.shape[-1], k.shape[1]
     in_specs = [
         pl.BlockSpec((None, tab.shape[1]), lambda i, j, n: (i, 0)),
         pl.BlockSpec((bq,), lambda i, j, n: (i,)),
@@ -594,6 +581,22 @@ def _fwd_call_v2(q, k, v, init, part: PartLayout, cfg: KernelConfig, out_dtype):
     ]
     args = [tab, jnp.asarray(part.q_pos), jnp.asarray(part.k_pos),
             rows.view(q), rows.view(k), rows.view(v)]
+    return in_specs, args
+
+
+def _fwd_call_v2(q, k, v, init, part: PartLayout, cfg: KernelConfig, out_dtype):
+    """One part, starting from ``init`` = (o, lse) of the previous parts or None.
+
+    q, k, v, o: [B, T, H, D] in natural order (k, v: [B, Tk, H, D] gathered for a
+    summary part); lse: [B, H, T]. Returns (o [B, T, H, D] out_dtype, lse [B, H, T]).
+    """
+    b, t, h, d = q.shape
+    bq, bk = part.block_q, part.block_k
+    rows = _Rows(part, t)
+    tab = jnp.asarray(rows.rebase(part.fwd, bq, bk))
+    kernel = functools.partial(_fwd_kernel_v2, rule=part.spec.rule, block_k=bk,
+                               scale=d**-0.5, has_init=init is not None)
+    in_specs, args = _query_tile_inputs(rows, tab, q, k, v, part)
     if init is not None:
         in_specs += [rows.tile(bq, d), rows.ltile(bq)]
         args += [rows.view(init[0]), rows.lview(init[1])]
@@ -617,107 +620,29 @@ def _fwd_call_v2(q, k, v, init, part: PartLayout, cfg: KernelConfig, out_dtype):
 def _dq_kernel_v2(tab_ref, qpos_ref, kpos_ref, q_ref, k_ref, v_ref, do_ref, lse_ref,
                   delta_ref, *refs, rule: MaskRule, block_k: int, scale: float,
                   has_init: bool):
-    if has_init:
-        dq0_ref, dq_ref = refs
-    else:
-        (dq_ref,) = refs
-    q = q_ref[...]
-    do = do_ref[...]
-    prec = _precision(q.dtype)
-    qpos = qpos_ref[...]
-    lse2 = lse_ref[...] * LOG2E
-    delta = delta_ref[...]
-    qk_scale = scale * LOG2E
-
-    def step(t, dq, masked: bool):
-        start = pl.multiple_of(tab_ref[2 + t] * block_k, block_k)
-        k = k_ref[pl.ds(start, block_k), :]
-        v = v_ref[pl.ds(start, block_k), :]
-        s = _dot(q, k, prec, trans_b=True) * qk_scale
-        p = jnp.exp2(s - lse2[:, None])
-        if masked:
-            kpos = kpos_ref[pl.ds(start, block_k)]
-            p = jnp.where(_mask(rule, qpos[:, None], kpos[None, :]), p, 0.0)
-        dp = _dot(do, v, prec, trans_b=True)
-        ds = p * (dp - delta[:, None])
-        return dq + _dot(ds.astype(k.dtype), k, prec)
-
-    n_full = tab_ref[0]
-    n_part = tab_ref[1]
-    dq = jnp.zeros(q.shape, jnp.float32)
-    dq = lax.fori_loop(0, n_full, functools.partial(step, masked=False), dq)
-    dq = lax.fori_loop(n_full, n_full + n_part, functools.partial(step, masked=True), dq)
-    dq = dq * scale
-    if has_init:
-        dq = dq + dq0_ref[...].astype(jnp.float32)
-    dq_ref[...] = dq.astype(dq_ref.dtype)
+    """The v1 kernel body; with has_init, ref dq0 comes before the output."""
+    dq0_ref, dq_ref = refs if has_init else (None, *refs)
+    _dq_kernel(tab_ref, qpos_ref, kpos_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref,
+               dq_ref, rule=rule, block_k=block_k, scale=scale, dq0_ref=dq0_ref)
 
 
 def _dkv_kernel_v2(tab_ref, qpos_ref, kpos_ref, q_ref, k_ref, v_ref, do_ref, lse_ref,
                    delta_ref, *refs, rule: MaskRule, block_q: int, scale: float,
                    has_init: bool):
-    if has_init:
-        dk0_ref, dv0_ref, dk_ref, dv_ref = refs
-    else:
-        dk_ref, dv_ref = refs
-    k = k_ref[...]
-    v = v_ref[...]
-    prec = _precision(k.dtype)
-    kpos = kpos_ref[...]
-    qk_scale = scale * LOG2E
-
-    def step(t, carry, masked: bool):
-        dk, dv = carry
-        start = pl.multiple_of(tab_ref[2 + t] * block_q, block_q)
-        sl = pl.ds(start, block_q)
-        q = q_ref[sl, :]
-        do = do_ref[sl, :]
-        lse2 = lse_ref[sl] * LOG2E
-        delta = delta_ref[sl]
-        st = _dot(k, q, prec, trans_b=True) * qk_scale
-        pt = jnp.exp2(st - lse2[None, :])
-        if masked:
-            qpos = qpos_ref[sl]
-            pt = jnp.where(_mask(rule, qpos[None, :], kpos[:, None]), pt, 0.0)
-        dv = dv + _dot(pt.astype(do.dtype), do, prec)
-        dpt = _dot(v, do, prec, trans_b=True)
-        dst = pt * (dpt - delta[None, :])
-        dk = dk + _dot(dst.astype(q.dtype), q, prec)
-        return dk, dv
-
-    n_full = tab_ref[0]
-    n_part = tab_ref[1]
-    carry = (jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32))
-    carry = lax.fori_loop(0, n_full, functools.partial(step, masked=False), carry)
-    carry = lax.fori_loop(n_full, n_full + n_part, functools.partial(step, masked=True), carry)
-    dk, dv = carry
-    dk = dk * scale
-    if has_init:
-        dk = dk + dk0_ref[...].astype(jnp.float32)
-        dv = dv + dv0_ref[...].astype(jnp.float32)
-    dk_ref[...] = dk.astype(dk_ref.dtype)
-    dv_ref[...] = dv.astype(dv_ref.dtype)
+    """The v1 kernel body; with has_init, refs (dk0, dv0) come before the outputs."""
+    dkv0_refs, outs = (refs[:2], refs[2:]) if has_init else (None, refs)
+    _dkv_kernel(tab_ref, qpos_ref, kpos_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref,
+                *outs, rule=rule, block_q=block_q, scale=scale, dkv0_refs=dkv0_refs)
 
 
 def _dq_call_v2(q, k, v, do, lse, delta, dq0, part: PartLayout, cfg: KernelConfig, out_dtype):
     b, t, h, d = q.shape
-    tk = k.shape[1]
     bq, bk = part.block_q, part.block_k
     rows = _Rows(part, t)
     tab = jnp.asarray(rows.rebase(part.fwd, bq, bk))
-    in_specs = [
-        pl.BlockSpec((None, tab.shape[1]), lambda i, j, n: (i, 0)),
-        pl.BlockSpec((bq,), lambda i, j, n: (i,)),
-        rows.kpos_column(bq, part),
-        rows.tile(bq, d),
-        rows.column(bq, d, tk),
-        rows.column(bq, d, tk),
-        rows.tile(bq, d),
-        rows.ltile(bq),
-        rows.ltile(bq),
-    ]
-    args = [tab, jnp.asarray(part.q_pos), jnp.asarray(part.k_pos), rows.view(q),
-            rows.view(k), rows.view(v), rows.view(do), rows.lview(lse), rows.lview(delta)]
+    in_specs, args = _query_tile_inputs(rows, tab, q, k, v, part)
+    in_specs += [rows.tile(bq, d), rows.ltile(bq), rows.ltile(bq)]
+    args += [rows.view(do), rows.lview(lse), rows.lview(delta)]
     if dq0 is not None:
         in_specs.append(rows.tile(bq, d))
         args.append(rows.view(dq0))
