@@ -177,8 +177,8 @@ def test_cifar_reads_the_official_archive_layout(cifar_dir: Path, tmp_path: Path
 
 
 def test_cifar_tfds_missing_dir_says_how_to_fix(tmp_path: Path):
-    # Building a TFDS data directory needs TensorFlow, which this environment lacks, so
-    # only the refusal is tested here: it names the folder and how to prepare it.
+    # A folder without a prepared data set: the refusal names it and how to prepare it.
+    # Reading a prepared one is tested in tests/test_data_tfds.py.
     with pytest.raises(DataError, match=r"No TFDS 'cifar10'.*download_and_prepare"):
         load_split(cfg(name="cifar10", cifar_source="tfds", tfds_data_dir=str(tmp_path), seq_len=3072), "train")
 

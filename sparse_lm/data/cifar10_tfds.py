@@ -85,5 +85,5 @@ def read_tfds_cifar10(data_dir: str | None) -> dict[str, tuple[np.ndarray, np.nd
         f"Could not read TFDS 'cifar10' from data directory {data_dir} ("
         + "; ".join(errors)
         + f"). A ModuleNotFoundError means this environment lacks a package that TFDS needs "
-        f"(TensorFlow for TFRecord data; importlib_resources for TFDS itself). {_fix_hint(data_dir)}"
+        f"(TensorFlow, for data prepared as TFRecord rather than ArrayRecord). {_fix_hint(data_dir)}"
     )
