@@ -25,7 +25,6 @@ import argparse
 import functools
 import json
 import re
-import math
 import os
 import signal
 import statistics

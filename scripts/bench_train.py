@@ -38,16 +38,12 @@ import jax.numpy as jnp  # noqa: E402
 import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
-from flax import nnx  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from sparse_lm import config as config_lib  # noqa: E402
 from sparse_lm import distributed, sharding  # noqa: E402
 from sparse_lm.attention import allowed_pairs, resolve_impl  # noqa: E402
-from sparse_lm.model import build_model  # noqa: E402
-from sparse_lm.optim import make_optimizer  # noqa: E402
-from sparse_lm.steps import abstract_model, init_state, make_train_step, split_model  # noqa: E402
-from sparse_lm.train import state_shardings  # noqa: E402
+from sparse_lm.train import TrainProgram  # noqa: E402
 
 config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/enwik8.py or configs/enwik8.py:small.")
 flags.DEFINE_string("out", None, "Where to write the JSON results.")
@@ -117,32 +113,12 @@ def model_flops(config: ml_collections.ConfigDict, impl: str) -> dict:
     }
 
 
-class Bench:
-    """One config and impl: abstract state and batch, shardings, and the jitted step."""
+class Bench(TrainProgram):
+    """One config and impl: the training program plus batches and AOT compilation."""
 
     def __init__(self, config: ml_collections.ConfigDict):
         config_lib.validate(config)
-        self.config = config
-        self.mesh = sharding.make_mesh(config.mesh)
-        self.fns, abstract_params = split_model(abstract_model(config))
-        param_sh = sharding.tree_shardings(abstract_params, self.fns.logical_specs(), self.mesh)
-        self.tx = make_optimizer(config)
-        self.abstract_state = jax.eval_shape(self._init)
-        self.state_sh = state_shardings(self.abstract_state, param_sh, self.mesh)
-        self.batch_sh = sharding.batch_sharding(self.mesh, extra_leading=1)
-        self.num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract_params))
-        self.jitted = jax.jit(
-            make_train_step(self.fns, self.tx, config),
-            in_shardings=(self.state_sh, self.batch_sh),
-            out_shardings=(self.state_sh, None),
-            donate_argnums=0,
-        )
-
-    def _init(self):
-        with nnx.use_eager_sharding(False):
-            model = build_model(self.config, nnx.Rngs(self.config.seed))
-        _, params = split_model(model)
-        return init_state(params, self.tx, self.config.seed)
+        super().__init__(config, sharding.make_mesh(config.mesh))
 
     def batch_shape(self, batch_size: int) -> tuple[int, int, int]:
         accum = self.config.optim.grad_accum_steps
@@ -150,11 +126,9 @@ class Bench:
 
     def compile(self, batch_size: int):
         """Lowers and compiles for ``batch_size`` rows from shapes alone (nothing allocated)."""
-        state = jax.tree.map(
-            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), self.abstract_state, self.state_sh
-        )
+        state = self.abstract_state_on_mesh()
         batch = jax.ShapeDtypeStruct(self.batch_shape(batch_size), jnp.int32, sharding=self.batch_sh)
-        return self.jitted.lower(state, batch).compile()
+        return self.train_step.lower(state, batch).compile()
 
     def random_batch(self, batch_size: int) -> jax.Array:
         shape = self.batch_shape(batch_size)
@@ -186,7 +160,7 @@ def memory_report(compiled) -> dict:
 def time_steps(bench: Bench, compiled, batch_size: int) -> list[float]:
     """Seconds of each timed step; every step waits for the whole new state, so a step's
     time includes its optimizer update and nothing of the next step."""
-    state = jax.jit(bench._init, out_shardings=bench.state_sh)()
+    state = bench.init_on_mesh()
     batch = bench.random_batch(batch_size)
     for _ in range(max(1, FLAGS.warmup)):  # at least one: the first call pays one-off costs
         state, metrics = compiled(state, batch)

@@ -15,11 +15,9 @@ is refused before any array is read.
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 from typing import Any
 
-import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
@@ -231,9 +229,7 @@ def restore_for_inference(
         mesh = sharding.make_mesh(config.mesh)
         fns, abstract_params = split_model(abstract_model(config))
         shardings = sharding.tree_shardings(abstract_params, fns.logical_specs(), mesh)
-        target = jax.tree.map(
-            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_params, shardings
-        )
+        target = sharding.abstract_with_shardings(abstract_params, shardings)
         params = ckpt.restore_params(step, target, config)
     finally:
         ckpt.close()

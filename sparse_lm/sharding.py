@@ -103,6 +103,14 @@ def tree_shardings(tree: Any, logical_specs: Any, mesh: Mesh) -> Any:
     return jax.tree.map(one, tree, logical_specs, is_leaf=lambda x: x is None)
 
 
+def abstract_with_shardings(tree: Any, shardings: Any) -> Any:
+    """ShapeDtypeStructs of ``tree``'s leaves carrying ``shardings``: a target to restore
+    or compile for, without allocating anything."""
+    return jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, shardings
+    )
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 

@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from flax import nnx
@@ -74,6 +73,41 @@ def state_shardings(abstract_state: TrainState, param_shardings: Any, mesh) -> T
         return replicated
 
     return jax.tree_util.tree_map_with_path(for_leaf, abstract_state)
+
+
+class TrainProgram:
+    """The jitted train step of a config on a mesh, and the state it carries, as shapes and
+    shardings: what training, resuming and ``scripts/bench_train.py`` all start from."""
+
+    def __init__(self, config: ml_collections.ConfigDict, mesh):
+        self.config, self.mesh = config, mesh
+        self.fns, abstract_params = split_model(abstract_model(config))
+        self.num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract_params))
+        param_sh = sharding.tree_shardings(abstract_params, self.fns.logical_specs(), mesh)
+        self.tx = make_optimizer(config)
+        self.abstract_state = jax.eval_shape(self.init)
+        self.state_sh = state_shardings(self.abstract_state, param_sh, mesh)
+        self.batch_sh = sharding.batch_sharding(mesh, extra_leading=1)
+        self.train_step = jax.jit(
+            make_train_step(self.fns, self.tx, config),
+            in_shardings=(self.state_sh, self.batch_sh),
+            out_shardings=(self.state_sh, None),
+            donate_argnums=0,
+        )
+
+    def init(self) -> TrainState:
+        """A fresh state: the model initialised from the config's seed."""
+        with nnx.use_eager_sharding(False):
+            model = build_model(self.config, nnx.Rngs(self.config.seed))
+        _, params = split_model(model)
+        return init_state(params, self.tx, self.config.seed)
+
+    def init_on_mesh(self) -> TrainState:
+        """``init`` computed directly into its shardings (no full copy on one device)."""
+        return jax.jit(self.init, out_shardings=self.state_sh)()
+
+    def abstract_state_on_mesh(self) -> TrainState:
+        return sharding.abstract_with_shardings(self.abstract_state, self.state_sh)
 
 
 class _StopRequest:
@@ -145,18 +179,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
         image_shape=tuple(config.model.pos_shape) if d.name == "cifar10" else None,
     )
 
-    fns, abstract_params = split_model(abstract_model(config))
-    param_sh = sharding.tree_shardings(abstract_params, fns.logical_specs(), mesh)
-    tx = make_optimizer(config)
-
-    def init():
-        with nnx.use_eager_sharding(False):
-            model = build_model(config, nnx.Rngs(config.seed))
-        _, params = split_model(model)
-        return init_state(params, tx, config.seed)
-
-    abstract_state = jax.eval_shape(init)
-    state_sh = state_shardings(abstract_state, param_sh, mesh)
+    program = TrainProgram(config, mesh)
 
     # What is opened from here on (the checkpoint manager's threads, TensorBoard's writer,
     # the prefetch thread) is closed on every way out, errors before the loop included.
@@ -167,14 +190,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
         cleanup.callback(ckpt.close)
         latest = ckpt.latest_step()
         if latest is not None:
-            target = jax.tree.map(
-                lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, state_sh
-            )
-            state, data_state = ckpt.restore(latest, target, config)
+            state, data_state = ckpt.restore(latest, program.abstract_state_on_mesh(), config)
             iterator.set_state(data_state)
             log(f"Resumed from {ckpt.directory / str(latest)} at step {latest}.")
         else:
-            state = jax.jit(init, out_shardings=state_sh)()
+            state = program.init_on_mesh()
             if jax.process_index() == 0:  # one writer for a workdir that hosts may share
                 (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
         if jax.process_index() == 0:
@@ -184,22 +204,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
             if dropped:
                 log(f"Dropped {dropped} metrics record(s) past step {latest or 0} from an interrupted run.")
 
-        num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract_params))
         log(
-            f"Model: {num_params / 1e6:.2f}M parameters, {config.model.num_layers} layers, "
+            f"Model: {program.num_params / 1e6:.2f}M parameters, {config.model.num_layers} layers, "
             f"pattern {config.attention.pattern}; mesh {dict(mesh.shape)} on "
             f"{jax.device_count()} {jax.devices()[0].platform} device(s)."
         )
 
-        batch_sh = sharding.batch_sharding(mesh, extra_leading=1)
-        train_step = jax.jit(
-            make_train_step(fns, tx, config),
-            in_shardings=(state_sh, batch_sh),
-            out_shardings=(state_sh, None),
-            donate_argnums=0,
-        )
+        train_step = program.train_step
 
-        evaluator = Evaluator(fns, config, mesh)
+        evaluator = Evaluator(program.fns, config, mesh)
         writer = MetricsWriter(workdir, total_steps=config.train.num_steps)
         cleanup.callback(writer.close)
         step = int(jax.device_get(state.step))

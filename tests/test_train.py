@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import pytest
 
-from tests.helpers import REPO_ROOT, run_python, smoke_config
+from tests.helpers import run_python, smoke_config
 from sparse_lm.evaluate import evaluate_checkpoint
 from sparse_lm.metrics import read_metrics
 from sparse_lm.train import train_and_evaluate
