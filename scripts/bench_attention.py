@@ -12,11 +12,12 @@ output against FlexAttention's on identical inputs. Effective TFLOP/s counts 4*D
 per allowed (query, key) pair forward and 3.5 times that forward+backward. Prints a table
 last and writes everything to OUT.json.
 
-``--variants`` also checks and times the opt-in v2 path (``fuse_parts=True``: strided
-parts through BlockSpecs on the free [B, T/l, l, H, D] view, parts chained in one
-online-softmax state, no log-sum-exp merge) beside the default path, in the same run as
-the cuDNN baseline; its rows are ``ours_<bq>x<bk>_fused`` and record whether the v2
-kernels were really used (``fused_taken``: False means the group fell back to v1).
+The kernel's default path is v2 (``fuse_parts=True``: strided parts through BlockSpecs
+on the free [B, T/l, l, H, D] view, parts chained in one online-softmax state, no
+log-sum-exp merge); its rows record whether the v2 kernels were really used
+(``fused_taken``: False means the group fell back to v1). ``--variants`` also checks and
+times the v1 path (``fuse_parts=False``: permuted copies, XLA merge) in the same run, as
+rows ``ours_<bq>x<bk>_v1``. ``--shapes 1x65536x8x64,...`` picks shapes (B x T x H x D).
 """
 
 from __future__ import annotations
@@ -47,12 +48,36 @@ warnings.filterwarnings("ignore", category=DeprecationWarning)
 RESULTS: dict = {"check": [], "timings": [], "errors": [], "layout": []}
 
 # (impl-name suffix, extra pallas_gpu.attention options) of the kernel paths to time.
-DEFAULT_VARIANT = ("", {})
-FUSED_VARIANT = ("_fused", {"fuse_parts": True})
+DEFAULT_VARIANT = ("", {})  # v2, fuse_parts=True
+V1_VARIANT = ("_v1", {"fuse_parts": False})
+SHAPES = [(2, 16384, 8, 64), (1, 65536, 8, 64), (2, 16384, 8, 128)]
 
 
-def variants(with_fused: bool) -> list[tuple[str, dict]]:
-    return [DEFAULT_VARIANT, FUSED_VARIANT] if with_fused else [DEFAULT_VARIANT]
+def variants(with_v1: bool) -> list[tuple[str, dict]]:
+    return [DEFAULT_VARIANT, V1_VARIANT] if with_v1 else [DEFAULT_VARIANT]
+
+
+def parse_blocks(text: str) -> list[tuple[int, int]]:
+    """'64x64,32x32' -> [(64, 64), (32, 32)] (block_q x block_k)."""
+    out = []
+    for item in filter(None, text.split(",")):
+        dims = item.lower().split("x")
+        if len(dims) != 2 or not all(x.isdigit() for x in dims):
+            raise argparse.ArgumentTypeError(f"tile {item!r} is not QxK, e.g. 64x64")
+        out.append((int(dims[0]), int(dims[1])))
+    return out
+
+
+def parse_shapes(text: str) -> list[tuple[int, int, int, int]]:
+    """'2x16384x8x64,1x65536x8x64' -> [(2, 16384, 8, 64), (1, 65536, 8, 64)]."""
+    shapes = []
+    for item in filter(None, text.split(",")):
+        dims = item.lower().split("x")
+        if len(dims) != 4 or not all(x.isdigit() for x in dims):
+            raise argparse.ArgumentTypeError(
+                f"shape {item!r} is not BxTxHxD (four integers joined by 'x', e.g. 1x65536x8x64)")
+        shapes.append(tuple(int(x) for x in dims))
+    return shapes
 
 
 @functools.lru_cache(maxsize=None)
@@ -145,7 +170,7 @@ def value_and_grads(fn):
     return jax.jit(f)
 
 
-def gpu_check(quick: bool, with_fused: bool = False) -> None:
+def gpu_check(quick: bool, with_v1: bool = False) -> None:
     bf, f32 = jnp.bfloat16, jnp.float32
     cases = [
         (PatternSpec("strided", 64, combine="merged"), 64, bf),
@@ -160,10 +185,11 @@ def gpu_check(quick: bool, with_fused: bool = False) -> None:
     ]
     key = jax.random.PRNGKey(int(time.time()))
     runs = [(c, DEFAULT_VARIANT) for c in (cases[:3] if quick else cases)]
-    if with_fused:  # T=4096 so that l=64 columns (64 rows) hold whole 64-row blocks
-        runs += [(c, FUSED_VARIANT) for c in (cases[:3] if quick else cases)]
+    if with_v1:
+        runs += [(c, V1_VARIANT) for c in (cases[:3] if quick else cases)]
     for (spec, d, dt), (suffix, opts) in runs:
-        b, t, h = 1, 4096 if suffix else 1024, 4
+        # v2 at T=4096 so that l=64 columns (64 rows) hold whole 64-row blocks.
+        b, t, h = 1, 1024 if suffix else 4096, 4
         key, *ks = jax.random.split(key, 5)
         q, k, v, g = (jax.random.normal(kk, (b, t, h, d), jnp.float32).astype(dt) for kk in ks)
         for layer in (0, 1) if spec.combine == "interleaved" else (0,):
@@ -280,7 +306,8 @@ def guarded(what, fn):
         return None
 
 
-def bench_shape(shape, quick: bool, sweep: bool, with_fused: bool = False) -> None:
+def bench_shape(shape, quick: bool, sweep: bool, with_v1: bool = False,
+                blocks: list[tuple[int, int]] | None = None) -> None:
     b, t, h, d = shape
     key = jax.random.PRNGKey(t + d)
     q, k, v, do = (jax.random.normal(kk, shape, jnp.float32).astype(jnp.bfloat16)
@@ -313,13 +340,17 @@ def bench_shape(shape, quick: bool, sweep: bool, with_fused: bool = False) -> No
         RESULTS["layout"].append(dict(shape=list(shape), pattern=name,
                                       visited_full_partial=lay.visited_blocks(),
                                       pair_fraction_of_dense=pairs / dense_pairs))
-        configs = [(64, 64)]
+        configs = list(blocks or [(64, 64)])
         if sweep and name in ("strided", "fixed"):
             configs += [(128, 64), (128, 128), (32, 32)]
+        # The kernel's own choice of tiles for this pattern, when it differs.
+        auto = pallas_gpu.default_blocks(t, d, spec.layer_pattern(0, h))
+        if auto not in configs:
+            configs.append(auto)
         for bq, bk in configs:
-            for suffix, opts in variants(with_fused):
+            for suffix, opts in variants(with_v1):
                 extra = None
-                if suffix:
+                if not suffix:
                     extra = dict(fused_taken=guarded(
                         f"trace fused {name} {shape}",
                         lambda: fused_taken(spec, tuple(shape), bq, bk)))
@@ -329,6 +360,8 @@ def bench_shape(shape, quick: bool, sweep: bool, with_fused: bool = False) -> No
                     record(shape, f"ours_{bq}x{bk}{suffix}", name, *r, pairs, extra)
         ours_out[name] = guarded(f"ours out {name}", lambda: jax.jit(ours_fn(spec, h))(q, k, v))
 
+    if quick:  # --quick: cuDNN and ours only
+        return
     # FlexAttention on identical inputs (converted through DLPack).
     try:
         torch, create_block_mask, flex = flex_setup()
@@ -429,11 +462,17 @@ def table() -> str:
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser()
     ap.add_argument("out", help="path of the JSON results file")
-    ap.add_argument("--quick", action="store_true", help="first shape only, fewer peers")
+    ap.add_argument("--quick", action="store_true",
+                    help="first shape only (unless --shapes), 3 check cases, cuDNN and ours only")
     ap.add_argument("--skip-check", action="store_true")
     ap.add_argument("--no-sweep", action="store_true")
     ap.add_argument("--variants", action="store_true",
-                    help="also check and time the fuse_parts=True (v2) path beside the default")
+                    help="also check and time the v1 path (fuse_parts=False) beside the default v2")
+    ap.add_argument("--shapes", type=parse_shapes, default=None,
+                    help="comma-separated BxTxHxD shapes to time (default: the issue's three; "
+                         "--quick: the first)")
+    ap.add_argument("--blocks", type=parse_blocks, default=None,
+                    help="tile sizes to time ours at, e.g. 64x64,32x32 (default 64x64)")
     return ap.parse_args(argv)
 
 
@@ -450,12 +489,12 @@ def main() -> None:
     if not args.skip_check:
         gpu_check(args.quick, args.variants)
     log(f"check done in {time.time() - t0:.0f}s")
-    shapes = [(2, 16384, 8, 64), (1, 65536, 8, 64), (2, 16384, 8, 128)]
+    shapes = args.shapes or (SHAPES[:1] if args.quick else SHAPES)
     try:
-        for i, shape in enumerate(shapes[:1] if args.quick else shapes):
+        for i, shape in enumerate(shapes):
             sweep = i == 0 and not args.no_sweep
             guarded(f"bench {shape}",
-                    lambda: bench_shape(shape, args.quick, sweep, args.variants))
+                    lambda: bench_shape(shape, args.quick, sweep, args.variants, args.blocks))
             log(f"shape {shape} done at {time.time() - t0:.0f}s")
             with open(args.out, "w") as f:
                 json.dump(RESULTS, f, indent=1, default=str)

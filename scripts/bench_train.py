@@ -116,9 +116,10 @@ def model_flops(config: ml_collections.ConfigDict, impl: str) -> dict:
 class Bench(TrainProgram):
     """One config and impl: the training program plus batches and AOT compilation."""
 
-    def __init__(self, config: ml_collections.ConfigDict):
+    def __init__(self, config: ml_collections.ConfigDict, devices: list | None = None):
+        """On ``devices`` (default: all) arranged by ``config.mesh``."""
         config_lib.validate(config)
-        super().__init__(config, sharding.make_mesh(config.mesh))
+        super().__init__(config, sharding.make_mesh(config.mesh, devices))
 
     def batch_shape(self, batch_size: int) -> tuple[int, int, int]:
         accum = self.config.optim.grad_accum_steps
@@ -128,7 +129,10 @@ class Bench(TrainProgram):
         """Lowers and compiles for ``batch_size`` rows from shapes alone (nothing allocated)."""
         state = self.abstract_state_on_mesh()
         batch = jax.ShapeDtypeStruct(self.batch_shape(batch_size), jnp.int32, sharding=self.batch_sh)
-        return self.train_step.lower(state, batch).compile()
+        # Traced under the mesh, as the training loop traces its step: Pallas kernels, which
+        # XLA cannot partition, then run per shard (attention.adapt) instead of gathered.
+        with jax.set_mesh(self.mesh):
+            return self.train_step.lower(state, batch).compile()
 
     def random_batch(self, batch_size: int) -> jax.Array:
         shape = self.batch_shape(batch_size)
@@ -208,7 +212,7 @@ def find_max_batch(bench: Bench) -> dict:
     def ok(k: int) -> bool:
         good, peak = fits(bench, k * unit, limit)
         tried[k * unit] = peak
-        log(f"  batch {k * unit}: peak {_gib(peak)} -> {'fits' if good else 'too big'}")
+        log(f"  batch {k * unit}: peak {gib(peak)} -> {'fits' if good else 'too big'}")
         return good
 
     if not ok(1):
@@ -223,7 +227,7 @@ def find_max_batch(bench: Bench) -> dict:
     return {"max_batch": lo * unit, "limit_bytes": limit, "peak_bytes": tried[lo * unit], "tried": tried}
 
 
-def _gib(n: int | None) -> str:
+def gib(n: int | None) -> str:
     return "?" if n is None else f"{n / 2**30:.2f} GiB"
 
 
@@ -238,7 +242,7 @@ def run_impl(base: ml_collections.ConfigDict, impl: str) -> dict:
     compile_s = time.perf_counter() - t0
     mem = memory_report(compiled)
     log(f"[{resolved}] compiled in {compile_s:.1f} s; memory analysis (per device): "
-        + ", ".join(f"{k.replace('_in_bytes', '').replace('_bytes', '')}={_gib(v)}" for k, v in mem.items()))
+        + ", ".join(f"{k.replace('_in_bytes', '').replace('_bytes', '')}={gib(v)}" for k, v in mem.items()))
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
     times = time_steps(bench, compiled, b)
@@ -287,7 +291,7 @@ def table(results: list[dict]) -> str:
         speed = f"{r['steps_per_s'] / dense['steps_per_s']:.2f}x" if dense else "-"
         rows.append(
             f"{r['resolved_impl']:<14}{r['batch_size']:>6}{r['step_s'] * 1e3:>10.1f}{r['tokens_per_s']:>12,.0f}"
-            f"{r['model_tflops_per_s']:>9.3g}{mfu:>7}{_gib(r['memory'].get('estimated_peak_bytes')):>11}{speed:>9}"
+            f"{r['model_tflops_per_s']:>9.3g}{mfu:>7}{gib(r['memory'].get('estimated_peak_bytes')):>11}{speed:>9}"
         )
         if "max_batch" in r:
             rows.append(f"{'':<14}largest batch that fits: {r['max_batch'].get('max_batch', r['max_batch'])}")
@@ -295,8 +299,9 @@ def table(results: list[dict]) -> str:
     return "\n".join(rows)
 
 
-def main(argv) -> None:
-    del argv
+def config_from_flags() -> ml_collections.ConfigDict:
+    """--config, or with --smoke and none given the enwik8 smoke config; --smoke also
+    trims --steps and --warmup."""
     config = FLAGS.config
     if config is None:
         if not FLAGS.smoke:
@@ -306,6 +311,13 @@ def main(argv) -> None:
         config = get_config("smoke")
     if FLAGS.smoke:
         FLAGS.steps, FLAGS.warmup = min(FLAGS.steps, 3), min(FLAGS.warmup, 2)
+    return config
+
+
+def main(argv) -> None:
+    del argv
+    config = config_from_flags()
+    if FLAGS.smoke:
         if jax.default_backend() == "gpu" and "cudnn_dense" in FLAGS.impls:
             # The smoke model computes in float32, which cuDNN attention does not take.
             config.model.dtype = "bfloat16"

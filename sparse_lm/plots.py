@@ -9,14 +9,19 @@ from sparse_lm.metrics import read_metrics
 
 
 def run_curve(workdir: str | Path, split: str = "valid") -> tuple[list[int], list[float], list[float]]:
-    """(steps, seconds since the run's first record, bits per byte) of a run's evaluations."""
+    """(steps, seconds of training, bits per byte) of a run's evaluations.
+
+    Seconds count from the run's first ``compiled`` record (written once the first step,
+    which carries the compilation, has finished), or from its first record in runs
+    written before that record existed.
+    """
     records = read_metrics(workdir)
     if not records:
         raise ValueError(f"{workdir} has no metrics.jsonl; is it a training run's folder?")
     evals = [r for r in records if r["kind"] == f"eval_{split}"]
     if not evals:
         raise ValueError(f"{workdir} has no eval_{split} records; train with train.eval_every > 0.")
-    t0 = records[0]["time"]
+    t0 = next((r for r in records if r["kind"] == "compiled"), records[0])["time"]
     return (
         [r["step"] for r in evals],
         [r["time"] - t0 for r in evals],

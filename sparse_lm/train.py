@@ -222,6 +222,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
         last_eval: dict = {}
         status = "done"
         window_start, window_steps = time.time(), 0
+        compiled = False
 
         def run_eval() -> dict:
             result = evaluator(state.params, valid_source, max_batches=config.train.eval_max_batches)
@@ -266,19 +267,29 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
                 state, metrics = train_step(state, batch)
                 step += 1
                 window_steps += 1
+                if not compiled:
+                    # This process's first step carries the compilation: time it apart, so
+                    # step times, tokens/s and wall-clock plots (which start at this
+                    # record) show training alone.
+                    jax.block_until_ready(metrics)
+                    compiled = True
+                    writer.write(step, "compiled", {"seconds": time.time() - window_start})
+                    window_start, window_steps = time.time(), 0
                 is_last = step == num_steps
                 if step % config.train.log_every == 0 or is_last:
                     metrics = jax.device_get(metrics)
-                    elapsed = time.time() - window_start
-                    metrics["step_time"] = elapsed / window_steps
-                    metrics["tokens_per_second"] = tokens_per_step * window_steps / elapsed
+                    if window_steps:  # none when the only step so far was the compiling one
+                        elapsed = time.time() - window_start
+                        metrics["step_time"] = elapsed / window_steps
+                        metrics["tokens_per_second"] = tokens_per_step * window_steps / elapsed
                     window_start, window_steps = time.time(), 0
                     check_halted(metrics)
                     last_train = metrics
                     writer.write(step, "train", metrics)
                     writer.progress(
                         step,
-                        {k: metrics[k] for k in ("loss", "bits_per_byte", "learning_rate", "grad_norm", "tokens_per_second")},
+                        {k: metrics[k] for k in ("loss", "bits_per_byte", "learning_rate", "grad_norm", "tokens_per_second")
+                         if k in metrics},
                     )
                 if config.train.eval_every and step % config.train.eval_every == 0 or is_last:
                     last_eval = run_eval()

@@ -61,8 +61,10 @@ def assert_matches_reference(spec, layer, shape, dtype, **opts):
 
 @pytest.mark.parametrize("spec,layer", PATTERNS, ids=PATTERN_IDS)
 def test_every_pattern_matches_reference_in_float32(spec, layer):
-    # float32 at 1e-5 is the sharp test of the layout and the kernels' logic.
-    assert_matches_reference(spec, layer, (1, 64, 4, 64), jnp.float32, block_q=16, block_k=32)
+    # float32 at 1e-5 is the sharp test of the layout and the kernels' logic. The v1 path
+    # (fuse_parts=False) here; the default v2 path has its own section below.
+    assert_matches_reference(spec, layer, (1, 64, 4, 64), jnp.float32, block_q=16, block_k=32,
+                             fuse_parts=False)
 
 
 BF16_PATTERNS = [PATTERNS[i] for i in (0, 2, 8, 10)]
@@ -71,7 +73,8 @@ BF16_PATTERNS = [PATTERNS[i] for i in (0, 2, 8, 10)]
 @pytest.mark.parametrize("spec,layer", BF16_PATTERNS,
                          ids=[PATTERN_IDS[i] for i in (0, 2, 8, 10)])
 def test_bf16_operands_match_reference(spec, layer):
-    assert_matches_reference(spec, layer, (1, 64, 4, 64), jnp.bfloat16, block_q=16, block_k=32)
+    assert_matches_reference(spec, layer, (1, 64, 4, 64), jnp.bfloat16, block_q=16, block_k=32,
+                             fuse_parts=False)
 
 
 @pytest.mark.parametrize(
@@ -150,7 +153,7 @@ def test_length_not_multiple_of_stride_raises():
         pallas_gpu.attention(q, q, q, pattern, block_q=16, block_k=16)
 
 
-# ------------------------------------------------------ v2 path (fuse_parts=True)
+# ------------------------------------------- v2 path (fuse_parts=True, the default)
 
 # Strided parts need block_q and block_k to divide T/l (a tile is rows of one column):
 # T=256 with l=16 gives 16-row columns. Fixed parts have no such constraint.
@@ -197,17 +200,26 @@ def test_fused_parts_other_dtypes_head_dims_and_lengths(spec, shape, blocks, dty
 
 
 @pytest.mark.parametrize("name,shape", [("strided", (1, 256, 2, 64)), ("fixed", (1, 64, 2, 64))])
-def test_fused_parts_equal_default_path(name, shape):
+def test_fused_parts_equal_v1_path(name, shape):
     spec = PatternSpec(name, 16, 4)
     pattern = spec.layer_pattern(0, shape[2])
     q, k, v, g = fresh_inputs(shape, jnp.float32)
     opts = dict(block_q=16, block_k=16)
     fused = output_and_grads(
         lambda *a: pallas_gpu.attention(*a, pattern, fuse_parts=True, **opts), q, k, v, g)
-    default = output_and_grads(lambda *a: pallas_gpu.attention(*a, pattern, **opts), q, k, v, g)
-    for what, x, ref in zip(("out", "dq", "dk", "dv"), fused, default):
+    v1 = output_and_grads(
+        lambda *a: pallas_gpu.attention(*a, pattern, fuse_parts=False, **opts), q, k, v, g)
+    assert kernel_names(pattern, shape, fuse_parts=False, **opts) == {
+        "sparse_attn_fwd", "sparse_attn_bwd_dq", "sparse_attn_bwd_dkv"}
+    for what, x, ref in zip(("out", "dq", "dk", "dv"), fused, v1):
         assert bool(jnp.isfinite(x).all()), what
         assert rel_err(x, ref) < 1e-5, what
+
+
+def test_default_path_is_v2():
+    pattern = PatternSpec("strided", 16).layer_pattern(0, 2)
+    assert kernel_names(pattern, (1, 256, 2, 64), block_q=16, block_k=16) == {
+        "sparse_attn_fwd_v2", "sparse_attn_bwd_dq_v2", "sparse_attn_bwd_dkv_v2"}
 
 
 def test_fused_parts_use_views_and_no_merge():
@@ -261,8 +273,15 @@ def test_bench_script_variants_parse_and_take_the_fused_path_at_bench_shapes():
     mod_spec.loader.exec_module(bench)
     args = bench.parse_args(["out.json", "--variants", "--no-sweep"])
     assert args.variants and args.no_sweep and not bench.parse_args(["o.json"]).variants
-    assert [s for s, _ in bench.variants(True)] == ["", "_fused"]
+    assert [s for s, _ in bench.variants(True)] == ["", "_v1"]
     assert bench.variants(False) == [bench.DEFAULT_VARIANT]
+    assert bench.V1_VARIANT[1] == {"fuse_parts": False}
+    assert args.shapes is None and args.blocks is None  # main(): the issue's three shapes
+    assert bench.parse_args(["o.json", "--blocks", "64x64,32x32"]).blocks == [(64, 64), (32, 32)]
+    assert bench.parse_args(["o.json", "--shapes", "1x65536x8x64,2x4096x4x128"]).shapes == [
+        (1, 65536, 8, 64), (2, 4096, 4, 128)]
+    with pytest.raises(SystemExit):  # argparse: "shape '1x2x3' is not BxTxHxD ..."
+        bench.parse_args(["o.json", "--shapes", "1x2x3"])
     bench.check_pair_counts()
     # The benchmark's strided shapes and tiles really run the v2 kernels.
     assert bench.fused_taken(PatternSpec("strided", 128), (2, 16384, 8, 64), 64, 64)
@@ -272,3 +291,19 @@ def test_bench_script_variants_parse_and_take_the_fused_path_at_bench_shapes():
     # The GPU check's fused cases (T=4096, l=64, default 64-row tiles) as well.
     assert bench.fused_taken(PatternSpec("strided", 64), (1, 4096, 4, 64))
     assert not bench.fused_taken(PatternSpec("strided", 64), (1, 1024, 4, 64))
+    # The model's strided lengths whose columns 64-row tiles cannot divide (T/l = 96, 32)
+    # get 32-row tiles by default, and so the v2 path.
+    assert bench.fused_taken(PatternSpec("strided", 128), (2, 12288, 4, 64))
+    assert bench.fused_taken(PatternSpec("strided", 96), (2, 3072, 2, 64))
+
+
+def test_default_tiles_follow_the_strided_columns():
+    def blocks(t, spec):
+        return pallas_gpu.default_blocks(t, 64, spec.layer_pattern(0, 2))
+
+    assert blocks(16384, PatternSpec("strided", 128)) == (64, 64)  # 128 rows per column
+    assert blocks(12288, PatternSpec("strided", 128)) == (32, 32)  # 96
+    assert blocks(3072, PatternSpec("strided", 96)) == (32, 32)  # 32
+    assert blocks(1024, PatternSpec("strided", 64)) == (64, 64)  # 16: v1 at its best tiles
+    assert blocks(12288, PatternSpec("fixed", 128, 32)) == (64, 64)  # no column constraint
+    assert blocks(32, PatternSpec("dense")) == (32, 32)

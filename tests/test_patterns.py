@@ -30,7 +30,9 @@ from sparse_lm.attention import (  # noqa: E402
     allowed_keys,
     allowed_pairs,
     attention,
+    auto_impl_for,
     head_mask,
+    is_dense,
     layer_masks,
     masked_attention,
     reference_attention,
@@ -698,6 +700,20 @@ def test_auto_impl_resolves_to_the_reference_on_cpu():
     if jax.default_backend() == "cpu":
         assert resolve_impl("auto") == "reference"
     assert resolve_impl("reference") == "reference"
+
+
+def test_auto_impl_gives_dense_half_precision_layers_to_cudnn_on_gpu():
+    dense = PatternSpec("dense").layer_pattern(0, 4)
+    strided = PatternSpec("strided", 16).layer_pattern(0, 4)
+    assert is_dense(dense) and not is_dense(strided)
+    assert not is_dense(PatternSpec("local", 16).layer_pattern(0, 4))
+    assert auto_impl_for(dense, jnp.bfloat16, platform="gpu") == "cudnn_dense"
+    assert auto_impl_for(dense, jnp.float16, platform="gpu") == "cudnn_dense"
+    # cuDNN takes no float32; sparse layers go to the block-sparse kernel.
+    assert auto_impl_for(dense, jnp.float32, platform="gpu") == "pallas_gpu"
+    assert auto_impl_for(strided, jnp.bfloat16, platform="gpu") == "pallas_gpu"
+    assert auto_impl_for(dense, jnp.bfloat16, platform="cpu") == "reference"
+    assert auto_impl_for(dense, jnp.bfloat16, platform="tpu") == "pallas_tpu"
 
 
 def test_auto_impl_on_cpu_gives_the_reference_result():

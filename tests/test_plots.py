@@ -59,3 +59,16 @@ def test_a_last_line_cut_short_by_a_kill_is_ignored(tmp_path):
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines()[1].split() == ["killed", "20", "2.0", "2.5000", "2.5000"]
+
+
+def test_wall_clock_counts_from_the_end_of_compilation(tmp_path):
+    """Time starts at the ``compiled`` record: compilation is not training time."""
+    from sparse_lm.plots import run_curve
+
+    run = tmp_path / "run"
+    run.mkdir()
+    records = [{"step": 1, "kind": "compiled", "time": 1030.0, "seconds": 30.0},
+               {"step": 10, "kind": "train", "time": 1040.0, "loss": 5.0},
+               {"step": 10, "kind": "eval_valid", "time": 1045.0, "bits_per_byte": 3.0, "num_bytes": 10}]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert run_curve(run) == ([10], [15.0], [3.0])

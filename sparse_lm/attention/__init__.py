@@ -2,7 +2,8 @@
 
 ``attention(q, k, v, pattern, impl=...)`` is that entry point. Kernels register
 themselves in ``IMPLEMENTATIONS``; ``impl="auto"`` picks the fastest one for the
-platform of the default backend, and the reference elsewhere.
+platform of the default backend (cuDNN for dense layers in half precision on GPU, the
+block-sparse kernel otherwise), and the reference elsewhere.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 from typing import Callable
 
 import jax
+import jax.numpy as jnp
 
 from sparse_lm.attention import adapt
 from sparse_lm.attention.patterns import (
@@ -34,6 +36,10 @@ AttentionFn = Callable[[jax.Array, jax.Array, jax.Array, LayerPattern], jax.Arra
 IMPLEMENTATIONS: dict[str, AttentionFn] = {"reference": reference_attention}
 # Which impl "auto" picks on each platform; platforms not listed use the reference.
 AUTO_IMPL = {"gpu": "pallas_gpu", "tpu": "pallas_tpu"}
+# A layer whose every head is dense causal has nothing for a block-sparse kernel to skip;
+# on GPU "auto" gives it cuDNN's fused kernel (half precision only), the fastest there.
+AUTO_DENSE_IMPL = {"gpu": "cudnn_dense"}
+_DENSE_HEAD: HeadPattern = (Component("causal"),)
 
 
 def _load(impl: str) -> AttentionFn:
@@ -73,6 +79,20 @@ def resolve_impl(impl: str, platform: str | None = None) -> str:
     return candidate
 
 
+def is_dense(pattern: LayerPattern) -> bool:
+    """Whether every head of the layer attends to all earlier positions."""
+    return all(tuple(head) == _DENSE_HEAD for head in pattern)
+
+
+def auto_impl_for(pattern: LayerPattern, dtype, platform: str | None = None) -> str:
+    """What ``impl="auto"`` runs for this layer pattern and dtype on ``platform``."""
+    platform = platform or jax.default_backend()
+    dense = AUTO_DENSE_IMPL.get(platform)
+    if dense and is_dense(pattern) and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16):
+        return dense
+    return resolve_impl("auto", platform)
+
+
 def attention(
     q: jax.Array,
     k: jax.Array,
@@ -87,7 +107,7 @@ def attention(
     ``options`` go to the implementation (block sizes, interpret mode). q and k may
     have a smaller head dim than v (half-size query/key projections).
     """
-    name = resolve_impl(impl)
+    name = auto_impl_for(pattern, q.dtype) if impl == "auto" else resolve_impl(impl)
     fn = _load(name)
     if name == "reference":
         return fn(q, k, v, pattern, **options)
@@ -112,6 +132,8 @@ __all__ = [
     "allowed_keys",
     "allowed_pairs",
     "attention",
+    "auto_impl_for",
+    "is_dense",
     "head_mask",
     "layer_masks",
     "masked_attention",

@@ -430,9 +430,11 @@ def _group_attention(q, k, v, group: GroupLayout, cfg: KernelConfig, out_dtype):
     return _merge(outs).astype(out_dtype)
 
 
-# ------------------------------------------------------------- v2: fused parts (opt-in)
+# ------------------------------------------------------------- v2: fused parts (default)
 #
-# ``attention(..., fuse_parts=True)``. Differences from the path above:
+# ``attention(..., fuse_parts=True)``, the default since it was measured on an H200
+# (strided f+b at (2, 16384, 8, 64): 0.629 ms against v1's 0.869; fixed 2.182 against
+# 2.232; BENCHMARKS.md). Differences from the path above (v1, ``fuse_parts=False``):
 #
 # * No materialised permutation: a strided part reads q, k, v (and writes o) through
 #   BlockSpecs on the free [B, T/l, l, H, D] view. A strided query tile is bq rows of
@@ -782,9 +784,18 @@ def _group_attention_v2(q, k, v, group: GroupLayout, cfg: KernelConfig, out_dtyp
 # ------------------------------------------------------------------------ entry point
 
 
-def default_blocks(seq_len: int, head_dim: int) -> tuple[int, int]:
-    """Block sizes used when none are given: 64 x 64, or the length if shorter."""
+def default_blocks(seq_len: int, head_dim: int, pattern: LayerPattern = ()) -> tuple[int, int]:
+    """Block sizes used when none are given: 64 x 64 (or the length if shorter), or
+    32 x 32 where that lets a strided part take the v2 path.
+
+    v2 reads a strided part column by column, so its tiles must divide the T/l rows of
+    a column: at T=12,288 with l=128 (96 rows) 64-row tiles cannot, 32-row ones can.
+    """
     b = min(64, seq_len)
+    for l in sorted({c.l for head in pattern for c in head if c.kind == "stride"}):  # noqa: E741
+        rows = seq_len // l
+        if rows % b and rows % 32 == 0:
+            b = 32
     return b, b
 
 
@@ -799,7 +810,7 @@ def attention(
     block_k: int | None = None,
     num_warps: int | None = None,
     num_stages: int = 2,
-    fuse_parts: bool = False,
+    fuse_parts: bool = True,
 ) -> jax.Array:
     """Block-sparse causal attention. q, k, v: [B, T, H, D] -> [B, T, H, D].
 
@@ -809,11 +820,11 @@ def attention(
         not a GPU.
       block_q, block_k: query and key tile rows (powers of two >= 16 dividing T).
       num_warps, num_stages: Triton launch parameters on GPU.
-      fuse_parts: the v2 path (see "v2: fused parts" above): strided parts read and
-        write through BlockSpecs on the free [B, T/l, l, H, D] view, parts chained in one
-        online-softmax state, no log-sum-exp merge forward or backward. Interpret-tested
-        only, not yet measured on GPU, hence off by default. Groups whose strided blocks
-        do not divide T/l fall back to the default path.
+      fuse_parts: the v2 path (see "v2: fused parts" above, the default): strided parts
+        read and write through BlockSpecs on the free [B, T/l, l, H, D] view, parts
+        chained in one online-softmax state, no log-sum-exp merge forward or backward.
+        Groups whose strided blocks do not divide T/l take the v1 path (False), which
+        permutes q, k, v and merges the parts' outputs in XLA.
 
     Raises:
       PatternError (a ValueError) naming the constraint, for shapes, dtypes, block
@@ -832,7 +843,7 @@ def attention(
         raise PatternError(f"head dim D={d} must be a power of two in [16, 256] (the "
                            "kernel's tiles span the whole head dim); pad D, e.g. to "
                            f"{max(16, 1 << (d - 1).bit_length())}.")
-    dq_, dk_ = default_blocks(t, d)
+    dq_, dk_ = default_blocks(t, d, pattern if fuse_parts else ())
     block_q = block_q or dq_
     block_k = block_k or dk_
     layout: Layout = build_layout(tuple(tuple(hp) for hp in pattern), t, block_q, block_k)

@@ -1,0 +1,102 @@
+"""scripts/compare_patterns.py: dense against sparse on real data, plotted, tabled and sampled."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from PIL import Image
+
+from configs import quality
+from sparse_lm.config import ConfigError
+from sparse_lm.metrics import read_metrics
+from tests.helpers import REPO_ROOT
+
+SCRIPT = str(REPO_ROOT / "scripts" / "compare_patterns.py")
+
+
+def compare(tmp_path, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, SCRIPT, "--workdir", str(tmp_path / "runs"), "--plots", str(tmp_path / "plots"),
+         *args],
+        capture_output=True, text=True, timeout=timeout, cwd=REPO_ROOT,
+    )
+
+
+def test_suite_configs_differ_only_in_the_pattern():
+    for suite in quality.SUITES:
+        configs = {p: quality.get_config(f"{suite},{p}") for p in quality.PATTERNS}
+        for pattern, c in configs.items():
+            assert c.attention.pattern == pattern
+            c.attention.pattern = "dense"
+        dense = configs["dense"].to_dict()
+        assert all(c.to_dict() == dense for c in configs.values()), suite
+
+
+def test_suites_use_the_papers_context_lengths_and_real_data():
+    assert quality.get_config("enwik8,fixed").data.seq_len == 12288
+    assert quality.get_config("enwik8,fixed").attention.stride == 128
+    assert quality.get_config("enwik8,fixed").attention.summary == 32
+    assert quality.get_config("cifar10,strided").data.seq_len == 3072
+    assert quality.get_config("music,strided").data.seq_len == 65536
+    assert "shared/data" in quality.get_config("music,dense").data.path
+
+
+def test_a_bad_config_argument_names_the_choices():
+    with pytest.raises(ConfigError, match="SUITE,PATTERN"):
+        quality.get_config("enwik8")
+    with pytest.raises(ConfigError, match="text, enwik8, cifar10, music"):
+        quality.get_config("imagenet,dense")
+
+
+def test_compare_trains_each_pattern_plots_tables_and_samples_the_best(tmp_path):
+    result = compare(tmp_path, "--suites", "text", "--patterns", "dense,strided", "--smoke", "--samples")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    summary = json.loads((tmp_path / "runs" / "summary.json").read_text())
+    text = summary["results"]["text"]
+    assert set(text["runs"]) == {"dense", "strided"}
+    for pattern, run in text["runs"].items():
+        assert text["status"][pattern] == "done"
+        assert run["steps"] == 12 and 0 < run["final_bpb"] < 8.5
+        assert run["best_bpb"] <= run["final_bpb"] and run["tokens_per_second"] > 0
+        # The evaluation the script reports is the one the run logged.
+        logged = read_metrics(tmp_path / "runs" / "text" / pattern, "eval_valid")[-1]
+        assert run["final_bpb"] == logged["bits_per_byte"]
+    assert text["gap_to_dense"]["strided"] == pytest.approx(
+        text["runs"]["strided"]["final_bpb"] - text["runs"]["dense"]["final_bpb"])
+    with Image.open(tmp_path / "plots" / "text.png") as image:
+        assert image.format == "PNG"
+    table = (tmp_path / "plots" / "summary.md").read_text()
+    assert "| text | dense | 12 |" in table and "| text | strided | 12 |" in table
+    best = min(text["runs"], key=lambda p: text["runs"][p]["final_bpb"])
+    assert text["sample"]["pattern"] == best and text["sample"]["status"] == "done"
+    samples = list((tmp_path / "plots" / "samples" / "text").glob("*.txt"))
+    assert samples and all(s.stat().st_size > 0 for s in samples)
+
+
+def test_runs_not_started_by_the_deadline_are_reported_not_run(tmp_path):
+    result = compare(tmp_path, "--suites", "text", "--patterns", "fixed", "--smoke", "--deadline_s", "0")
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((tmp_path / "runs" / "summary.json").read_text())
+    assert summary["results"]["text"]["status"] == {"fixed": "not run"}
+    assert "| text | fixed | not run |" in (tmp_path / "plots" / "summary.md").read_text()
+
+
+def test_unknown_suite_is_refused_with_the_choices(tmp_path):
+    result = compare(tmp_path, "--suites", "speech")
+    assert result.returncode == 2
+    assert "unknown speech; choose from text, enwik8, cifar10, music" in result.stderr
+
+
+def test_first_step_is_timed_apart_as_the_compilation(tmp_path):
+    """Training logs one ``compiled`` record per process start; plots count time from it."""
+    result = compare(tmp_path, "--suites", "enwik8", "--patterns", "fixed", "--smoke")
+    assert result.returncode == 0, result.stderr[-3000:]
+    records = read_metrics(tmp_path / "runs" / "enwik8" / "fixed")
+    compiled = [r for r in records if r["kind"] == "compiled"]
+    assert len(compiled) == 1 and compiled[0]["step"] == 1 and compiled[0]["seconds"] > 0
+    assert records[0]["kind"] == "compiled"
+    later = [r for r in records if r["time"] >= compiled[0]["time"]]
+    assert len(later) == len(records)
