@@ -9,7 +9,8 @@
   PATTERN  dense | strided | fixed (merged heads; the paper's strides for each length)
   smoke    tiny model and a few steps, for CPU tests of the comparison itself
 
-Data paths start at ``$SPARSE_LM_SHARED_DATA`` (default ``../shared/data``).
+Data paths start at ``$SPARSE_LM_SHARED_DATA`` (default: ``shared/data`` beside the
+repository).
 
 Within a suite only ``attention.pattern`` differs, so the runs compare patterns at equal
 model size, data and steps; ``scripts/compare_patterns.py`` runs a suite's patterns and
@@ -23,13 +24,16 @@ standing early in training, not the paper's converged figures.
 """
 
 import os
+from pathlib import Path
 
 from sparse_lm.config import ConfigError, base_config, smoke_defaults
 
 SUITES = ("text", "enwik8", "cifar10", "music")
 PATTERNS = ("dense", "strided", "fixed")
-# The real sample data: $SPARSE_LM_SHARED_DATA (as for the tests) or ../shared/data.
-SHARED = os.environ.get("SPARSE_LM_SHARED_DATA", "../shared/data")
+# The real sample data: $SPARSE_LM_SHARED_DATA (as for the tests), else shared/data beside
+# the repository, wherever the command runs from.
+SHARED = os.environ.get("SPARSE_LM_SHARED_DATA") or str(
+    Path(__file__).resolve().parents[2] / "shared" / "data")
 
 
 def _suite(c, suite: str) -> None:

@@ -81,6 +81,7 @@ class TrainProgram:
 
     def __init__(self, config: ml_collections.ConfigDict, mesh):
         self.config, self.mesh = config, mesh
+        self._init_jit = None
         self.fns, abstract_params = split_model(abstract_model(config))
         self.num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract_params))
         param_sh = sharding.tree_shardings(abstract_params, self.fns.logical_specs(), mesh)
@@ -104,7 +105,9 @@ class TrainProgram:
 
     def init_on_mesh(self) -> TrainState:
         """``init`` computed directly into its shardings (no full copy on one device)."""
-        return jax.jit(self.init, out_shardings=self.state_sh)()
+        if self._init_jit is None:  # one compilation per program, however often called
+            self._init_jit = jax.jit(self.init, out_shardings=self.state_sh)
+        return self._init_jit()
 
     def abstract_state_on_mesh(self) -> TrainState:
         return sharding.abstract_with_shardings(self.abstract_state, self.state_sh)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -17,12 +18,19 @@ from tests.helpers import REPO_ROOT
 SCRIPT = str(REPO_ROOT / "scripts" / "compare_patterns.py")
 
 
-def compare(tmp_path, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, SCRIPT, "--workdir", str(tmp_path / "runs"), "--plots", str(tmp_path / "plots"),
-         *args],
-        capture_output=True, text=True, timeout=timeout, cwd=REPO_ROOT,
-    )
+@pytest.fixture
+def compare(tmp_path, shared_data):
+    """Runs the script on the real sample data; returns the finished process."""
+
+    def run(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, SCRIPT, "--workdir", str(tmp_path / "runs"), "--plots",
+             str(tmp_path / "plots"), *args],
+            capture_output=True, text=True, timeout=timeout, cwd=REPO_ROOT,
+            env={**os.environ, "SPARSE_LM_SHARED_DATA": str(shared_data)},
+        )
+
+    return run
 
 
 def test_suite_configs_differ_only_in_the_pattern():
@@ -41,7 +49,8 @@ def test_suites_use_the_papers_context_lengths_and_real_data():
     assert quality.get_config("enwik8,fixed").attention.summary == 32
     assert quality.get_config("cifar10,strided").data.seq_len == 3072
     assert quality.get_config("music,strided").data.seq_len == 65536
-    assert "shared/data" in quality.get_config("music,dense").data.path
+    assert quality.get_config("music,dense").data.path.endswith("audio/music")
+    assert quality.get_config("cifar10,dense").data.path.endswith("cifar-10-batches-bin")
 
 
 def test_a_bad_config_argument_names_the_choices():
@@ -51,8 +60,8 @@ def test_a_bad_config_argument_names_the_choices():
         quality.get_config("imagenet,dense")
 
 
-def test_compare_trains_each_pattern_plots_tables_and_samples_the_best(tmp_path):
-    result = compare(tmp_path, "--suites", "text", "--patterns", "dense,strided", "--smoke", "--samples")
+def test_compare_trains_each_pattern_plots_tables_and_samples_the_best(tmp_path, compare):
+    result = compare("--suites", "text", "--patterns", "dense,strided", "--smoke", "--samples")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     summary = json.loads((tmp_path / "runs" / "summary.json").read_text())
     text = summary["results"]["text"]
@@ -76,23 +85,23 @@ def test_compare_trains_each_pattern_plots_tables_and_samples_the_best(tmp_path)
     assert samples and all(s.stat().st_size > 0 for s in samples)
 
 
-def test_runs_not_started_by_the_deadline_are_reported_not_run(tmp_path):
-    result = compare(tmp_path, "--suites", "text", "--patterns", "fixed", "--smoke", "--deadline_s", "0")
+def test_runs_not_started_by_the_deadline_are_reported_not_run(tmp_path, compare):
+    result = compare("--suites", "text", "--patterns", "fixed", "--smoke", "--deadline_s", "0")
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((tmp_path / "runs" / "summary.json").read_text())
     assert summary["results"]["text"]["status"] == {"fixed": "not run"}
     assert "| text | fixed | not run |" in (tmp_path / "plots" / "summary.md").read_text()
 
 
-def test_unknown_suite_is_refused_with_the_choices(tmp_path):
-    result = compare(tmp_path, "--suites", "speech")
+def test_unknown_suite_is_refused_with_the_choices(tmp_path, compare):
+    result = compare("--suites", "speech")
     assert result.returncode == 2
     assert "unknown speech; choose from text, enwik8, cifar10, music" in result.stderr
 
 
-def test_first_step_is_timed_apart_as_the_compilation(tmp_path):
+def test_first_step_is_timed_apart_as_the_compilation(tmp_path, compare):
     """Training logs one ``compiled`` record per process start; plots count time from it."""
-    result = compare(tmp_path, "--suites", "enwik8", "--patterns", "fixed", "--smoke")
+    result = compare("--suites", "enwik8", "--patterns", "fixed", "--smoke")
     assert result.returncode == 0, result.stderr[-3000:]
     records = read_metrics(tmp_path / "runs" / "enwik8" / "fixed")
     compiled = [r for r in records if r["kind"] == "compiled"]
