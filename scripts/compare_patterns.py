@@ -10,8 +10,9 @@ sampled like any other. With ``--gpus`` the runs are spread over those GPUs, one
 GPU at a time (``CUDA_VISIBLE_DEVICES``), so every run has a card to itself and its
 wall-clock time is its own. Arguments after ``--`` go to every run (config overrides).
 
-At ``--deadline_s`` (seconds from the start) running trainings get SIGTERM, save a
-checkpoint and stop (resumable); runs not started are reported as such. Then, per suite:
+At ``--deadline_s`` (seconds from the start), or when this script gets SIGTERM, running
+trainings get SIGTERM, save a checkpoint and stop (resumable); runs not started are
+reported as such, and the plots and summary are still written. Then, per suite:
 ``PLOTS/SUITE.png`` (validation bits per byte against steps and against wall-clock time),
 and ``WORKDIR/summary.json`` and ``PLOTS/summary.md`` with each run's final and best
 validation figure, steps, training minutes, tokens per second and the gap to dense at
@@ -52,6 +53,20 @@ def config_arg(suite: str, pattern: str, smoke: bool) -> str:
     return f"{REPO / 'configs' / 'quality.py'}:{suite},{pattern}{',smoke' if smoke else ''}"
 
 
+class Deadline:
+    """When running jobs are stopped and no new ones start; SIGTERM to this script moves it
+    to now, so runs still save, and the summary is still written."""
+
+    def __init__(self, seconds: float):
+        self.at = time.time() + seconds
+
+    def passed(self) -> bool:
+        return time.time() > self.at
+
+    def now(self, *_) -> None:
+        self.at = time.time()
+
+
 class Job:
     """One subprocess (a training or a sampling) with its log, run on one slot."""
 
@@ -61,7 +76,7 @@ class Job:
         self.seconds = 0.0
         self.proc: subprocess.Popen | None = None
 
-    def run(self, gpu: str | None, deadline: float) -> None:
+    def run(self, gpu: str | None, deadline: Deadline) -> None:
         env = dict(os.environ)
         if gpu is not None:
             env["CUDA_VISIBLE_DEVICES"] = gpu
@@ -72,7 +87,7 @@ class Job:
                                          cwd=REPO)
             stopped = False
             while self.proc.poll() is None:
-                if time.time() > deadline and not stopped:
+                if deadline.passed() and not stopped:
                     self.proc.send_signal(signal.SIGTERM)  # train.py saves and exits 3
                     stopped = True
                 time.sleep(0.5)
@@ -84,14 +99,14 @@ class Job:
               f"in {self.seconds:.0f} s", flush=True)
 
 
-def run_all(jobs: list[Job], slots: list[str | None], deadline: float) -> None:
+def run_all(jobs: list[Job], slots: list[str | None], deadline: Deadline) -> None:
     """Runs jobs in order, one per slot at a time; jobs left at the deadline are not started."""
     todo: queue.Queue[Job] = queue.Queue()
     for job in jobs:
         todo.put(job)
 
     def worker(slot: str | None) -> None:
-        while time.time() < deadline:
+        while not deadline.passed():
             try:
                 job = todo.get_nowait()
             except queue.Empty:
@@ -184,12 +199,11 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
 def main(argv: list[str] | None = None) -> int:
     args, extra = parse_args(argv)
     start = time.time()
-    deadline = start + args.deadline_s
+    deadline = Deadline(args.deadline_s)
     workdir, plots = Path(args.workdir).resolve(), Path(args.plots).resolve()
     suites, patterns = args.suites.split(","), args.patterns.split(",")
     slots: list[str | None] = args.gpus.split(",") if args.gpus else [None]
-    # SIGTERM to this script (e.g. `timeout`) ends at once; children get theirs from the deadline.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(3))
+    signal.signal(signal.SIGTERM, deadline.now)
 
     trains = {}
     for suite in suites:

@@ -109,3 +109,28 @@ def test_first_step_is_timed_apart_as_the_compilation(tmp_path, compare):
     assert records[0]["kind"] == "compiled"
     later = [r for r in records if r["time"] >= compiled[0]["time"]]
     assert len(later) == len(records)
+
+
+def test_sigterm_stops_the_runs_and_still_writes_the_summary(tmp_path, shared_data):
+    import signal
+    import time
+
+    proc = subprocess.Popen(
+        [sys.executable, SCRIPT, "--workdir", str(tmp_path / "runs"), "--plots", str(tmp_path / "plots"),
+         "--suites", "text", "--patterns", "dense,fixed", "--smoke"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO_ROOT,
+        env={**os.environ, "SPARSE_LM_SHARED_DATA": str(shared_data)},
+    )
+    log = tmp_path / "runs" / "text" / "dense.log"
+    for _ in range(600):  # until the first training has started
+        if log.exists():
+            break
+        time.sleep(0.1)
+    time.sleep(2)
+    proc.send_signal(signal.SIGTERM)
+    proc.communicate(timeout=300)
+    summary = json.loads((tmp_path / "runs" / "summary.json").read_text())
+    status = summary["results"]["text"]["status"]
+    assert status["dense"] in ("stopped at deadline", "done")
+    assert status["fixed"] == "not run"
+    assert (tmp_path / "plots" / "summary.md").exists()
