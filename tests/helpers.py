@@ -128,3 +128,13 @@ def attention_spec_cases():
         (PatternSpec("fixed", 16, 4, combine="multihead", distinct_summaries=True), 0),
     ]
     return cases, [spec_id(s, layer) for s, layer in cases]
+
+
+def rel_err(x, ref) -> float:
+    """||x - ref|| / ||ref|| in float64 (x and ref: arrays of any float dtype)."""
+    import jax.numpy as jnp
+    import numpy as np
+
+    x = np.asarray(jnp.asarray(x, jnp.float32), np.float64)
+    ref = np.asarray(jnp.asarray(ref, jnp.float32), np.float64)
+    return float(np.linalg.norm(x - ref) / np.linalg.norm(ref))

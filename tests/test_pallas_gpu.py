@@ -17,19 +17,13 @@ from jax.experimental import pallas as pl
 
 from sparse_lm.attention import PatternError, PatternSpec, attention, reference_attention
 from sparse_lm.attention import pallas_gpu
-from tests.helpers import attention_spec_cases, spec_id
+from tests.helpers import attention_spec_cases, rel_err, spec_id
 
 TOL = {jnp.bfloat16: 1e-2, jnp.float32: 1e-5}
 _seed = itertools.count(1)
 
 # (spec, layer): every pattern and combine mode (interleaved layers 0 and 1 differ).
 PATTERNS, PATTERN_IDS = attention_spec_cases()
-
-
-def rel_err(x, ref) -> float:
-    x = np.asarray(jnp.asarray(x, jnp.float32), np.float64)
-    ref = np.asarray(jnp.asarray(ref, jnp.float32), np.float64)
-    return float(np.linalg.norm(x - ref) / np.linalg.norm(ref))
 
 
 def fresh_inputs(shape, dtype):

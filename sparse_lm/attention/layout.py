@@ -73,6 +73,23 @@ class MaskRule:
             ok &= (j // self.g) < (i // self.g)
         return ok
 
+    def in_kernel(self, i, j):
+        """The same rule on int32 positions inside a kernel (any Pallas backend)."""
+        from jax import lax
+
+        d = i - j
+        ok = d >= self.min_diff
+        if self.max_diff is not None:
+            ok = ok & (d <= self.max_diff)
+        # Positions are non-negative, so truncating division and remainder are floor ones.
+        if self.group == "same_block":
+            ok = ok & (lax.div(i, self.g) == lax.div(j, self.g))
+        elif self.group == "same_col":
+            ok = ok & (lax.rem(i, self.g) == lax.rem(j, self.g))
+        elif self.group == "earlier_block":
+            ok = ok & (lax.div(j, self.g) < lax.div(i, self.g))
+        return ok
+
 
 @dataclasses.dataclass(frozen=True)
 class PartSpec:

@@ -57,22 +57,6 @@ def _compiler_params(cfg: KernelConfig):
     return pltriton.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
-def _mask(rule: MaskRule, i: jax.Array, j: jax.Array) -> jax.Array:
-    """In-kernel version of ``MaskRule.allowed`` on broadcastable int32 positions."""
-    d = i - j
-    ok = d >= rule.min_diff
-    if rule.max_diff is not None:
-        ok = ok & (d <= rule.max_diff)
-    # Positions are non-negative, so truncating division and remainder are floor ones.
-    if rule.group == "same_block":
-        ok = ok & (lax.div(i, rule.g) == lax.div(j, rule.g))
-    elif rule.group == "same_col":
-        ok = ok & (lax.rem(i, rule.g) == lax.rem(j, rule.g))
-    elif rule.group == "earlier_block":
-        ok = ok & (lax.div(j, rule.g) < lax.div(i, rule.g))
-    return ok
-
-
 def _dot(a: jax.Array, b: jax.Array, prec, trans_b: bool = False) -> jax.Array:
     """a @ b (or a @ b.T) with float32 accumulation."""
     dims = (((1,), (1 if trans_b else 0,)), ((), ()))
@@ -106,7 +90,7 @@ def _fwd_tile(t, carry, *, masked: bool, q, qpos, tab_ref, kpos_ref, k_ref, v_re
     s = _dot(q, k, prec, trans_b=True) * qk_scale
     if masked:
         kpos = kpos_ref[pl.ds(start, block_k)]
-        s = jnp.where(_mask(rule, qpos[:, None], kpos[None, :]), s, -jnp.inf)
+        s = jnp.where(rule.in_kernel(qpos[:, None], kpos[None, :]), s, -jnp.inf)
     m_next = jnp.maximum(m_prev, jnp.max(s, axis=1))
     # A row with no allowed key yet has max -inf; shifting by 0 keeps exp2 at 0.
     m_shift = jnp.where(m_next == -jnp.inf, 0.0, m_next)
@@ -200,7 +184,7 @@ def _dq_tile(t, dq, *, masked: bool, q, do, qpos, lse2, delta, tab_ref, kpos_ref
     p = jnp.exp2(s - lse2[:, None])
     if masked:
         kpos = kpos_ref[pl.ds(start, block_k)]
-        p = jnp.where(_mask(rule, qpos[:, None], kpos[None, :]), p, 0.0)
+        p = jnp.where(rule.in_kernel(qpos[:, None], kpos[None, :]), p, 0.0)
     dp = _dot(do, v, prec, trans_b=True)
     ds = p * (dp - delta[:, None])
     return dq + _dot(ds.astype(k.dtype), k, prec)
@@ -245,7 +229,7 @@ def _dkv_tile(t, carry, *, masked: bool, k, v, kpos, tab_ref, qpos_ref, q_ref, d
     pt = jnp.exp2(st - lse2[None, :])
     if masked:
         qpos = qpos_ref[sl]
-        pt = jnp.where(_mask(rule, qpos[None, :], kpos[:, None]), pt, 0.0)
+        pt = jnp.where(rule.in_kernel(qpos[None, :], kpos[:, None]), pt, 0.0)
     dv = dv + _dot(pt.astype(do.dtype), do, prec)
     dpt = _dot(v, do, prec, trans_b=True)
     dst = pt * (dpt - delta[None, :])

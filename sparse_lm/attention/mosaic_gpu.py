@@ -1,0 +1,523 @@
+"""Block-sparse flash attention forward in Pallas Mosaic GPU (``plgpu``), for Hopper.
+
+Groundwork for a Mosaic GPU successor of ``pallas_gpu.py`` (Triton lowering, deprecated
+in JAX 0.11). Same block layout (``layout.build_layout``), same per-part decomposition
+and the same mask rule for partial blocks; the kernel itself is written the Mosaic GPU
+way, like JAX's FlashAttention-3 (``jax/experimental/pallas/ops/gpu/attention_mgpu.py``):
+
+* One program per (head, query tile, batch), ``plgpu.kernel`` grid ``(H, T/block_q, B)``.
+  A program runs ``compute_wgs`` compute warpgroups, each owning ``block_q/compute_wgs``
+  query rows (a multiple of 64: the wgmma M), plus one memory warpgroup.
+* The memory warpgroup walks the layout's key-block list of the query tile
+  (``part.fwd[qi]``: n_full, n_part, block ids; scalars read from GMEM) and streams
+  K and V blocks with TMA into ``max_concurrent_steps`` SMEM slots; per slot a TMA
+  barrier says "landed" and a "consumed" barrier (one arrival per compute warpgroup)
+  says the slot may be refilled.
+* A compute warpgroup: Q tile by TMA, then per listed key block S = Q K^T by wgmma
+  (both operands in SMEM), the mask on partial blocks (positions computed from iota and
+  the part's order, same rule as ``pallas_gpu._mask``), online softmax in base 2,
+  P V by wgmma, and at the end o = acc / l and lse written back by TMA.
+  The two compute warpgroups share the key stream, so the layout is built for the
+  whole program tile (``block_q`` rows): a block that is empty for one warpgroup's rows
+  but not the other's is masked to -inf by the first (rows stay exact, see _step).
+
+P V has two forms. ``pv_from_registers=True`` (FA3, the GPU default) feeds P to wgmma
+from registers and accumulates into the running accumulator in place
+(``pl.run_state(...)(plgpu.ACC.init(alpha * acc))``). The Mosaic GPU *interpreter* of
+JAX 0.11.2 supports neither a register LHS for wgmma nor ``run_state`` (see
+docs/mosaic_gpu_notes.md), so ``pv_from_registers=False`` (the interpret default)
+stores P to SMEM, runs wgmma on a fresh zero accumulator and adds alpha * acc in
+registers. Only the latter is exercised by the CPU tests.
+
+Parts of a head (merged strided: local + stride; merged fixed: block + summary) are one
+kernel launch each on permuted / gathered q, k, v (the ``pallas_gpu`` "v1" scheme) and
+are merged exactly through their log-sum-exps in XLA. Forward only: no VJP yet.
+Positions are not loaded: each part's order is a closed form (natural, strided, or the
+gathered summary columns), checked against the layout's ``q_pos`` / ``k_pos`` when the
+kernel is built.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.experimental import pallas as pl
+
+from sparse_lm.attention.layout import (
+    PAD_POSITION,
+    GroupLayout,
+    PartLayout,
+    build_layout,
+)
+from sparse_lm.attention.patterns import LayerPattern, PatternError
+
+LOG2E = math.log2(math.e)
+LN2 = math.log(2.0)
+WGMMA_M = 64  # rows of one warpgroup's wgmma: a compute warpgroup's tile is a multiple
+
+
+def _plgpu():
+    # Imported lazily: importing this module must not require Mosaic GPU.
+    import jax.experimental.pallas.mosaic_gpu as plgpu
+
+    return plgpu
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelConfig:
+    interpret: bool
+    compute_wgs: int
+    max_concurrent_steps: int
+    pv_from_registers: bool
+    interpret_params: object = None  # a plgpu.InterpretGPUParams, or None for defaults
+
+
+# ---------------------------------------------------------------- positions of rows
+
+
+@dataclasses.dataclass(frozen=True)
+class _Positions:
+    """Closed form of the original positions of a part's query and key rows.
+
+    q_stride: 0 for the natural order, else l of the strided order (row r holds
+      position (r % n) * l + r // n with n = T / l). Keys use the query order unless
+      ``summary`` = (l, c, n_rows): key row r is the summary column
+      (r // c) * l + lo + r % c for r < n_rows, padding (PAD_POSITION) after; ``lo``
+      (= l - c - offset) is per head and passed to the kernel as an int32 array.
+    """
+
+    seq_len: int
+    q_stride: int
+    summary: tuple[int, int, int] | None
+
+    # Host arrays (the layout check) use numpy, traced ones (the kernel) lax: truncating
+    # division, exact for the non-negative rows here and cheaper than floor division.
+    @staticmethod
+    def _ops(r):
+        if isinstance(r, np.ndarray):
+            return np.floor_divide, np.remainder, np.where
+        return lax.div, lax.rem, jnp.where
+
+    def q(self, r):
+        if not self.q_stride:
+            return r
+        div, rem, _ = self._ops(r)
+        n = self.seq_len // self.q_stride
+        return rem(r, n) * self.q_stride + div(r, n)
+
+    def k(self, r, lo):
+        if self.summary is None:
+            return self.q(r)
+        div, rem, where = self._ops(r)
+        l, c, n_rows = self.summary  # noqa: E741
+        return where(r < n_rows, div(r, c) * l + lo + rem(r, c), PAD_POSITION)
+
+
+def _positions(part: PartLayout) -> tuple[_Positions, np.ndarray]:
+    """The closed form of ``part``'s positions and the per-head summary starts ``lo``
+    ([Hk] int32), checked against the layout's arrays."""
+    t = part.seq_len
+    q_stride = part.spec.l if part.spec.order == "strided" else 0
+    summary = None
+    lo = np.zeros((part.k_pos.shape[0],), np.int32)
+    if part.k_index is not None:
+        l, c = part.spec.summary  # noqa: E741
+        summary = (l, c, (t // l) * c)
+        lo = (part.k_pos[:, 0] % l).astype(np.int32)
+    pos = _Positions(t, q_stride, summary)
+    want_q = pos.q(np.arange(t))
+    want_k = np.stack([pos.k(np.arange(part.kv_len), int(o)) for o in lo])
+    if not (np.array_equal(want_q, part.q_pos) and np.array_equal(want_k, part.k_pos)):
+        raise AssertionError(f"closed-form positions disagree with the layout of {part.spec}")
+    return pos, lo
+
+
+# ------------------------------------------------------------------------- the kernel
+
+
+def _smem_transforms(dtype, minor: int):
+    """Tiling + swizzle for a wgmma operand in SMEM whose minor dim has ``minor`` elems."""
+    plgpu = _plgpu()
+    bits = jnp.dtype(dtype).itemsize * 8
+    swizzle = plgpu.find_swizzle(minor * bits, "wgmma operand")
+    return (plgpu.TilingTransform((8, swizzle * 8 // bits)), plgpu.SwizzleTransform(swizzle))
+
+
+def _part_forward(q, k, v, part: PartLayout, cfg: KernelConfig, out_dtype):
+    """(o [B, T, H, D] out_dtype, lse [B, H, T] float32) of one part, in part order.
+
+    q: [B, T, H, D]; k, v: [B, Tk, H, D] (gathered summary keys for a summary part).
+    """
+    plgpu = _plgpu()
+    b, t, h, d = q.shape
+    dtype = q.dtype
+    bq, bk = part.block_q, part.block_k
+    wgs = cfg.compute_wgs
+    rows = bq // wgs  # query rows of one compute warpgroup
+    n_slots = cfg.max_concurrent_steps
+    rule = part.spec.rule
+    pos, lo = _positions(part)
+    per_head_lo = lo.shape[0] > 1
+    scale2 = d**-0.5 * LOG2E  # scores in base 2
+    tab = jnp.asarray(part.fwd)
+    lo_arr = jnp.asarray(lo)
+
+    def kernel(tab_ref, lo_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, scoped):
+        (q_smem, k_smem, v_smem, p_smem, o_smem, lse_smem), bars = scoped
+        k_ready, v_ready, q_ready, k_free, v_free = bars
+        hi = lax.axis_index("heads")
+        qi = lax.axis_index("q_seq")
+        bi = lax.axis_index("batch")
+        wg = lax.axis_index("wg")
+        n_full = tab_ref[qi, 0]
+        steps = n_full + tab_ref[qi, 1]
+
+        @pl.when(wg < wgs)
+        def _compute():
+            row0 = qi * bq + wg * rows
+            qs = q_smem.at[wg]
+            plgpu.copy_gmem_to_smem(q_ref.at[bi, pl.ds(row0, rows), hi], qs, q_ready.at[wg])
+            plgpu.barrier_wait(q_ready.at[wg])
+            lo_h = lo_ref[hi] if per_head_lo else lo_ref[0]
+            wgmma_layout = plgpu.Layout.WGMMA
+            q_rows = plgpu.broadcasted_iota(jnp.int32, (rows, bk), 0, layout=wgmma_layout)
+            k_cols = plgpu.broadcasted_iota(jnp.int32, (rows, bk), 1, layout=wgmma_layout)
+            q_pos = pos.q(q_rows + row0)
+
+            def step(t_, carry, masked: bool):
+                acc, m_prev, l_prev = carry
+                slot = lax.rem(t_, n_slots)
+                plgpu.barrier_wait(k_ready.at[slot])
+
+                def qk(s_ref):
+                    plgpu.wgmma(s_ref, qs, k_smem.at[slot].T)
+                    return s_ref[...]
+
+                s = pl.run_scoped(qk, plgpu.ACC((rows, bk), jnp.float32))
+                plgpu.barrier_arrive(k_free.at[slot])
+                s = s * scale2
+                if masked:
+                    kb = tab_ref[qi, 2 + t_]
+                    k_pos = pos.k(k_cols + kb * bk, lo_h)
+                    s = jnp.where(rule.in_kernel(q_pos, k_pos), s, -jnp.inf)
+                m_next = jnp.maximum(m_prev, s.max(axis=1))
+                # A row with no allowed key so far has max -inf: shift by 0 instead.
+                m_shift = jnp.where(m_next == -jnp.inf, 0.0, m_next)
+                alpha = jnp.exp2(m_prev - m_shift)
+                p = jnp.exp2(s - lax.broadcast_in_dim(m_shift, s.shape, [0]))
+                l_next = alpha * l_prev + p.sum(axis=1)
+                acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+                plgpu.barrier_wait(v_ready.at[slot])
+                if cfg.pv_from_registers:
+                    # FA3: P from registers, accumulate in place (GPU only: the
+                    # interpreter has no register-LHS wgmma and no run_state).
+                    acc = pl.run_state(
+                        lambda acc_ref: plgpu.wgmma(acc_ref, p.astype(dtype), v_smem.at[slot])
+                    )(plgpu.ACC.init(acc))
+                else:
+                    ps = p_smem.at[wg]
+                    ps[...] = p.astype(dtype)
+                    plgpu.commit_smem()
+
+                    def pv(pv_ref):
+                        plgpu.wgmma(pv_ref, ps, v_smem.at[slot])
+                        return pv_ref[...]
+
+                    acc = acc + pl.run_scoped(pv, plgpu.ACC((rows, d), jnp.float32))
+                plgpu.barrier_arrive(v_free.at[slot])
+                return acc, m_next, l_next
+
+            carry = (
+                plgpu.layout_cast(jnp.zeros((rows, d), jnp.float32), wgmma_layout),
+                plgpu.layout_cast(jnp.full((rows,), -jnp.inf, jnp.float32),
+                                  wgmma_layout.reduce(1)),
+                plgpu.layout_cast(jnp.zeros((rows,), jnp.float32), wgmma_layout.reduce(1)),
+            )
+            carry = lax.fori_loop(0, n_full, functools.partial(step, masked=False), carry)
+            acc, m, l = lax.fori_loop(n_full, steps, functools.partial(step, masked=True),
+                                      carry)
+            empty = l == 0.0
+            l_safe = jnp.where(empty, 1.0, l)
+            out = acc / lax.broadcast_in_dim(l_safe, acc.shape, [0])
+            os_ = o_smem.at[wg] if o_smem is not None else qs
+            os_[...] = out.astype(out_dtype)
+            lse_smem.at[wg][...] = jnp.where(empty, -jnp.inf, (m + jnp.log2(l_safe)) * LN2)
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(os_, o_ref.at[bi, pl.ds(row0, rows), hi])
+            plgpu.copy_smem_to_gmem(lse_smem.at[wg], lse_ref.at[bi, hi, pl.ds(row0, rows)])
+            plgpu.wait_smem_to_gmem(0)
+
+        @pl.when(wg == wgs)
+        def _memory():
+            def fetch(t_, slot):
+                kb = tab_ref[qi, 2 + t_]
+                src = (bi, pl.ds(kb * bk, bk), hi)
+                plgpu.copy_gmem_to_smem(k_ref.at[src], k_smem.at[slot], k_ready.at[slot])
+                plgpu.copy_gmem_to_smem(v_ref.at[src], v_smem.at[slot], v_ready.at[slot])
+
+            for i in range(n_slots):
+                pl.when(i < steps)(functools.partial(fetch, i, i))
+
+            @pl.loop(0, jnp.maximum(steps - n_slots, 0))
+            def _refill(j):
+                slot = lax.rem(j, n_slots)
+                # Both waits before the copies: the barriers of slot ``slot`` flip once
+                # per use, and the compute warpgroups release K before V.
+                plgpu.barrier_wait(k_free.at[slot])
+                plgpu.barrier_wait(v_free.at[slot])
+                fetch(j + n_slots, slot)
+
+            # Drain: observe the last release of every used slot. Free on the GPU (this
+            # warpgroup is idle by now) and required by the interpreter, which rejects
+            # deallocating a barrier whose completed phases a waiting thread missed.
+            for i in range(n_slots):
+                @pl.when(i < steps)
+                def _drain():
+                    plgpu.barrier_wait(k_free.at[i])
+                    plgpu.barrier_wait(v_free.at[i])
+
+    def entry(tab_ref, lo_ref, q_ref, k_ref, v_ref, o_ref, lse_ref):
+        qkv_tr = _smem_transforms(dtype, d)
+        smem = (
+            plgpu.SMEM((wgs, rows, d), dtype, transforms=qkv_tr),
+            plgpu.SMEM((n_slots, bk, d), dtype, transforms=qkv_tr),
+            plgpu.SMEM((n_slots, bk, d), dtype, transforms=qkv_tr),
+            None if cfg.pv_from_registers
+            else plgpu.SMEM((wgs, rows, bk), dtype, transforms=_smem_transforms(dtype, bk)),
+            None if jnp.dtype(out_dtype) == jnp.dtype(dtype)
+            else plgpu.SMEM((wgs, rows, d), out_dtype),
+            plgpu.SMEM((wgs, rows), jnp.float32),
+        )
+        bars = (
+            plgpu.Barrier(num_barriers=n_slots),  # K landed
+            plgpu.Barrier(num_barriers=n_slots),  # V landed
+            plgpu.Barrier(num_barriers=wgs),  # Q landed
+            plgpu.Barrier(num_arrivals=wgs, num_barriers=n_slots),  # K slot free
+            plgpu.Barrier(num_arrivals=wgs, num_barriers=n_slots),  # V slot free
+        )
+        pl.run_scoped(
+            lambda *scoped: kernel(tab_ref, lo_ref, q_ref, k_ref, v_ref, o_ref, lse_ref,
+                                   scoped),
+            smem, bars, collective_axes="wg",
+        )
+
+    params = {}
+    if cfg.interpret:
+        params["interpret"] = cfg.interpret_params or plgpu.InterpretGPUParams()
+    else:
+        params["compiler_params"] = plgpu.CompilerParams(approx_math=True)
+    o, lse = plgpu.kernel(
+        entry,
+        out_type=(jax.ShapeDtypeStruct((b, t, h, d), out_dtype),
+                  jax.ShapeDtypeStruct((b, h, t), jnp.float32)),
+        grid=(h, t // bq, b),
+        grid_names=("heads", "q_seq", "batch"),
+        num_threads=wgs + 1,
+        thread_name="wg",
+        **params,
+    )(tab, lo_arr, q, k, v)
+    return o, lse
+
+
+# ----------------------------------------------------- orders, gathers and the merge
+
+
+def _to_order(x, part: PartLayout, axis: int):
+    if part.spec.order == "natural":
+        return x
+    l, t = part.spec.l, x.shape[axis]  # noqa: E741
+    y = x.reshape(x.shape[:axis] + (t // l, l) + x.shape[axis + 1 :])
+    return jnp.swapaxes(y, axis, axis + 1).reshape(x.shape)
+
+
+def _from_order(x, part: PartLayout, axis: int):
+    if part.spec.order == "natural":
+        return x
+    l, t = part.spec.l, x.shape[axis]  # noqa: E741
+    y = x.reshape(x.shape[:axis] + (l, t // l) + x.shape[axis + 1 :])
+    return jnp.swapaxes(y, axis, axis + 1).reshape(x.shape)
+
+
+def _keys(x, part: PartLayout):
+    """The part's key rows: the query order, or the gathered summary columns."""
+    if part.k_index is None:
+        return _to_order(x, part, axis=1)
+    idx = part.k_index
+    if idx.shape[0] == 1:
+        return jnp.take(x, jnp.asarray(idx[0]), axis=1)
+    return jnp.take_along_axis(x, jnp.asarray(idx.T)[None, :, :, None], axis=1)
+
+
+def _merge(outs):
+    """(o, lse) of the union of disjoint parts from the parts' (o, lse)."""
+    lses = jnp.stack([lse for _, lse in outs])  # [P, B, H, T]
+    top = jnp.max(lses, axis=0)
+    top = jnp.where(top == -jnp.inf, 0.0, top)
+    w = jnp.exp(lses - top)
+    total = jnp.sum(w, axis=0)
+    w = w / jnp.where(total > 0, total, 1.0)
+    o = sum(o * jnp.swapaxes(wp, 1, 2)[..., None] for (o, _), wp in zip(outs, w))
+    lse = jnp.where(total > 0, top + jnp.log(jnp.where(total > 0, total, 1.0)), -jnp.inf)
+    return o, lse
+
+
+# Shared memory per block on H100/H200 (227 KiB, what Mosaic GPU checks against when
+# lowering), less a margin for barriers and alignment.
+SMEM_BUDGET = 227 * 1024 - 4096
+
+
+def smem_bytes(d: int, dtype, part: PartLayout, cfg: KernelConfig, out_dtype) -> int:
+    """Shared memory that ``_part_forward`` allocates (buffers only)."""
+    wgs, rows = cfg.compute_wgs, part.block_q // cfg.compute_wgs
+    size = jnp.dtype(dtype).itemsize
+    total = wgs * rows * d * size + 2 * cfg.max_concurrent_steps * part.block_k * d * size
+    if not cfg.pv_from_registers:
+        total += wgs * rows * part.block_k * size
+    if jnp.dtype(out_dtype) != jnp.dtype(dtype):
+        total += wgs * rows * d * jnp.dtype(out_dtype).itemsize
+    return total + wgs * rows * 4
+
+
+def _part_out_dtype(d: int, dtype, part: PartLayout, cfg: KernelConfig, merged: bool):
+    """Parts that are merged write float32, unless that staging tile does not fit in
+    shared memory (e.g. D=128, block_k=128, 2 slots): then the input dtype, which costs
+    one extra rounding of each part's output before the merge."""
+    if merged and smem_bytes(d, dtype, part, cfg, jnp.float32) <= SMEM_BUDGET:
+        return jnp.float32
+    return dtype
+
+
+def _group_forward(q, k, v, group: GroupLayout, cfg: KernelConfig):
+    merged = len(group.parts) > 1
+    outs = []
+    d = q.shape[-1]
+    for part in group.parts:
+        out_dtype = _part_out_dtype(d, q.dtype, part, cfg, merged)
+        need = smem_bytes(d, q.dtype, part, cfg, out_dtype)
+        # The interpreter has no limit (and float32, interpret-only, doubles every tile).
+        if need > SMEM_BUDGET and not cfg.interpret:
+            raise PatternError(
+                f"tiles need {need} bytes of shared memory, over the {SMEM_BUDGET} "
+                f"available: lower block_k, block_q or max_concurrent_steps (D={d}, "
+                f"block_q={part.block_q}, block_k={part.block_k}, "
+                f"max_concurrent_steps={cfg.max_concurrent_steps}).")
+        o, lse = _part_forward(_to_order(q, part, 1), _keys(k, part), _keys(v, part), part,
+                               cfg, out_dtype)
+        outs.append((_from_order(o, part, 1), _from_order(lse, part, 2)))
+    if not merged:
+        return outs[0]
+    o, lse = _merge(outs)
+    return o.astype(q.dtype), lse
+
+
+# ------------------------------------------------------------------------ entry point
+
+
+def default_blocks(seq_len: int) -> tuple[int, int]:
+    """(block_q, block_k): 128 query rows (two compute warpgroups of 64) x 64 keys."""
+    return min(128, seq_len), 64
+
+
+def check_config(q, k, v, pattern, block_q: int, block_k: int, compute_wgs: int,
+                 interpret: bool) -> None:
+    """Raises PatternError for what this kernel cannot take (shape, dtype, tiles)."""
+    if q.ndim != 4 or q.shape != k.shape or q.shape != v.shape:
+        raise PatternError(f"q, k, v must share one [B, T, H, D] shape, got {q.shape}, "
+                           f"{k.shape}, {v.shape}.")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise PatternError(f"q, k, v must share one dtype, got {q.dtype}, {k.dtype}, "
+                           f"{v.dtype}.")
+    dtypes = (jnp.bfloat16, jnp.float16) + ((jnp.float32,) if interpret else ())
+    if q.dtype not in dtypes:
+        names = "bfloat16, float16 or float32" if interpret else "bfloat16 or float16"
+        raise PatternError(
+            f"the Mosaic GPU kernel takes {names} operands, got {q.dtype}; wgmma has no "
+            "IEEE float32 (float32 would run as tf32), so float32 is accepted in interpret "
+            "mode only.")
+    b, t, h, d = q.shape
+    if len(pattern) != h:
+        raise PatternError(f"pattern has {len(pattern)} heads but q has {h}.")
+    if d % 64 or d > 256:
+        raise PatternError(f"head dim D={d} must be a multiple of 64 and at most 256 (the "
+                           "wgmma K of Q K^T and N of P V); pad D.")
+    if compute_wgs < 1 or block_q % (compute_wgs * WGMMA_M):
+        raise PatternError(f"block_q={block_q} must be a multiple of {WGMMA_M} x "
+                           f"compute_wgs={compute_wgs}: each compute warpgroup owns "
+                           f"block_q / compute_wgs rows, a multiple of the wgmma M={WGMMA_M}.")
+    if block_k % 64 or block_k > 256:
+        raise PatternError(f"block_k={block_k} must be a multiple of 64 and at most 256 "
+                           "(the N of Q K^T and the swizzled K of P V).")
+
+
+def attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    pattern: LayerPattern,
+    *,
+    interpret=None,
+    block_q: int | None = None,
+    block_k: int | None = None,
+    compute_wgs: int = 2,
+    max_concurrent_steps: int = 2,
+    pv_from_registers: bool | None = None,
+    return_lse: bool = False,
+):
+    """Block-sparse causal attention forward. q, k, v: [B, T, H, D] -> [B, T, H, D].
+
+    Args:
+      pattern: one entry per head (``PatternSpec.layer_pattern``); every pattern
+        ``pallas_gpu`` takes (all components sets of ``layout.head_parts``).
+      interpret: run in Mosaic GPU interpret mode on CPU: True (default
+        ``plgpu.InterpretGPUParams()``), or an ``InterpretGPUParams`` (e.g. with
+        ``detect_races=True``); None means: when the default backend is not a GPU.
+      block_q: query rows per program (split over ``compute_wgs`` warpgroups of a
+        multiple of 64 rows each); block_k: key rows per block (a multiple of 64).
+      max_concurrent_steps: K/V SMEM slots of the TMA pipeline (>= 1).
+      pv_from_registers: P V with P in registers (FA3; GPU only). None: not interpret.
+      return_lse: also return the natural log-sum-exp [B, H, T] (float32).
+
+    Raises:
+      PatternError (a ValueError) naming the constraint.
+    """
+    if interpret is None:
+        interpret = jax.default_backend() != "gpu"
+    interpret_params = None
+    if not isinstance(interpret, bool):
+        interpret_params, interpret = interpret, True
+    if pv_from_registers is None:
+        pv_from_registers = not interpret
+    if interpret and pv_from_registers:
+        raise PatternError("pv_from_registers=True needs a GPU: the Mosaic GPU interpreter "
+                           "(JAX 0.11.2) has no wgmma with a register operand nor run_state.")
+    t = q.shape[1] if q.ndim == 4 else 0
+    dq_, dk_ = default_blocks(t)
+    block_q = block_q or dq_
+    block_k = block_k or dk_
+    check_config(q, k, v, pattern, block_q, block_k, compute_wgs, bool(interpret))
+    if max_concurrent_steps < 1:
+        raise PatternError(f"max_concurrent_steps={max_concurrent_steps} must be >= 1.")
+    layout = build_layout(tuple(tuple(hp) for hp in pattern), t, block_q, block_k)
+    cfg = KernelConfig(interpret=bool(interpret), interpret_params=interpret_params,
+                       compute_wgs=compute_wgs,
+                       max_concurrent_steps=max_concurrent_steps,
+                       pv_from_registers=bool(pv_from_registers))
+    h = q.shape[2]
+    everyone = tuple(range(h))
+    if len(layout.groups) == 1 and layout.groups[0].heads == everyone:
+        out, lse = _group_forward(q, k, v, layout.groups[0], cfg)
+    else:
+        out = jnp.zeros_like(q)
+        lse = jnp.zeros((q.shape[0], h, t), jnp.float32)
+        for group in layout.groups:
+            idx = np.asarray(group.heads)
+            o, ls = _group_forward(q[:, :, idx], k[:, :, idx], v[:, :, idx], group, cfg)
+            out = out.at[:, :, idx].set(o)
+            lse = lse.at[:, idx].set(ls)
+    return (out, lse) if return_lse else out
