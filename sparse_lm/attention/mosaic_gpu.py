@@ -1,4 +1,4 @@
-"""Block-sparse flash attention forward in Pallas Mosaic GPU (``plgpu``), for Hopper.
+"""Block-sparse flash attention in Pallas Mosaic GPU (``plgpu``), for Hopper.
 
 Groundwork for a Mosaic GPU successor of ``pallas_gpu.py`` (Triton lowering, deprecated
 in JAX 0.11). Same block layout (``layout.build_layout``), same per-part decomposition
@@ -31,10 +31,18 @@ registers. Only the latter is exercised by the CPU tests.
 
 Parts of a head (merged strided: local + stride; merged fixed: block + summary) are one
 kernel launch each on permuted / gathered q, k, v (the ``pallas_gpu`` "v1" scheme) and
-are merged exactly through their log-sum-exps in XLA. Forward only: no VJP yet.
-Positions are not loaded: each part's order is a closed form (natural, strided, or the
-gathered summary columns), checked against the layout's ``q_pos`` / ``k_pos`` when the
-kernel is built.
+are merged exactly through their log-sum-exps in XLA. Positions are not loaded: each
+part's order is a closed form (natural, strided, or the gathered summary columns),
+checked against the layout's ``q_pos`` / ``k_pos`` when the kernel is built.
+
+Backward (``jax.custom_vjp`` per head group, see "backward" below): per part a dQ kernel
+(program = query tile, streaming the tile's K, V blocks from ``part.fwd``) and a dK/dV
+kernel (program = key tile, streaming Q, dO and (lse, delta) blocks from the transposed
+lists ``part.bwd`` of a second layout with the dK/dV tile sizes). Every part uses the
+merged lse and delta = rowsum(dO * O) - dlse, so the merge needs no backward; the
+permutations are undone and gathered summary keys scatter-added in XLA. wgmma forms as
+in the forward: SMEM operands with a fresh accumulator (interpret), or register
+operands accumulating in place (``pv_from_registers``, GPU only).
 """
 
 from __future__ import annotations
@@ -416,6 +424,414 @@ def _group_forward(q, k, v, group: GroupLayout, cfg: KernelConfig):
     return o.astype(q.dtype), lse
 
 
+# ------------------------------------------------------------------------- backward
+#
+# Two kernels per part, in the forward's style (one memory warpgroup streaming tiles by
+# TMA into ``max_concurrent_steps`` slots, compute warpgroups running wgmma), fed by
+# ``ld`` = [B, H, 2, T] float32: row 0 the final lse in base 2 (+inf for rows that see
+# no key, so p = 0), row 1 delta = rowsum(dO * O) - dlse. Both are the *merged* values:
+# for the union of a head's parts, dS = P (dP - delta) holds part by part, so the parts'
+# backwards are independent and there is no merge backward.
+
+
+def _stream(steps, n_slots, fetch, free_bars):
+    """Memory warpgroup: ``fetch(t, slot)`` for t < steps, refilling a slot once every
+    barrier of ``free_bars`` (one per stream, ``num_arrivals`` = compute warpgroups)
+    has flipped for it; then drains the last phases (required by the interpreter)."""
+    plgpu = _plgpu()
+    for i in range(n_slots):
+        pl.when(i < steps)(functools.partial(fetch, i, i))
+
+    @pl.loop(0, jnp.maximum(steps - n_slots, 0))
+    def _refill(j):
+        slot = lax.rem(j, n_slots)
+        for bar in free_bars:
+            plgpu.barrier_wait(bar.at[slot])
+        fetch(j + n_slots, slot)
+
+    for i in range(n_slots):
+        @pl.when(i < steps)
+        def _drain():
+            for bar in free_bars:
+                plgpu.barrier_wait(bar.at[i])
+
+
+def _wgmma_value(plgpu, shape, a, b):
+    """a @ b into a fresh float32 accumulator (both operands in SMEM)."""
+
+    def body(acc_ref):
+        plgpu.wgmma(acc_ref, a, b)
+        return acc_ref[...]
+
+    return pl.run_scoped(body, plgpu.ACC(shape, jnp.float32))
+
+
+def _accumulate(plgpu, acc, a, a_smem, b, in_place: bool):
+    """acc + a @ b. ``in_place`` (GPU only): wgmma with a from registers into acc itself
+    (``run_state``, as FA3); else a is stored to ``a_smem`` and added in registers."""
+    if in_place:
+        return pl.run_state(lambda acc_ref: plgpu.wgmma(acc_ref, a, b))(plgpu.ACC.init(acc))
+    a_smem[...] = a
+    plgpu.commit_smem()
+    return acc + _wgmma_value(plgpu, acc.shape, a_smem, b)
+
+
+def _launch(plgpu, entry, out_type, grid, grid_names, wgs, cfg, args):
+    params = {}
+    if cfg.interpret:
+        params["interpret"] = cfg.interpret_params or plgpu.InterpretGPUParams()
+    else:
+        params["compiler_params"] = plgpu.CompilerParams(approx_math=True)
+    return plgpu.kernel(entry, out_type=out_type, grid=grid, grid_names=grid_names,
+                        num_threads=wgs + 1, thread_name="wg", **params)(*args)
+
+
+def _dq_part(q, k, v, do, ld, part: PartLayout, cfg: KernelConfig, out_dtype):
+    """dq [B, T, H, D] of one part, in part order (layout ``part``: the forward's)."""
+    plgpu = _plgpu()
+    b, t, h, d = q.shape
+    dtype = q.dtype
+    bq, bk = part.block_q, part.block_k
+    wgs = cfg.compute_wgs
+    rows = bq // wgs
+    n_slots = cfg.max_concurrent_steps
+    rule = part.spec.rule
+    pos, lo = _positions(part)
+    per_head_lo = lo.shape[0] > 1
+    scale = d**-0.5
+    scale2 = scale * LOG2E
+    in_place = cfg.pv_from_registers
+
+    def kernel(tab_ref, lo_ref, q_ref, k_ref, v_ref, do_ref, ld_ref, dq_ref, scoped):
+        (q_smem, do_smem, ld_smem, k_smem, v_smem, ds_smem, out_smem), bars = scoped
+        k_ready, v_ready, q_ready, do_ready, ld_ready, k_free, v_free = bars
+        hi = lax.axis_index("heads")
+        qi = lax.axis_index("q_seq")
+        bi = lax.axis_index("batch")
+        wg = lax.axis_index("wg")
+        n_full = tab_ref[qi, 0]
+        steps = n_full + tab_ref[qi, 1]
+
+        @pl.when(wg < wgs)
+        def _compute():
+            row0 = qi * bq + wg * rows
+            qs, dos, lds = q_smem.at[wg], do_smem.at[wg], ld_smem.at[wg]
+            src = (bi, pl.ds(row0, rows), hi)
+            plgpu.copy_gmem_to_smem(q_ref.at[src], qs, q_ready.at[wg])
+            plgpu.copy_gmem_to_smem(do_ref.at[src], dos, do_ready.at[wg])
+            plgpu.copy_gmem_to_smem(ld_ref.at[bi, hi, :, pl.ds(row0, rows)], lds,
+                                    ld_ready.at[wg])
+            for bar in (q_ready, do_ready, ld_ready):
+                plgpu.barrier_wait(bar.at[wg])
+            row_layout = plgpu.Layout.WGMMA.reduce(1)
+            lse2 = plgpu.load(lds.at[0], layout=row_layout)
+            delta = plgpu.load(lds.at[1], layout=row_layout)
+            lo_h = lo_ref[hi] if per_head_lo else lo_ref[0]
+            wgmma_layout = plgpu.Layout.WGMMA
+            q_rows = plgpu.broadcasted_iota(jnp.int32, (rows, bk), 0, layout=wgmma_layout)
+            k_cols = plgpu.broadcasted_iota(jnp.int32, (rows, bk), 1, layout=wgmma_layout)
+            q_pos = pos.q(q_rows + row0)
+
+            def step(t_, dq, masked: bool):
+                slot = lax.rem(t_, n_slots)
+                plgpu.barrier_wait(k_ready.at[slot])
+                s = _wgmma_value(plgpu, (rows, bk), qs, k_smem.at[slot].T)
+                p = jnp.exp2(s * scale2 - lax.broadcast_in_dim(lse2, s.shape, [0]))
+                if masked:
+                    kb = tab_ref[qi, 2 + t_]
+                    k_pos = pos.k(k_cols + kb * bk, lo_h)
+                    p = jnp.where(rule.in_kernel(q_pos, k_pos), p, 0.0)
+                plgpu.barrier_wait(v_ready.at[slot])
+                dp = _wgmma_value(plgpu, (rows, bk), dos, v_smem.at[slot].T)
+                plgpu.barrier_arrive(v_free.at[slot])
+                ds = p * (dp - lax.broadcast_in_dim(delta, dp.shape, [0]))
+                dq = _accumulate(plgpu, dq, ds.astype(dtype),
+                                 None if in_place else ds_smem.at[wg], k_smem.at[slot],
+                                 in_place)
+                plgpu.barrier_arrive(k_free.at[slot])
+                return dq
+
+            dq = plgpu.layout_cast(jnp.zeros((rows, d), jnp.float32), wgmma_layout)
+            dq = lax.fori_loop(0, n_full, functools.partial(step, masked=False), dq)
+            dq = lax.fori_loop(n_full, steps, functools.partial(step, masked=True), dq)
+            os_ = out_smem.at[wg] if out_smem is not None else qs
+            os_[...] = (dq * scale).astype(out_dtype)
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(os_, dq_ref.at[src])
+            plgpu.wait_smem_to_gmem(0)
+
+        @pl.when(wg == wgs)
+        def _memory():
+            def fetch(t_, slot):
+                src = (bi, pl.ds(tab_ref[qi, 2 + t_] * bk, bk), hi)
+                plgpu.copy_gmem_to_smem(k_ref.at[src], k_smem.at[slot], k_ready.at[slot])
+                plgpu.copy_gmem_to_smem(v_ref.at[src], v_smem.at[slot], v_ready.at[slot])
+
+            _stream(steps, n_slots, fetch, (k_free, v_free))
+
+    def entry(tab_ref, lo_ref, q_ref, k_ref, v_ref, do_ref, ld_ref, dq_ref):
+        tr = _smem_transforms(dtype, d)
+        smem = (
+            plgpu.SMEM((wgs, rows, d), dtype, transforms=tr),  # Q
+            plgpu.SMEM((wgs, rows, d), dtype, transforms=tr),  # dO
+            plgpu.SMEM((wgs, 2, rows), jnp.float32),  # lse2, delta
+            plgpu.SMEM((n_slots, bk, d), dtype, transforms=tr),  # K
+            plgpu.SMEM((n_slots, bk, d), dtype, transforms=tr),  # V
+            None if in_place
+            else plgpu.SMEM((wgs, rows, bk), dtype, transforms=_smem_transforms(dtype, bk)),
+            None if jnp.dtype(out_dtype) == jnp.dtype(dtype)
+            else plgpu.SMEM((wgs, rows, d), out_dtype),
+        )
+        bars = (
+            plgpu.Barrier(num_barriers=n_slots),  # K landed
+            plgpu.Barrier(num_barriers=n_slots),  # V landed
+            plgpu.Barrier(num_barriers=wgs),  # Q landed
+            plgpu.Barrier(num_barriers=wgs),  # dO landed
+            plgpu.Barrier(num_barriers=wgs),  # lse, delta landed
+            plgpu.Barrier(num_arrivals=wgs, num_barriers=n_slots),  # K slot free
+            plgpu.Barrier(num_arrivals=wgs, num_barriers=n_slots),  # V slot free
+        )
+        pl.run_scoped(
+            lambda *scoped: kernel(tab_ref, lo_ref, q_ref, k_ref, v_ref, do_ref, ld_ref,
+                                   dq_ref, scoped),
+            smem, bars, collective_axes="wg")
+
+    return _launch(plgpu, entry, jax.ShapeDtypeStruct((b, t, h, d), out_dtype),
+                   (h, t // bq, b), ("heads", "q_seq", "batch"), wgs, cfg,
+                   (jnp.asarray(part.fwd), jnp.asarray(lo), q, k, v, do, ld))
+
+
+def _dkv_part(q, k, v, do, ld, part: PartLayout, cfg: KernelConfig, out_dtype):
+    """(dk, dv) [B, Tk, H, D] of one part, in part key order (gathered rows for a summary
+    part). ``part`` is the backward layout's: key tiles of ``block_k`` rows split over
+    the compute warpgroups, query blocks of ``block_q`` rows streamed from ``part.bwd``."""
+    plgpu = _plgpu()
+    b, t, h, d = q.shape
+    tk = k.shape[1]
+    dtype = q.dtype
+    bq, bk = part.block_q, part.block_k
+    wgs = cfg.compute_wgs
+    rows = bk // wgs  # key rows of one compute warpgroup
+    n_slots = cfg.max_concurrent_steps
+    rule = part.spec.rule
+    pos, lo = _positions(part)
+    per_head_lo = lo.shape[0] > 1
+    scale = d**-0.5
+    scale2 = scale * LOG2E
+    in_place = cfg.pv_from_registers
+
+    def kernel(tab_ref, lo_ref, q_ref, k_ref, v_ref, do_ref, ld_ref, dk_ref, dv_ref, scoped):
+        (k_smem, v_smem, q_smem, do_smem, ld_smem, t_smem, out_smem), bars = scoped
+        q_ready, do_ready, ld_ready, k_ready, v_ready, free = bars
+        hi = lax.axis_index("heads")
+        ki = lax.axis_index("k_seq")
+        bi = lax.axis_index("batch")
+        wg = lax.axis_index("wg")
+        n_full = tab_ref[ki, 0]
+        steps = n_full + tab_ref[ki, 1]
+
+        @pl.when(wg < wgs)
+        def _compute():
+            row0 = ki * bk + wg * rows
+            ks, vs = k_smem.at[wg], v_smem.at[wg]
+            src = (bi, pl.ds(row0, rows), hi)
+            plgpu.copy_gmem_to_smem(k_ref.at[src], ks, k_ready.at[wg])
+            plgpu.copy_gmem_to_smem(v_ref.at[src], vs, v_ready.at[wg])
+            plgpu.barrier_wait(k_ready.at[wg])
+            plgpu.barrier_wait(v_ready.at[wg])
+            lo_h = lo_ref[hi] if per_head_lo else lo_ref[0]
+            wgmma_layout = plgpu.Layout.WGMMA
+            col_layout = wgmma_layout.reduce(0)
+            k_rows = plgpu.broadcasted_iota(jnp.int32, (rows, bq), 0, layout=wgmma_layout)
+            q_cols = plgpu.broadcasted_iota(jnp.int32, (rows, bq), 1, layout=wgmma_layout)
+            k_pos = pos.k(k_rows + row0, lo_h)
+            ts = None if in_place else t_smem.at[wg]
+
+            def step(t_, carry, masked: bool):
+                dk, dv = carry
+                slot = lax.rem(t_, n_slots)
+                plgpu.barrier_wait(q_ready.at[slot])
+                st = _wgmma_value(plgpu, (rows, bq), ks, q_smem.at[slot].T)
+                plgpu.barrier_wait(ld_ready.at[slot])
+                lse2 = plgpu.load(ld_smem.at[slot, 0], layout=col_layout)
+                delta = plgpu.load(ld_smem.at[slot, 1], layout=col_layout)
+                pt = jnp.exp2(st * scale2 - lax.broadcast_in_dim(lse2, st.shape, [1]))
+                if masked:
+                    qb = tab_ref[ki, 2 + t_]
+                    q_pos = pos.q(q_cols + qb * bq)
+                    pt = jnp.where(rule.in_kernel(q_pos, k_pos), pt, 0.0)
+                plgpu.barrier_wait(do_ready.at[slot])
+                dv = _accumulate(plgpu, dv, pt.astype(dtype), ts, do_smem.at[slot], in_place)
+                dpt = _wgmma_value(plgpu, (rows, bq), vs, do_smem.at[slot].T)
+                dst = pt * (dpt - lax.broadcast_in_dim(delta, dpt.shape, [1]))
+                # ts is free again: the dV wgmma that read it has completed.
+                dk = _accumulate(plgpu, dk, dst.astype(dtype), ts, q_smem.at[slot], in_place)
+                plgpu.barrier_arrive(free.at[slot])
+                return dk, dv
+
+            zero = plgpu.layout_cast(jnp.zeros((rows, d), jnp.float32), wgmma_layout)
+            carry = lax.fori_loop(0, n_full, functools.partial(step, masked=False),
+                                  (zero, zero))
+            dk, dv = lax.fori_loop(n_full, steps, functools.partial(step, masked=True),
+                                   carry)
+            if out_smem is None:  # the K and V tiles are free: stage in place
+                ks[...] = (dk * scale).astype(out_dtype)
+                vs[...] = dv.astype(out_dtype)
+                plgpu.commit_smem()
+                plgpu.copy_smem_to_gmem(ks, dk_ref.at[src])
+                plgpu.copy_smem_to_gmem(vs, dv_ref.at[src])
+                plgpu.wait_smem_to_gmem(0)
+            else:  # one float32 staging tile, used twice (saves shared memory)
+                os_ = out_smem.at[wg]
+                os_[...] = dk * scale
+                plgpu.commit_smem()
+                plgpu.copy_smem_to_gmem(os_, dk_ref.at[src])
+                plgpu.wait_smem_to_gmem(0)
+                os_[...] = dv
+                plgpu.commit_smem()
+                plgpu.copy_smem_to_gmem(os_, dv_ref.at[src])
+                plgpu.wait_smem_to_gmem(0)
+
+        @pl.when(wg == wgs)
+        def _memory():
+            def fetch(t_, slot):
+                start = tab_ref[ki, 2 + t_] * bq
+                src = (bi, pl.ds(start, bq), hi)
+                plgpu.copy_gmem_to_smem(q_ref.at[src], q_smem.at[slot], q_ready.at[slot])
+                plgpu.copy_gmem_to_smem(do_ref.at[src], do_smem.at[slot], do_ready.at[slot])
+                plgpu.copy_gmem_to_smem(ld_ref.at[bi, hi, :, pl.ds(start, bq)],
+                                        ld_smem.at[slot], ld_ready.at[slot])
+
+            _stream(steps, n_slots, fetch, (free,))
+
+    def entry(tab_ref, lo_ref, q_ref, k_ref, v_ref, do_ref, ld_ref, dk_ref, dv_ref):
+        tr = _smem_transforms(dtype, d)
+        smem = (
+            plgpu.SMEM((wgs, rows, d), dtype, transforms=tr),  # K tile
+            plgpu.SMEM((wgs, rows, d), dtype, transforms=tr),  # V tile
+            plgpu.SMEM((n_slots, bq, d), dtype, transforms=tr),  # Q blocks
+            plgpu.SMEM((n_slots, bq, d), dtype, transforms=tr),  # dO blocks
+            plgpu.SMEM((n_slots, 2, bq), jnp.float32),  # lse2, delta blocks
+            None if in_place
+            else plgpu.SMEM((wgs, rows, bq), dtype, transforms=_smem_transforms(dtype, bq)),
+            None if jnp.dtype(out_dtype) == jnp.dtype(dtype)
+            else plgpu.SMEM((wgs, rows, d), out_dtype),
+        )
+        bars = (
+            plgpu.Barrier(num_barriers=n_slots),  # Q landed
+            plgpu.Barrier(num_barriers=n_slots),  # dO landed
+            plgpu.Barrier(num_barriers=n_slots),  # lse, delta landed
+            plgpu.Barrier(num_barriers=wgs),  # K tile landed
+            plgpu.Barrier(num_barriers=wgs),  # V tile landed
+            plgpu.Barrier(num_arrivals=wgs, num_barriers=n_slots),  # slot free
+        )
+        pl.run_scoped(
+            lambda *scoped: kernel(tab_ref, lo_ref, q_ref, k_ref, v_ref, do_ref, ld_ref,
+                                   dk_ref, dv_ref, scoped),
+            smem, bars, collective_axes="wg")
+
+    out = jax.ShapeDtypeStruct((b, tk, h, d), out_dtype)
+    return _launch(plgpu, entry, (out, out), (h, tk // bk, b), ("heads", "k_seq", "batch"),
+                   wgs, cfg, (jnp.asarray(part.bwd), jnp.asarray(lo), q, k, v, do, ld))
+
+
+def bwd_smem_bytes(d: int, dtype, dq_part: PartLayout, kv_part: PartLayout,
+                   cfg: KernelConfig, out_dtype) -> tuple[int, int]:
+    """Shared memory of (the dQ kernel, the dK/dV kernel), buffers only."""
+    size = jnp.dtype(dtype).itemsize
+    out_size = jnp.dtype(out_dtype).itemsize
+    staged = jnp.dtype(out_dtype) != jnp.dtype(dtype)
+    s = cfg.max_concurrent_steps
+    bq = dq_part.block_q
+    dq = 2 * bq * d * size + 2 * bq * 4 + 2 * s * dq_part.block_k * d * size
+    dq += 0 if cfg.pv_from_registers else bq * dq_part.block_k * size
+    dq += bq * d * out_size if staged else 0
+    bk, bqs = kv_part.block_k, kv_part.block_q
+    kv = 2 * bk * d * size + 2 * s * bqs * d * size + s * 2 * bqs * 4
+    kv += 0 if cfg.pv_from_registers else bk * bqs * size
+    kv += bk * d * out_size if staged else 0
+    return dq, kv
+
+
+def _scatter_keys(dx, dxg, part: PartLayout):
+    """dx plus the gradient of the gathered key rows dxg at their original rows (padding
+    rows read row 0 and carry exact zeros: they are masked in every kernel)."""
+    idx = part.k_index
+    if idx.shape[0] == 1:
+        return dx.at[:, jnp.asarray(idx[0])].add(dxg)
+    return dx.at[:, jnp.asarray(idx.T), jnp.arange(idx.shape[0])[None, :]].add(dxg)
+
+
+def _group_backward(q, k, v, o, lse, do, dlse, group: GroupLayout, kv_group: GroupLayout,
+                    cfg: KernelConfig):
+    dtype = q.dtype
+    d = q.shape[-1]
+    do = do.astype(dtype)
+    delta = jnp.sum(do.astype(jnp.float32) * o.astype(jnp.float32), axis=-1)
+    delta = jnp.swapaxes(delta, 1, 2) - dlse  # [B, Hg, T]
+    lse2 = jnp.where(lse == -jnp.inf, jnp.inf, lse * LOG2E)  # empty rows: p = 0
+    single = len(group.parts) == 1 and group.parts[0].k_index is None
+    dq = dk = dv = None
+    for part, kv_part in zip(group.parts, kv_group.parts):
+        out_dtype = dtype if single else _bwd_out_dtype(d, dtype, part, kv_part, cfg)
+        need = bwd_smem_bytes(d, dtype, part, kv_part, cfg, out_dtype)
+        if max(need) > SMEM_BUDGET and not cfg.interpret:
+            raise PatternError(
+                f"backward tiles need {need[0]} (dQ) and {need[1]} (dK/dV) bytes of shared "
+                f"memory, over the {SMEM_BUDGET} available: lower block_k, block_q_dkv, "
+                f"block_k_dkv or max_concurrent_steps (D={d}).")
+        qp, dop = _to_order(q, part, 1), _to_order(do, part, 1)
+        ld = jnp.stack([_to_order(lse2, part, 2), _to_order(delta, part, 2)], axis=2)
+        dqp = _dq_part(qp, _keys(k, part), _keys(v, part), dop, ld, part, cfg, out_dtype)
+        dqp = _from_order(dqp, part, 1)
+        # The dK/dV layout pads gathered keys to its own block_k: gather them again.
+        kp, vp = (_keys(k, kv_part), _keys(v, kv_part)) if part.k_index is not None \
+            else (_keys(k, part), _keys(v, part))
+        dkp, dvp = _dkv_part(qp, kp, vp, dop, ld, kv_part, cfg, out_dtype)
+        if single:
+            dq, dk, dv = dqp, _from_order(dkp, part, 1), _from_order(dvp, part, 1)
+            break
+        dq = dqp.astype(jnp.float32) + (0.0 if dq is None else dq)
+        if dk is None:
+            dk = dv = jnp.zeros(k.shape, jnp.float32)
+        if part.k_index is None:
+            dk = dk + _from_order(dkp, part, 1).astype(jnp.float32)
+            dv = dv + _from_order(dvp, part, 1).astype(jnp.float32)
+        else:
+            dk = _scatter_keys(dk, dkp.astype(jnp.float32), kv_part)
+            dv = _scatter_keys(dv, dvp.astype(jnp.float32), kv_part)
+    return dq.astype(dtype), dk.astype(dtype), dv.astype(dtype)
+
+
+def _bwd_out_dtype(d, dtype, part, kv_part, cfg):
+    """float32 partial gradients when parts are summed, unless their staging tile does
+    not fit in shared memory (then the input dtype: one more rounding per part)."""
+    if max(bwd_smem_bytes(d, dtype, part, kv_part, cfg, jnp.float32)) <= SMEM_BUDGET:
+        return jnp.float32
+    return dtype
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _group_attention(q, k, v, group: GroupLayout, kv_group: GroupLayout, cfg: KernelConfig):
+    """(o, lse) of one head group; differentiable (dq, dk, dv through the kernels above,
+    the lse cotangent through delta)."""
+    return _group_forward(q, k, v, group, cfg)
+
+
+def _group_attention_fwd(q, k, v, group, kv_group, cfg):
+    o, lse = _group_forward(q, k, v, group, cfg)
+    return (o, lse), (q, k, v, o, lse)
+
+
+def _group_attention_bwd(group, kv_group, cfg, res, cts):
+    q, k, v, o, lse = res
+    do, dlse = cts
+    return _group_backward(q, k, v, o, lse, do, dlse, group, kv_group, cfg)
+
+
+_group_attention.defvjp(_group_attention_fwd, _group_attention_bwd)
+
+
 # ------------------------------------------------------------------------ entry point
 
 
@@ -468,8 +884,14 @@ def attention(
     max_concurrent_steps: int = 2,
     pv_from_registers: bool | None = None,
     return_lse: bool = False,
+    block_q_dkv: int | None = None,
+    block_k_dkv: int | None = None,
 ):
-    """Block-sparse causal attention forward. q, k, v: [B, T, H, D] -> [B, T, H, D].
+    """Block-sparse causal attention. q, k, v: [B, T, H, D] -> [B, T, H, D].
+
+    Differentiable (``jax.custom_vjp`` per head group): the backward runs a dQ kernel
+    per part over the forward's block lists and a dK/dV kernel per part over the
+    transposed lists of a second layout with blocks (``block_q_dkv``, ``block_k_dkv``).
 
     Args:
       pattern: one entry per head (``PatternSpec.layer_pattern``); every pattern
@@ -481,7 +903,12 @@ def attention(
         multiple of 64 rows each); block_k: key rows per block (a multiple of 64).
       max_concurrent_steps: K/V SMEM slots of the TMA pipeline (>= 1).
       pv_from_registers: P V with P in registers (FA3; GPU only). None: not interpret.
-      return_lse: also return the natural log-sum-exp [B, H, T] (float32).
+      return_lse: also return the natural log-sum-exp [B, H, T] (float32); its
+        cotangent is differentiated too.
+      block_q_dkv: query rows per streamed block of the dK/dV kernel (a multiple of 64;
+        default 64); block_k_dkv: key rows per dK/dV program, split over
+        ``compute_wgs`` warpgroups (default 64 x compute_wgs). ``pv_from_registers``
+        also selects the backward's in-place register-operand wgmma (GPU only).
 
     Raises:
       PatternError (a ValueError) naming the constraint.
@@ -503,21 +930,35 @@ def attention(
     check_config(q, k, v, pattern, block_q, block_k, compute_wgs, bool(interpret))
     if max_concurrent_steps < 1:
         raise PatternError(f"max_concurrent_steps={max_concurrent_steps} must be >= 1.")
-    layout = build_layout(tuple(tuple(hp) for hp in pattern), t, block_q, block_k)
+    block_q_dkv = block_q_dkv or min(64, t)
+    block_k_dkv = block_k_dkv or min(WGMMA_M * compute_wgs, t)
+    if block_q_dkv % 64 or block_q_dkv > 256:
+        raise PatternError(f"block_q_dkv={block_q_dkv} must be a multiple of 64 and at most "
+                           "256 (the N of K Q^T and the swizzled K of P^T dO).")
+    if block_k_dkv % (compute_wgs * WGMMA_M):
+        raise PatternError(f"block_k_dkv={block_k_dkv} must be a multiple of {WGMMA_M} x "
+                           f"compute_wgs={compute_wgs}: each compute warpgroup of the dK/dV "
+                           "kernel owns block_k_dkv / compute_wgs key rows.")
+    pattern = tuple(tuple(hp) for hp in pattern)
+    layout = build_layout(pattern, t, block_q, block_k)
+    kv_layout = build_layout(pattern, t, block_q_dkv, block_k_dkv)
     cfg = KernelConfig(interpret=bool(interpret), interpret_params=interpret_params,
                        compute_wgs=compute_wgs,
                        max_concurrent_steps=max_concurrent_steps,
                        pv_from_registers=bool(pv_from_registers))
     h = q.shape[2]
     everyone = tuple(range(h))
-    if len(layout.groups) == 1 and layout.groups[0].heads == everyone:
-        out, lse = _group_forward(q, k, v, layout.groups[0], cfg)
+    groups = list(zip(layout.groups, kv_layout.groups))
+    assert all(g.heads == kg.heads for g, kg in groups)
+    if len(groups) == 1 and layout.groups[0].heads == everyone:
+        out, lse = _group_attention(q, k, v, *groups[0], cfg)
     else:
         out = jnp.zeros_like(q)
         lse = jnp.zeros((q.shape[0], h, t), jnp.float32)
-        for group in layout.groups:
+        for group, kv_group in groups:
             idx = np.asarray(group.heads)
-            o, ls = _group_forward(q[:, :, idx], k[:, :, idx], v[:, :, idx], group, cfg)
+            o, ls = _group_attention(q[:, :, idx], k[:, :, idx], v[:, :, idx], group,
+                                     kv_group, cfg)
             out = out.at[:, :, idx].set(o)
             lse = lse.at[:, idx].set(ls)
     return (out, lse) if return_lse else out
