@@ -17,7 +17,9 @@ on the free [B, T/l, l, H, D] view, parts chained in one online-softmax state, n
 log-sum-exp merge); its rows record whether the v2 kernels were really used
 (``fused_taken``: False means the group fell back to v1). ``--variants`` also checks and
 times the v1 path (``fuse_parts=False``: permuted copies, XLA merge) in the same run, as
-rows ``ours_<bq>x<bk>_v1``. ``--shapes 1x65536x8x64,...`` picks shapes (B x T x H x D).
+rows ``ours_<bq>x<bk>_v1``. ``--mosaic`` adds the experimental Mosaic GPU kernel
+(``sparse_lm/attention/mosaic_gpu.py``, bf16 only) to the check and the timings, as rows
+``ours_mosaic``. ``--shapes 1x65536x8x64,...`` picks shapes (B x T x H x D).
 """
 
 from __future__ import annotations
@@ -50,11 +52,24 @@ RESULTS: dict = {"check": [], "timings": [], "errors": [], "layout": []}
 # (impl-name suffix, extra pallas_gpu.attention options) of the kernel paths to time.
 DEFAULT_VARIANT = ("", {})  # v2, fuse_parts=True
 V1_VARIANT = ("_v1", {"fuse_parts": False})
+# The experimental Mosaic GPU kernel (sparse_lm/attention/mosaic_gpu.py), at its own tiles.
+MOSAIC_VARIANT = ("_mosaic", {"kernel": "mosaic_gpu"})
 SHAPES = [(2, 16384, 8, 64), (1, 65536, 8, 64), (2, 16384, 8, 128)]
 
 
-def variants(with_v1: bool) -> list[tuple[str, dict]]:
-    return [DEFAULT_VARIANT, V1_VARIANT] if with_v1 else [DEFAULT_VARIANT]
+def variants(with_v1: bool, with_mosaic: bool = False) -> list[tuple[str, dict]]:
+    return ([DEFAULT_VARIANT] + ([V1_VARIANT] if with_v1 else [])
+            + ([MOSAIC_VARIANT] if with_mosaic else []))
+
+
+def kernel_fn(opts: dict):
+    """The kernel a variant names (``kernel``: pallas_gpu by default) with its options."""
+    opts = dict(opts)
+    if opts.pop("kernel", "pallas_gpu") == "mosaic_gpu":
+        from sparse_lm.attention import mosaic_gpu
+
+        return functools.partial(mosaic_gpu.attention, **opts)
+    return functools.partial(pallas_gpu.attention, **opts)
 
 
 def parse_blocks(text: str) -> list[tuple[int, int]]:
@@ -170,7 +185,7 @@ def value_and_grads(fn):
     return jax.jit(f)
 
 
-def gpu_check(quick: bool, with_v1: bool = False) -> None:
+def gpu_check(quick: bool, with_v1: bool = False, with_mosaic: bool = False) -> None:
     bf, f32 = jnp.bfloat16, jnp.float32
     cases = [
         (PatternSpec("strided", 64, combine="merged"), 64, bf),
@@ -187,6 +202,8 @@ def gpu_check(quick: bool, with_v1: bool = False) -> None:
     runs = [(c, DEFAULT_VARIANT) for c in (cases[:3] if quick else cases)]
     if with_v1:
         runs += [(c, V1_VARIANT) for c in (cases[:3] if quick else cases)]
+    if with_mosaic:  # wgmma takes half precision only on the GPU
+        runs += [(c, MOSAIC_VARIANT) for c in (cases[:3] if quick else cases) if c[2] == bf]
     for (spec, d, dt), (suffix, opts) in runs:
         # v2 at T=4096 so that l=64 columns (64 rows) hold whole 64-row blocks.
         b, t, h = 1, 1024 if suffix else 4096, 4
@@ -196,7 +213,7 @@ def gpu_check(quick: bool, with_v1: bool = False) -> None:
             pat = spec.layer_pattern(layer, h)
             try:
                 o, grads = value_and_grads(
-                    lambda *a: pallas_gpu.attention(*a, pat, **opts))(q, k, v, g)
+                    lambda *a: kernel_fn(opts)(*a, pat))(q, k, v, g)
                 f32s = [x.astype(jnp.float32) for x in (q, k, v, g)]
                 # The reference at full float32 precision (XLA's GPU default is tf32).
                 with jax.default_matmul_precision("highest"):
@@ -240,7 +257,7 @@ def ours_fn(spec: PatternSpec, h: int, **opts):
     pat = spec.layer_pattern(0, h)
 
     def fwd(q, k, v):
-        return pallas_gpu.attention(q, k, v, pat, **opts)
+        return kernel_fn(opts)(q, k, v, pat)
 
     return fwd
 
@@ -307,7 +324,7 @@ def guarded(what, fn):
 
 
 def bench_shape(shape, quick: bool, sweep: bool, with_v1: bool = False,
-                blocks: list[tuple[int, int]] | None = None) -> None:
+                blocks: list[tuple[int, int]] | None = None, with_mosaic: bool = False) -> None:
     b, t, h, d = shape
     key = jax.random.PRNGKey(t + d)
     q, k, v, do = (jax.random.normal(kk, shape, jnp.float32).astype(jnp.bfloat16)
@@ -348,7 +365,14 @@ def bench_shape(shape, quick: bool, sweep: bool, with_v1: bool = False,
         if auto not in configs:
             configs.append(auto)
         for bq, bk in configs:
-            for suffix, opts in variants(with_v1):
+            for suffix, opts in variants(with_v1, with_mosaic):
+                if opts.get("kernel") == "mosaic_gpu":
+                    if (bq, bk) != configs[0]:
+                        continue  # once per pattern, at the Mosaic kernel's own tiles
+                    r = guarded(f"ours{suffix} {name} {shape}", lambda: timed(ours_fn(spec, h, **opts)))
+                    if r:
+                        record(shape, f"ours{suffix}", name, *r, pairs)
+                    continue
                 extra = None
                 if not suffix:
                     extra = dict(fused_taken=guarded(
@@ -468,6 +492,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--no-sweep", action="store_true")
     ap.add_argument("--variants", action="store_true",
                     help="also check and time the v1 path (fuse_parts=False) beside the default v2")
+    ap.add_argument("--mosaic", action="store_true",
+                    help="also check and time the experimental Mosaic GPU kernel (rows ours_mosaic)")
     ap.add_argument("--shapes", type=parse_shapes, default=None,
                     help="comma-separated BxTxHxD shapes to time (default: the issue's three; "
                          "--quick: the first)")
@@ -487,14 +513,15 @@ def main() -> None:
     log("device", RESULTS["device"], "jax", jax.__version__)
     t0 = time.time()
     if not args.skip_check:
-        gpu_check(args.quick, args.variants)
+        gpu_check(args.quick, args.variants, args.mosaic)
     log(f"check done in {time.time() - t0:.0f}s")
     shapes = args.shapes or (SHAPES[:1] if args.quick else SHAPES)
     try:
         for i, shape in enumerate(shapes):
             sweep = i == 0 and not args.no_sweep
             guarded(f"bench {shape}",
-                    lambda: bench_shape(shape, args.quick, sweep, args.variants, args.blocks))
+                    lambda: bench_shape(shape, args.quick, sweep, args.variants, args.blocks,
+                                        args.mosaic))
             log(f"shape {shape} done at {time.time() - t0:.0f}s")
             with open(args.out, "w") as f:
                 json.dump(RESULTS, f, indent=1, default=str)

@@ -62,7 +62,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.attention.summary = 4  # the paper's c (fixed)
     c.attention.combine = "merged"  # interleaved | merged | multihead
     c.attention.distinct_summaries = False
-    c.attention.impl = "auto"  # auto | reference | pallas_gpu | pallas_tpu | cudnn_dense
+    c.attention.impl = "auto"  # auto | reference | pallas_gpu | mosaic_gpu (experimental) | pallas_tpu | cudnn_dense
 
     c.optim = ml_collections.ConfigDict()
     c.optim.learning_rate = 1e-3
@@ -116,7 +116,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
         pattern_spec(config).validate(seq_len=d.seq_len, num_heads=m.num_heads)
     except PatternError as e:
         raise ConfigError(f"config.attention: {e}") from None
-    impls = ("auto", "reference", "pallas_gpu", "pallas_tpu", "cudnn_dense")
+    impls = ("auto", "reference", "pallas_gpu", "mosaic_gpu", "pallas_tpu", "cudnn_dense")
     if config.attention.impl not in impls:
         raise ConfigError(
             f"config.attention.impl={config.attention.impl!r}; choose one of {', '.join(impls)}."

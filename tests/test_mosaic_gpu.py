@@ -320,3 +320,20 @@ def test_backward_kernels_have_no_races():
     dk, dv = mosaic_gpu._dkv_part(q, k, k, do, ld, kv_part, cfg, jnp.float32)
     assert bool(jnp.isfinite(dk).all() & jnp.isfinite(dv).all())
     assert not interpret_pallas_call.get_races().races_found
+
+
+def test_selected_through_the_attention_dispatcher_and_config():
+    """``impl="mosaic_gpu"`` reaches this kernel (interpret mode off GPU), so models and
+    benchmarks can opt in by config; it stays out of ``auto`` until measured on a GPU."""
+    from sparse_lm.attention import attention, auto_impl_for
+    from sparse_lm.config import base_config, validate
+
+    spec = PatternSpec("fixed", 64, 16)
+    pattern = spec.layer_pattern(0, SHAPE[2])
+    q, k, v = inputs(SHAPE, jnp.float32)
+    out = attention(q, k, v, pattern, impl="mosaic_gpu")
+    assert rel_err(out, reference(q, k, v, pattern)) < TOL[jnp.float32]
+    assert auto_impl_for(pattern, jnp.bfloat16, platform="gpu") == "pallas_gpu"
+    c = base_config()
+    c.attention.impl = "mosaic_gpu"
+    validate(c)

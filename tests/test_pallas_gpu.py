@@ -270,6 +270,10 @@ def test_bench_script_variants_parse_and_take_the_fused_path_at_bench_shapes():
     assert [s for s, _ in bench.variants(True)] == ["", "_v1"]
     assert bench.variants(False) == [bench.DEFAULT_VARIANT]
     assert bench.V1_VARIANT[1] == {"fuse_parts": False}
+    assert [s for s, _ in bench.variants(False, True)] == ["", "_mosaic"]
+    assert bench.parse_args(["o.json", "--mosaic"]).mosaic and not args.mosaic
+    assert bench.kernel_fn(bench.MOSAIC_VARIANT[1]).func.__module__ == "sparse_lm.attention.mosaic_gpu"
+    assert bench.kernel_fn(bench.V1_VARIANT[1]).keywords == {"fuse_parts": False}
     assert args.shapes is None and args.blocks is None  # main(): the three shapes
     assert bench.parse_args(["o.json", "--blocks", "64x64,32x32"]).blocks == [(64, 64), (32, 32)]
     assert bench.parse_args(["o.json", "--shapes", "1x65536x8x64,2x4096x4x128"]).shapes == [

@@ -52,6 +52,10 @@ def _load(impl: str) -> AttentionFn:
             from sparse_lm.attention import pallas_tpu
 
             IMPLEMENTATIONS[impl] = pallas_tpu.attention
+        elif impl == "mosaic_gpu":
+            from sparse_lm.attention import mosaic_gpu
+
+            IMPLEMENTATIONS[impl] = mosaic_gpu.attention
         elif impl == "cudnn_dense":
             from sparse_lm.attention.cudnn import cudnn_dense_attention
 
@@ -59,7 +63,7 @@ def _load(impl: str) -> AttentionFn:
         else:
             raise PatternError(
                 f"unknown attention impl {impl!r}; choose 'auto', 'reference', "
-                "'pallas_gpu', 'pallas_tpu' or 'cudnn_dense'."
+                "'pallas_gpu', 'mosaic_gpu' (experimental), 'pallas_tpu' or 'cudnn_dense'."
             )
     return IMPLEMENTATIONS[impl]
 
@@ -112,7 +116,7 @@ def attention(
     if name == "reference":
         return fn(q, k, v, pattern, **options)
     q, k = adapt.equalize_head_dims(q, k, v)
-    if name == "pallas_gpu" and (mesh := adapt.ambient_mesh()) is not None:
+    if name in ("pallas_gpu", "mosaic_gpu") and (mesh := adapt.ambient_mesh()) is not None:
         return adapt.run_sharded(fn, q, k, v, pattern, mesh, **options)
     # pallas_tpu shards itself (it shards splash's per-head schedule as well), and
     # cuDNN attention is an XLA custom call that the partitioner handles.
