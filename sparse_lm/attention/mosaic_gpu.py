@@ -63,6 +63,7 @@ from sparse_lm.attention.layout import (
     PartLayout,
     build_layout,
 )
+from sparse_lm.attention.part_order import from_order, merge, part_keys, scatter_keys, to_order
 from sparse_lm.attention.patterns import LayerPattern, PatternError
 
 LOG2E = math.log2(math.e)
@@ -157,6 +158,63 @@ def _smem_transforms(dtype, minor: int):
     return (plgpu.TilingTransform((8, swizzle * 8 // bits)), plgpu.SwizzleTransform(swizzle))
 
 
+def _stream(steps, n_slots, fetch, free_bars):
+    """Memory warpgroup: ``fetch(t, slot)`` for t < steps, refilling a slot once every
+    barrier of ``free_bars`` (one per stream, ``num_arrivals`` = compute warpgroups)
+    has flipped for it; then drains the last phases (required by the interpreter)."""
+    plgpu = _plgpu()
+    for i in range(n_slots):
+        pl.when(i < steps)(functools.partial(fetch, i, i))
+
+    @pl.loop(0, jnp.maximum(steps - n_slots, 0))
+    def _refill(j):
+        slot = lax.rem(j, n_slots)
+        # Every wait before the copies: a slot's barriers flip once per use, and the
+        # compute warpgroups release the streams in order (K before V).
+        for bar in free_bars:
+            plgpu.barrier_wait(bar.at[slot])
+        fetch(j + n_slots, slot)
+
+    # Drain: observe the last release of every used slot. Free on the GPU (this warpgroup
+    # is idle by now) and required by the interpreter, which rejects deallocating a
+    # barrier whose completed phases a waiting thread missed.
+    for i in range(n_slots):
+        @pl.when(i < steps)
+        def _drain():
+            for bar in free_bars:
+                plgpu.barrier_wait(bar.at[i])
+
+
+def _wgmma_value(plgpu, shape, a, b):
+    """a @ b into a fresh float32 accumulator (both operands in SMEM)."""
+
+    def body(acc_ref):
+        plgpu.wgmma(acc_ref, a, b)
+        return acc_ref[...]
+
+    return pl.run_scoped(body, plgpu.ACC(shape, jnp.float32))
+
+
+def _accumulate(plgpu, acc, a, a_smem, b, in_place: bool):
+    """acc + a @ b. ``in_place`` (GPU only): wgmma with a from registers into acc itself
+    (``run_state``, as FA3); else a is stored to ``a_smem`` and added in registers."""
+    if in_place:
+        return pl.run_state(lambda acc_ref: plgpu.wgmma(acc_ref, a, b))(plgpu.ACC.init(acc))
+    a_smem[...] = a
+    plgpu.commit_smem()
+    return acc + _wgmma_value(plgpu, acc.shape, a_smem, b)
+
+
+def _launch(plgpu, entry, out_type, grid, grid_names, wgs, cfg, args):
+    params = {}
+    if cfg.interpret:
+        params["interpret"] = cfg.interpret_params or plgpu.InterpretGPUParams()
+    else:
+        params["compiler_params"] = plgpu.CompilerParams(approx_math=True)
+    return plgpu.kernel(entry, out_type=out_type, grid=grid, grid_names=grid_names,
+                        num_threads=wgs + 1, thread_name="wg", **params)(*args)
+
+
 def _part_forward(q, k, v, part: PartLayout, cfg: KernelConfig, out_dtype):
     """(o [B, T, H, D] out_dtype, lse [B, H, T] float32) of one part, in part order.
 
@@ -173,8 +231,6 @@ def _part_forward(q, k, v, part: PartLayout, cfg: KernelConfig, out_dtype):
     pos, lo = _positions(part)
     per_head_lo = lo.shape[0] > 1
     scale2 = d**-0.5 * LOG2E  # scores in base 2
-    tab = jnp.asarray(part.fwd)
-    lo_arr = jnp.asarray(lo)
 
     def kernel(tab_ref, lo_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, scoped):
         (q_smem, k_smem, v_smem, p_smem, o_smem, lse_smem), bars = scoped
@@ -202,12 +258,7 @@ def _part_forward(q, k, v, part: PartLayout, cfg: KernelConfig, out_dtype):
                 acc, m_prev, l_prev = carry
                 slot = lax.rem(t_, n_slots)
                 plgpu.barrier_wait(k_ready.at[slot])
-
-                def qk(s_ref):
-                    plgpu.wgmma(s_ref, qs, k_smem.at[slot].T)
-                    return s_ref[...]
-
-                s = pl.run_scoped(qk, plgpu.ACC((rows, bk), jnp.float32))
+                s = _wgmma_value(plgpu, (rows, bk), qs, k_smem.at[slot].T)
                 plgpu.barrier_arrive(k_free.at[slot])
                 s = s * scale2
                 if masked:
@@ -222,22 +273,10 @@ def _part_forward(q, k, v, part: PartLayout, cfg: KernelConfig, out_dtype):
                 l_next = alpha * l_prev + p.sum(axis=1)
                 acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
                 plgpu.barrier_wait(v_ready.at[slot])
-                if cfg.pv_from_registers:
-                    # FA3: P from registers, accumulate in place (GPU only: the
-                    # interpreter has no register-LHS wgmma and no run_state).
-                    acc = pl.run_state(
-                        lambda acc_ref: plgpu.wgmma(acc_ref, p.astype(dtype), v_smem.at[slot])
-                    )(plgpu.ACC.init(acc))
-                else:
-                    ps = p_smem.at[wg]
-                    ps[...] = p.astype(dtype)
-                    plgpu.commit_smem()
-
-                    def pv(pv_ref):
-                        plgpu.wgmma(pv_ref, ps, v_smem.at[slot])
-                        return pv_ref[...]
-
-                    acc = acc + pl.run_scoped(pv, plgpu.ACC((rows, d), jnp.float32))
+                # FA3 (pv_from_registers, GPU only): P from registers into acc in place.
+                acc = _accumulate(plgpu, acc, p.astype(dtype),
+                                  None if cfg.pv_from_registers else p_smem.at[wg],
+                                  v_smem.at[slot], cfg.pv_from_registers)
                 plgpu.barrier_arrive(v_free.at[slot])
                 return acc, m_next, l_next
 
@@ -269,26 +308,7 @@ def _part_forward(q, k, v, part: PartLayout, cfg: KernelConfig, out_dtype):
                 plgpu.copy_gmem_to_smem(k_ref.at[src], k_smem.at[slot], k_ready.at[slot])
                 plgpu.copy_gmem_to_smem(v_ref.at[src], v_smem.at[slot], v_ready.at[slot])
 
-            for i in range(n_slots):
-                pl.when(i < steps)(functools.partial(fetch, i, i))
-
-            @pl.loop(0, jnp.maximum(steps - n_slots, 0))
-            def _refill(j):
-                slot = lax.rem(j, n_slots)
-                # Both waits before the copies: the barriers of slot ``slot`` flip once
-                # per use, and the compute warpgroups release K before V.
-                plgpu.barrier_wait(k_free.at[slot])
-                plgpu.barrier_wait(v_free.at[slot])
-                fetch(j + n_slots, slot)
-
-            # Drain: observe the last release of every used slot. Free on the GPU (this
-            # warpgroup is idle by now) and required by the interpreter, which rejects
-            # deallocating a barrier whose completed phases a waiting thread missed.
-            for i in range(n_slots):
-                @pl.when(i < steps)
-                def _drain():
-                    plgpu.barrier_wait(k_free.at[i])
-                    plgpu.barrier_wait(v_free.at[i])
+            _stream(steps, n_slots, fetch, (k_free, v_free))
 
     def entry(tab_ref, lo_ref, q_ref, k_ref, v_ref, o_ref, lse_ref):
         qkv_tr = _smem_transforms(dtype, d)
@@ -315,64 +335,10 @@ def _part_forward(q, k, v, part: PartLayout, cfg: KernelConfig, out_dtype):
             smem, bars, collective_axes="wg",
         )
 
-    params = {}
-    if cfg.interpret:
-        params["interpret"] = cfg.interpret_params or plgpu.InterpretGPUParams()
-    else:
-        params["compiler_params"] = plgpu.CompilerParams(approx_math=True)
-    o, lse = plgpu.kernel(
-        entry,
-        out_type=(jax.ShapeDtypeStruct((b, t, h, d), out_dtype),
-                  jax.ShapeDtypeStruct((b, h, t), jnp.float32)),
-        grid=(h, t // bq, b),
-        grid_names=("heads", "q_seq", "batch"),
-        num_threads=wgs + 1,
-        thread_name="wg",
-        **params,
-    )(tab, lo_arr, q, k, v)
-    return o, lse
-
-
-# ----------------------------------------------------- orders, gathers and the merge
-
-
-def _to_order(x, part: PartLayout, axis: int):
-    if part.spec.order == "natural":
-        return x
-    l, t = part.spec.l, x.shape[axis]  # noqa: E741
-    y = x.reshape(x.shape[:axis] + (t // l, l) + x.shape[axis + 1 :])
-    return jnp.swapaxes(y, axis, axis + 1).reshape(x.shape)
-
-
-def _from_order(x, part: PartLayout, axis: int):
-    if part.spec.order == "natural":
-        return x
-    l, t = part.spec.l, x.shape[axis]  # noqa: E741
-    y = x.reshape(x.shape[:axis] + (l, t // l) + x.shape[axis + 1 :])
-    return jnp.swapaxes(y, axis, axis + 1).reshape(x.shape)
-
-
-def _keys(x, part: PartLayout):
-    """The part's key rows: the query order, or the gathered summary columns."""
-    if part.k_index is None:
-        return _to_order(x, part, axis=1)
-    idx = part.k_index
-    if idx.shape[0] == 1:
-        return jnp.take(x, jnp.asarray(idx[0]), axis=1)
-    return jnp.take_along_axis(x, jnp.asarray(idx.T)[None, :, :, None], axis=1)
-
-
-def _merge(outs):
-    """(o, lse) of the union of disjoint parts from the parts' (o, lse)."""
-    lses = jnp.stack([lse for _, lse in outs])  # [P, B, H, T]
-    top = jnp.max(lses, axis=0)
-    top = jnp.where(top == -jnp.inf, 0.0, top)
-    w = jnp.exp(lses - top)
-    total = jnp.sum(w, axis=0)
-    w = w / jnp.where(total > 0, total, 1.0)
-    o = sum(o * jnp.swapaxes(wp, 1, 2)[..., None] for (o, _), wp in zip(outs, w))
-    lse = jnp.where(total > 0, top + jnp.log(jnp.where(total > 0, total, 1.0)), -jnp.inf)
-    return o, lse
+    out_type = (jax.ShapeDtypeStruct((b, t, h, d), out_dtype),
+                jax.ShapeDtypeStruct((b, h, t), jnp.float32))
+    return _launch(plgpu, entry, out_type, (h, t // bq, b), ("heads", "q_seq", "batch"), wgs,
+                   cfg, (jnp.asarray(part.fwd), jnp.asarray(lo), q, k, v))
 
 
 # Shared memory per block on H100/H200 (227 KiB, what Mosaic GPU checks against when
@@ -415,12 +381,12 @@ def _group_forward(q, k, v, group: GroupLayout, cfg: KernelConfig):
                 f"available: lower block_k, block_q or max_concurrent_steps (D={d}, "
                 f"block_q={part.block_q}, block_k={part.block_k}, "
                 f"max_concurrent_steps={cfg.max_concurrent_steps}).")
-        o, lse = _part_forward(_to_order(q, part, 1), _keys(k, part), _keys(v, part), part,
+        o, lse = _part_forward(to_order(q, part, 1), part_keys(k, part), part_keys(v, part), part,
                                cfg, out_dtype)
-        outs.append((_from_order(o, part, 1), _from_order(lse, part, 2)))
+        outs.append((from_order(o, part, 1), from_order(lse, part, 2)))
     if not merged:
         return outs[0]
-    o, lse = _merge(outs)
+    o, lse = merge(outs)
     return o.astype(q.dtype), lse
 
 
@@ -432,58 +398,6 @@ def _group_forward(q, k, v, group: GroupLayout, cfg: KernelConfig):
 # no key, so p = 0), row 1 delta = rowsum(dO * O) - dlse. Both are the *merged* values:
 # for the union of a head's parts, dS = P (dP - delta) holds part by part, so the parts'
 # backwards are independent and there is no merge backward.
-
-
-def _stream(steps, n_slots, fetch, free_bars):
-    """Memory warpgroup: ``fetch(t, slot)`` for t < steps, refilling a slot once every
-    barrier of ``free_bars`` (one per stream, ``num_arrivals`` = compute warpgroups)
-    has flipped for it; then drains the last phases (required by the interpreter)."""
-    plgpu = _plgpu()
-    for i in range(n_slots):
-        pl.when(i < steps)(functools.partial(fetch, i, i))
-
-    @pl.loop(0, jnp.maximum(steps - n_slots, 0))
-    def _refill(j):
-        slot = lax.rem(j, n_slots)
-        for bar in free_bars:
-            plgpu.barrier_wait(bar.at[slot])
-        fetch(j + n_slots, slot)
-
-    for i in range(n_slots):
-        @pl.when(i < steps)
-        def _drain():
-            for bar in free_bars:
-                plgpu.barrier_wait(bar.at[i])
-
-
-def _wgmma_value(plgpu, shape, a, b):
-    """a @ b into a fresh float32 accumulator (both operands in SMEM)."""
-
-    def body(acc_ref):
-        plgpu.wgmma(acc_ref, a, b)
-        return acc_ref[...]
-
-    return pl.run_scoped(body, plgpu.ACC(shape, jnp.float32))
-
-
-def _accumulate(plgpu, acc, a, a_smem, b, in_place: bool):
-    """acc + a @ b. ``in_place`` (GPU only): wgmma with a from registers into acc itself
-    (``run_state``, as FA3); else a is stored to ``a_smem`` and added in registers."""
-    if in_place:
-        return pl.run_state(lambda acc_ref: plgpu.wgmma(acc_ref, a, b))(plgpu.ACC.init(acc))
-    a_smem[...] = a
-    plgpu.commit_smem()
-    return acc + _wgmma_value(plgpu, acc.shape, a_smem, b)
-
-
-def _launch(plgpu, entry, out_type, grid, grid_names, wgs, cfg, args):
-    params = {}
-    if cfg.interpret:
-        params["interpret"] = cfg.interpret_params or plgpu.InterpretGPUParams()
-    else:
-        params["compiler_params"] = plgpu.CompilerParams(approx_math=True)
-    return plgpu.kernel(entry, out_type=out_type, grid=grid, grid_names=grid_names,
-                        num_threads=wgs + 1, thread_name="wg", **params)(*args)
 
 
 def _dq_part(q, k, v, do, ld, part: PartLayout, cfg: KernelConfig, out_dtype):
@@ -753,15 +667,6 @@ def bwd_smem_bytes(d: int, dtype, dq_part: PartLayout, kv_part: PartLayout,
     return dq, kv
 
 
-def _scatter_keys(dx, dxg, part: PartLayout):
-    """dx plus the gradient of the gathered key rows dxg at their original rows (padding
-    rows read row 0 and carry exact zeros: they are masked in every kernel)."""
-    idx = part.k_index
-    if idx.shape[0] == 1:
-        return dx.at[:, jnp.asarray(idx[0])].add(dxg)
-    return dx.at[:, jnp.asarray(idx.T), jnp.arange(idx.shape[0])[None, :]].add(dxg)
-
-
 def _group_backward(q, k, v, o, lse, do, dlse, group: GroupLayout, kv_group: GroupLayout,
                     cfg: KernelConfig):
     dtype = q.dtype
@@ -780,26 +685,26 @@ def _group_backward(q, k, v, o, lse, do, dlse, group: GroupLayout, kv_group: Gro
                 f"backward tiles need {need[0]} (dQ) and {need[1]} (dK/dV) bytes of shared "
                 f"memory, over the {SMEM_BUDGET} available: lower block_k, block_q_dkv, "
                 f"block_k_dkv or max_concurrent_steps (D={d}).")
-        qp, dop = _to_order(q, part, 1), _to_order(do, part, 1)
-        ld = jnp.stack([_to_order(lse2, part, 2), _to_order(delta, part, 2)], axis=2)
-        dqp = _dq_part(qp, _keys(k, part), _keys(v, part), dop, ld, part, cfg, out_dtype)
-        dqp = _from_order(dqp, part, 1)
+        qp, dop = to_order(q, part, 1), to_order(do, part, 1)
+        ld = jnp.stack([to_order(lse2, part, 2), to_order(delta, part, 2)], axis=2)
+        dqp = _dq_part(qp, part_keys(k, part), part_keys(v, part), dop, ld, part, cfg, out_dtype)
+        dqp = from_order(dqp, part, 1)
         # The dK/dV layout pads gathered keys to its own block_k: gather them again.
-        kp, vp = (_keys(k, kv_part), _keys(v, kv_part)) if part.k_index is not None \
-            else (_keys(k, part), _keys(v, part))
+        kp, vp = (part_keys(k, kv_part), part_keys(v, kv_part)) if part.k_index is not None \
+            else (part_keys(k, part), part_keys(v, part))
         dkp, dvp = _dkv_part(qp, kp, vp, dop, ld, kv_part, cfg, out_dtype)
         if single:
-            dq, dk, dv = dqp, _from_order(dkp, part, 1), _from_order(dvp, part, 1)
+            dq, dk, dv = dqp, from_order(dkp, part, 1), from_order(dvp, part, 1)
             break
         dq = dqp.astype(jnp.float32) + (0.0 if dq is None else dq)
         if dk is None:
             dk = dv = jnp.zeros(k.shape, jnp.float32)
         if part.k_index is None:
-            dk = dk + _from_order(dkp, part, 1).astype(jnp.float32)
-            dv = dv + _from_order(dvp, part, 1).astype(jnp.float32)
+            dk = dk + from_order(dkp, part, 1).astype(jnp.float32)
+            dv = dv + from_order(dvp, part, 1).astype(jnp.float32)
         else:
-            dk = _scatter_keys(dk, dkp.astype(jnp.float32), kv_part)
-            dv = _scatter_keys(dv, dvp.astype(jnp.float32), kv_part)
+            dk = scatter_keys(dk, dkp.astype(jnp.float32), kv_part)
+            dv = scatter_keys(dv, dvp.astype(jnp.float32), kv_part)
     return dq.astype(dtype), dk.astype(dtype), dv.astype(dtype)
 
 

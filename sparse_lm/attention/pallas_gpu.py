@@ -32,6 +32,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from sparse_lm.attention.layout import GroupLayout, Layout, MaskRule, PartLayout, build_layout
+from sparse_lm.attention.part_order import from_order, merge, part_keys, scatter_keys, to_order
 from sparse_lm.attention.patterns import LayerPattern, PatternError
 
 LOG2E = math.log2(math.e)
@@ -353,65 +354,18 @@ def _part_bwd(part, cfg, res, cts):
 _part_attention.defvjp(_part_fwd, _part_bwd)
 
 
-# ---------------------------------------------------------- orders, gathers and merging
-
-
-def _to_order(x: jax.Array, part: PartLayout, axis: int) -> jax.Array:
-    """Rows of x (along ``axis``) in the part's query order."""
-    if part.spec.order == "natural":
-        return x
-    l, t = part.spec.l, x.shape[axis]  # noqa: E741
-    # Reshape to [T/l, l] and transpose: a copy, but of contiguous tiles.
-    y = x.reshape(x.shape[:axis] + (t // l, l) + x.shape[axis + 1 :])
-    return jnp.swapaxes(y, axis, axis + 1).reshape(x.shape)
-
-
-def _from_order(x: jax.Array, part: PartLayout, axis: int) -> jax.Array:
-    if part.spec.order == "natural":
-        return x
-    l, t = part.spec.l, x.shape[axis]  # noqa: E741
-    y = x.reshape(x.shape[:axis] + (l, t // l) + x.shape[axis + 1 :])
-    return jnp.swapaxes(y, axis, axis + 1).reshape(x.shape)
-
-
-def _keys(x: jax.Array, part: PartLayout) -> jax.Array:
-    """Key rows of the part: the query order, or the gathered summary columns."""
-    if part.k_index is None:
-        return _to_order(x, part, axis=1)
-    idx = part.k_index
-    if idx.shape[0] == 1:
-        return jnp.take(x, jnp.asarray(idx[0]), axis=1)
-    # Per-head columns (distinct summaries): idx [Hg, Tk] -> [1, Tk, Hg, 1].
-    return jnp.take_along_axis(x, jnp.asarray(idx.T)[None, :, :, None], axis=1)
-
-
-def _merge(outs: list[tuple[jax.Array, jax.Array]]) -> jax.Array:
-    """Exact softmax over the union of disjoint parts from their (o, lse) pairs."""
-    lses = jnp.stack([lse for _, lse in outs])  # [P, B, H, T]
-    top = jnp.max(lses, axis=0)
-    # o is invariant to the shift, so no gradient flows through it.
-    top = lax.stop_gradient(jnp.where(top == -jnp.inf, 0.0, top))
-    weights = jnp.exp(lses - top)  # 0 for a part where the row is empty
-    total = jnp.sum(weights, axis=0)
-    weights = weights / jnp.where(total > 0, total, 1.0)
-    out = 0.0
-    for (o, _), w in zip(outs, weights):
-        out = out + o * jnp.swapaxes(w, 1, 2)[..., None]
-    return out
-
-
 def _group_attention(q, k, v, group: GroupLayout, cfg: KernelConfig, out_dtype):
     outs = []
     merged = len(group.parts) > 1
     part_cfg = dataclasses.replace(cfg, out_dtype=jnp.float32 if merged else out_dtype)
     for part in group.parts:
         o, lse = _part_attention(
-            _to_order(q, part, 1), _keys(k, part), _keys(v, part), part, part_cfg
+            to_order(q, part, 1), part_keys(k, part), part_keys(v, part), part, part_cfg
         )
-        outs.append((_from_order(o, part, 1), _from_order(lse, part, 2)))
+        outs.append((from_order(o, part, 1), from_order(lse, part, 2)))
     if not merged:
         return outs[0][0]
-    return _merge(outs).astype(out_dtype)
+    return merge(outs)[0].astype(out_dtype)
 
 
 # ------------------------------------------------------------- v2: fused parts (default)
@@ -688,25 +642,13 @@ def _dkv_call_v2(q, k, v, do, lse, delta, dkv0, part: PartLayout, cfg: KernelCon
     return rows.unview(dk), rows.unview(dv)
 
 
-def _scatter_keys(dx: jax.Array, dxg: jax.Array, part: PartLayout) -> jax.Array:
-    """dx plus the gradient of the gathered key rows dxg, scattered to their positions.
-
-    Padding rows read position 0 but are masked in every kernel, so their rows are 0.
-    """
-    idx = part.k_index
-    if idx.shape[0] == 1:
-        return dx.at[:, jnp.asarray(idx[0])].add(dxg)
-    heads = jnp.arange(idx.shape[0])[None, :]
-    return dx.at[:, jnp.asarray(idx.T), heads].add(dxg)
-
-
 def _fused_forward(q, k, v, group: GroupLayout, cfg: KernelConfig):
     state = None
     last = len(group.parts) - 1
     for p, part in enumerate(group.parts):
         out_dtype = q.dtype if p == last else jnp.float32
-        state = _fwd_call_v2(q, _keys(k, part) if part.k_index is not None else k,
-                             _keys(v, part) if part.k_index is not None else v,
+        state = _fwd_call_v2(q, part_keys(k, part) if part.k_index is not None else k,
+                             part_keys(v, part) if part.k_index is not None else v,
                              state, part, cfg, out_dtype)
     return state
 
@@ -734,8 +676,8 @@ def _fused_bwd(group, cfg, res, do):
     dq = None
     for n, part in enumerate(group.parts):
         last = n == len(group.parts) - 1
-        kp = _keys(k, part) if part.k_index is not None else k
-        vp = _keys(v, part) if part.k_index is not None else v
+        kp = part_keys(k, part) if part.k_index is not None else k
+        vp = part_keys(v, part) if part.k_index is not None else v
         dq = _dq_call_v2(q, kp, vp, do, lse, delta, dq, part, cfg,
                          dtype if last else jnp.float32)
     dkv = None
@@ -746,10 +688,10 @@ def _fused_bwd(group, cfg, res, do):
     if gathered:
         dk, dv = dkv if dkv is not None else (jnp.zeros(k.shape, jnp.float32),) * 2
         for part in gathered:
-            dkg, dvg = _dkv_call_v2(q, _keys(k, part), _keys(v, part), do, lse, delta, None,
+            dkg, dvg = _dkv_call_v2(q, part_keys(k, part), part_keys(v, part), do, lse, delta, None,
                                     part, cfg, jnp.float32)
-            dk = _scatter_keys(dk, dkg, part)
-            dv = _scatter_keys(dv, dvg, part)
+            dk = scatter_keys(dk, dkg, part)
+            dv = scatter_keys(dv, dvg, part)
         dkv = (dk.astype(dtype), dv.astype(dtype))
     return (dq, *dkv)
 
