@@ -72,27 +72,25 @@ def kernel_fn(opts: dict):
     return functools.partial(pallas_gpu.attention, **opts)
 
 
-def parse_blocks(text: str) -> list[tuple[int, int]]:
-    """'64x64,32x32' -> [(64, 64), (32, 32)] (block_q x block_k)."""
+def _dims_list(text: str, n: int, what: str) -> list[tuple[int, ...]]:
+    """'AxB,CxD' -> [(A, B), (C, D)], each item ``n`` integers joined by 'x'."""
     out = []
     for item in filter(None, text.split(",")):
         dims = item.lower().split("x")
-        if len(dims) != 2 or not all(x.isdigit() for x in dims):
-            raise argparse.ArgumentTypeError(f"tile {item!r} is not QxK, e.g. 64x64")
-        out.append((int(dims[0]), int(dims[1])))
+        if len(dims) != n or not all(x.isdigit() for x in dims):
+            raise argparse.ArgumentTypeError(f"{item!r} is not {what}")
+        out.append(tuple(int(x) for x in dims))
     return out
+
+
+def parse_blocks(text: str) -> list[tuple[int, int]]:
+    """'64x64,32x32' -> [(64, 64), (32, 32)] (block_q x block_k)."""
+    return _dims_list(text, 2, "a tile QxK, e.g. 64x64")
 
 
 def parse_shapes(text: str) -> list[tuple[int, int, int, int]]:
     """'2x16384x8x64,1x65536x8x64' -> [(2, 16384, 8, 64), (1, 65536, 8, 64)]."""
-    shapes = []
-    for item in filter(None, text.split(",")):
-        dims = item.lower().split("x")
-        if len(dims) != 4 or not all(x.isdigit() for x in dims):
-            raise argparse.ArgumentTypeError(
-                f"shape {item!r} is not BxTxHxD (four integers joined by 'x', e.g. 1x65536x8x64)")
-        shapes.append(tuple(int(x) for x in dims))
-    return shapes
+    return _dims_list(text, 4, "a shape BxTxHxD (four integers joined by 'x', e.g. 1x65536x8x64)")
 
 
 @functools.lru_cache(maxsize=None)

@@ -39,7 +39,7 @@ sys.path.insert(0, str(REPO))
 
 from configs.quality import PATTERNS, SUITES  # noqa: E402
 from sparse_lm.metrics import read_metrics  # noqa: E402
-from sparse_lm.plots import plot_runs  # noqa: E402
+from sparse_lm.plots import plot_runs, training_start  # noqa: E402
 
 TITLES = {
     "text": "Python stdlib sources, T=2,048",
@@ -129,7 +129,7 @@ def run_summary(workdir: Path) -> dict | None:
     evals = [r for r in records if r["kind"] == "eval_valid"]
     if not evals:
         return None
-    start = next((r for r in records if r["kind"] == "compiled"), records[0])
+    start = training_start(records)
     train = [r for r in records if r["kind"] == "train" and "tokens_per_second" in r]
     return {
         "steps": evals[-1]["step"],

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from sparse_lm.attention import PatternError, PatternSpec
+from sparse_lm.attention import IMPL_NAMES, PatternError, PatternSpec
 
 
 class ConfigError(ValueError):
@@ -116,10 +116,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
         pattern_spec(config).validate(seq_len=d.seq_len, num_heads=m.num_heads)
     except PatternError as e:
         raise ConfigError(f"config.attention: {e}") from None
-    impls = ("auto", "reference", "pallas_gpu", "mosaic_gpu", "pallas_tpu", "cudnn_dense")
-    if config.attention.impl not in impls:
+    if config.attention.impl not in IMPL_NAMES:
         raise ConfigError(
-            f"config.attention.impl={config.attention.impl!r}; choose one of {', '.join(impls)}."
+            f"config.attention.impl={config.attention.impl!r}; choose one of {', '.join(IMPL_NAMES)}."
         )
     accum = config.optim.grad_accum_steps
     if accum < 1 or d.batch_size % accum:

@@ -8,20 +8,23 @@ from typing import Sequence
 from sparse_lm.metrics import read_metrics
 
 
-def run_curve(workdir: str | Path, split: str = "valid") -> tuple[list[int], list[float], list[float]]:
-    """(steps, seconds of training, bits per byte) of a run's evaluations.
+def training_start(records: list[dict]) -> dict:
+    """The record training time counts from: the first ``compiled`` record (written once
+    the first step, which carries the compilation, has finished), or the first record in
+    runs written before that record existed."""
+    return next((r for r in records if r["kind"] == "compiled"), records[0])
 
-    Seconds count from the run's first ``compiled`` record (written once the first step,
-    which carries the compilation, has finished), or from its first record in runs
-    written before that record existed.
-    """
+
+def run_curve(workdir: str | Path, split: str = "valid") -> tuple[list[int], list[float], list[float]]:
+    """(steps, seconds of training (from ``training_start``), bits per byte) of a run's
+    evaluations."""
     records = read_metrics(workdir)
     if not records:
         raise ValueError(f"{workdir} has no metrics.jsonl; is it a training run's folder?")
     evals = [r for r in records if r["kind"] == f"eval_{split}"]
     if not evals:
         raise ValueError(f"{workdir} has no eval_{split} records; train with train.eval_every > 0.")
-    t0 = next((r for r in records if r["kind"] == "compiled"), records[0])["time"]
+    t0 = training_start(records)["time"]
     return (
         [r["step"] for r in evals],
         [r["time"] - t0 for r in evals],

@@ -8,6 +8,7 @@ block-sparse kernel otherwise), and the reference elsewhere.
 
 from __future__ import annotations
 
+import importlib
 from typing import Callable
 
 import jax
@@ -34,6 +35,15 @@ AttentionFn = Callable[[jax.Array, jax.Array, jax.Array, LayerPattern], jax.Arra
 # impl name -> function(q, k, v, pattern, **options). Kernels add themselves lazily in
 # _load(), so importing this package never imports Pallas.
 IMPLEMENTATIONS: dict[str, AttentionFn] = {"reference": reference_attention}
+# impl name -> (module, function) of the kernels, imported on first use.
+KERNELS = {
+    "pallas_gpu": ("sparse_lm.attention.pallas_gpu", "attention"),
+    "mosaic_gpu": ("sparse_lm.attention.mosaic_gpu", "attention"),
+    "pallas_tpu": ("sparse_lm.attention.pallas_tpu", "attention"),
+    "cudnn_dense": ("sparse_lm.attention.cudnn", "cudnn_dense_attention"),
+}
+# Every value config.attention.impl may take.
+IMPL_NAMES = ("auto", "reference", *KERNELS)
 # Which impl "auto" picks on each platform; platforms not listed use the reference.
 AUTO_IMPL = {"gpu": "pallas_gpu", "tpu": "pallas_tpu"}
 # A layer whose every head is dense causal has nothing for a block-sparse kernel to skip;
@@ -44,27 +54,14 @@ _DENSE_HEAD: HeadPattern = (Component("causal"),)
 
 def _load(impl: str) -> AttentionFn:
     if impl not in IMPLEMENTATIONS:
-        if impl == "pallas_gpu":
-            from sparse_lm.attention import pallas_gpu
-
-            IMPLEMENTATIONS[impl] = pallas_gpu.attention
-        elif impl == "pallas_tpu":
-            from sparse_lm.attention import pallas_tpu
-
-            IMPLEMENTATIONS[impl] = pallas_tpu.attention
-        elif impl == "mosaic_gpu":
-            from sparse_lm.attention import mosaic_gpu
-
-            IMPLEMENTATIONS[impl] = mosaic_gpu.attention
-        elif impl == "cudnn_dense":
-            from sparse_lm.attention.cudnn import cudnn_dense_attention
-
-            IMPLEMENTATIONS[impl] = cudnn_dense_attention
-        else:
+        if impl not in KERNELS:
             raise PatternError(
-                f"unknown attention impl {impl!r}; choose 'auto', 'reference', "
-                "'pallas_gpu', 'mosaic_gpu' (experimental), 'pallas_tpu' or 'cudnn_dense'."
+                f"unknown attention impl {impl!r}; choose one of "
+                + ", ".join(repr(name) for name in IMPL_NAMES)
+                + " ('mosaic_gpu' is experimental)."
             )
+        module, function = KERNELS[impl]
+        IMPLEMENTATIONS[impl] = getattr(importlib.import_module(module), function)
     return IMPLEMENTATIONS[impl]
 
 
@@ -125,6 +122,7 @@ def attention(
 
 __all__ = [
     "AUTO_IMPL",
+    "IMPL_NAMES",
     "COMBINES",
     "IMPLEMENTATIONS",
     "PATTERNS",
