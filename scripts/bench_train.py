@@ -41,7 +41,7 @@ from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from sparse_lm import config as config_lib  # noqa: E402
-from sparse_lm import distributed, sharding  # noqa: E402
+from sparse_lm import distributed, profiling, sharding  # noqa: E402
 from sparse_lm.attention import allowed_pairs, resolve_impl  # noqa: E402
 from sparse_lm.train import TrainProgram  # noqa: E402
 
@@ -54,6 +54,9 @@ flags.DEFINE_float("peak_tflops", 0.0, "Dense bf16 peak per device; 0: from the 
 flags.DEFINE_bool("find_max_batch", False, "Also binary-search the largest global batch that fits.")
 flags.DEFINE_integer("max_batch", 4096, "Upper bound of the --find_max_batch search (rows).")
 flags.DEFINE_float("device_memory_gb", 0.0, "Memory per device for --find_max_batch; 0: the allocator's limit.")
+flags.DEFINE_string("profile", None, "Folder: after timing, trace --profile_steps steps with the JAX profiler "
+                    "and print device kernel time per category and kernel name (one subfolder per impl).")
+flags.DEFINE_integer("profile_steps", 2, "Steps traced with --profile.")
 flags.DEFINE_bool("smoke", False, "Quick check: configs/enwik8.py:smoke (unless --config), 2 warm-up and 3 timed steps (bfloat16 on GPU).")
 flags.mark_flag_as_required("out")
 FLAGS = flags.FLAGS
@@ -161,9 +164,11 @@ def memory_report(compiled) -> dict:
     return out
 
 
-def time_steps(bench: Bench, compiled, batch_size: int) -> list[float]:
+def time_steps(bench: Bench, compiled, batch_size: int, profile_dir: str | None = None
+               ) -> tuple[list[float], dict | None]:
     """Seconds of each timed step; every step waits for the whole new state, so a step's
-    time includes its optimizer update and nothing of the next step."""
+    time includes its optimizer update and nothing of the next step. With ``profile_dir``,
+    then traces ``--profile_steps`` more steps and returns their kernel breakdown."""
     state = bench.init_on_mesh()
     batch = bench.random_batch(batch_size)
     for _ in range(max(1, FLAGS.warmup)):  # at least one: the first call pays one-off costs
@@ -178,8 +183,22 @@ def time_steps(bench: Bench, compiled, batch_size: int) -> list[float]:
     loss = float(jax.device_get(metrics["loss"]))
     if not np.isfinite(loss):
         raise FloatingPointError(f"the benchmarked step produced a non-finite loss {loss}")
+    breakdown = None
+    if profile_dir:
+        held = {"state": state}
+
+        def step():
+            held["state"], m = compiled(held["state"], batch)  # the state is donated
+            return held["state"], m
+
+        profiling.profile(step, profile_dir, FLAGS.profile_steps)
+        state = held["state"]
+        try:
+            breakdown = profiling.kernel_breakdown(profile_dir, steps=FLAGS.profile_steps)
+        except ValueError as e:  # CPU: the trace is there (host events) but has no kernels
+            breakdown = {"error": str(e), "trace_dir": profile_dir}
     del state
-    return times
+    return times, breakdown
 
 
 def device_memory_limit() -> int | None:
@@ -199,8 +218,12 @@ def fits(bench: Bench, batch_size: int, limit: int) -> tuple[bool, int | None]:
     return peak is not None and peak <= limit, peak
 
 
-def find_max_batch(bench: Bench) -> dict:
-    """Largest global batch whose compiled peak fits the device memory (compile only)."""
+def find_max_batch(bench: Bench, known_fit: int = 0) -> dict:
+    """Largest global batch whose compiled peak fits the device memory (compile only).
+
+    ``known_fit``: a batch already compiled and run (the timed one), where the
+    doubling search starts instead of at one unit: each probe is a full compile.
+    """
     limit = device_memory_limit()
     if limit is None:
         return {"error": "device memory unknown: pass --device_memory_gb"}
@@ -215,9 +238,13 @@ def find_max_batch(bench: Bench) -> dict:
         log(f"  batch {k * unit}: peak {gib(peak)} -> {'fits' if good else 'too big'}")
         return good
 
-    if not ok(1):
-        return {"max_batch": 0, "limit_bytes": limit, "tried": tried}
-    lo, hi = 1, 2
+    log(f"  memory limit per device: {gib(limit)}")
+    start = max(1, known_fit // unit)
+    if not ok(start):
+        if start == 1 or not ok(1):
+            return {"max_batch": 0, "limit_bytes": limit, "tried": tried}
+        start = 1
+    lo, hi = start, 2 * start
     while hi * unit <= FLAGS.max_batch and ok(hi):
         lo, hi = hi, hi * 2
     hi = min(hi, FLAGS.max_batch // unit + 1)
@@ -245,7 +272,8 @@ def run_impl(base: ml_collections.ConfigDict, impl: str) -> dict:
         + ", ".join(f"{k.replace('_in_bytes', '').replace('_bytes', '')}={gib(v)}" for k, v in mem.items()))
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
-    times = time_steps(bench, compiled, b)
+    profile_dir = os.path.join(FLAGS.profile, impl) if FLAGS.profile else None
+    times, breakdown = time_steps(bench, compiled, b, profile_dir)
     step_s = statistics.median(times)
     flops = model_flops(config, impl if impl == "cudnn_dense" else resolved)
     tokens = b * config.data.seq_len
@@ -271,9 +299,13 @@ def run_impl(base: ml_collections.ConfigDict, impl: str) -> dict:
     }
     log(f"[{resolved}] median step {step_s * 1e3:.1f} ms, {result['tokens_per_s']:,.0f} tokens/s, "
         f"{result['model_tflops_per_s']:.1f} model TFLOP/s")
+    if breakdown is not None:
+        result["profile"] = breakdown
+        log(f"[{resolved}] profile: {breakdown['error']}" if "error" in breakdown
+            else profiling.format_breakdown(f"[{resolved}] profile ({profile_dir})", breakdown, step_s * 1e3))
     if FLAGS.find_max_batch:
         log(f"[{resolved}] searching the largest batch that fits:")
-        result["max_batch"] = find_max_batch(bench)
+        result["max_batch"] = find_max_batch(bench, known_fit=b)
     del compiled, bench
     jax.clear_caches()  # the next impl's compile should not keep this one's executables
     return result

@@ -344,3 +344,34 @@ def test_layers_scan_over_any_depth_when_the_pattern_does_not_alternate():
     assert model.period == 1
     assert model.layer_groups.blocks[0].ff.w_in.shape == (3, 32, 128)
     assert model(random_tokens()).shape == (2, SEQ_LEN, 256)
+
+
+@pytest.mark.parametrize("rate,width", [(0.4, 8), (0.1, 8), (0.01, 16), (0.5, 8), (1e-6, 32)])
+def test_dropout_mask_drops_the_rate_it_reports(rate, width):
+    from sparse_lm.model import dropout_keep_mask
+
+    shape = (8, 1024, 33)  # element count not a multiple of 4: the last word is cut
+    keep, p_keep = dropout_keep_mask(jax.random.key(3), rate, shape)
+    assert keep.shape == shape and keep.dtype == jnp.bool_
+    # The reported keep probability is the asked rate rounded to a multiple of 2^-width.
+    assert p_keep == pytest.approx(1 - round(rate * 2**width) / 2**width if rate > 1e-5 else 1 - 1 / 2**32)
+    assert abs((1 - p_keep) - rate) <= 0.02 * rate + 2**-32
+    n = keep.size
+    frac = float(keep.mean())
+    # Within 5 standard deviations of a Bernoulli(p_keep) mean.
+    assert abs(frac - p_keep) < 5 * (p_keep * (1 - p_keep) / n) ** 0.5 + 1e-9
+    # Neighbouring elements (bytes of one 32-bit word) are not correlated.
+    flat = np.asarray(keep).reshape(-1)[: n - n % 4].reshape(-1, 4).astype(np.float64)
+    if rate > 1e-5:
+        c = np.corrcoef(flat[:, 0], flat[:, 1])[0, 1]
+        assert abs(c) < 0.02
+
+
+def test_dropout_keeps_the_expected_value():
+    from sparse_lm.model import _dropout
+
+    x = jnp.ones((64, 4096), jnp.float32)
+    y = _dropout(x, 0.4, jax.random.key(0))
+    assert float(y.mean()) == pytest.approx(1.0, abs=0.01)
+    kept = np.asarray(y)[np.asarray(y) != 0]
+    np.testing.assert_allclose(kept, 1 / (1 - 102 / 256), rtol=1e-6)

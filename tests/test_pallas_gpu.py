@@ -305,3 +305,95 @@ def test_default_tiles_follow_the_strided_columns():
     assert blocks(1024, PatternSpec("strided", 64)) == (64, 64)  # 16: v1 at its best tiles
     assert blocks(12288, PatternSpec("fixed", 128, 32)) == (64, 64)  # no column constraint
     assert blocks(32, PatternSpec("dense")) == (32, 32)
+
+
+def test_uneven_parts_launch_their_longest_tiles_first():
+    from sparse_lm.attention.layout import build_layout
+
+    pattern = PatternSpec("fixed", 16, 4).layer_pattern(0, 2)
+    block, summary = build_layout(pattern, 256, 16, 16).groups[0].parts
+    assert summary.k_index is not None and block.k_index is None
+    # Summary queries: later tiles visit more key blocks -> tile axis last, reversed.
+    grid, remap = pallas_gpu._launch_order(summary.fwd, 3, 2, heavy_first=True)
+    assert grid == (2, 3, 16)
+    spec = remap(pl.BlockSpec((16,), lambda i, j, n: (i, j, n)))
+    assert spec.index_map(1, 2, 0) == (15, 2, 1)  # (head, batch, tile 0) -> last tile
+    # Summary keys: earlier key tiles are seen by more queries -> not reversed.
+    grid, remap = pallas_gpu._launch_order(summary.bwd, 3, 2, heavy_first=True)
+    spec = remap(pl.BlockSpec((16,), lambda i, j, n: (i, j, n)))
+    assert grid == (2, 3, 4) and spec.index_map(1, 2, 0) == (0, 2, 1)
+    # Even work (the block part) and heavy_first=False keep the tile-major grid.
+    assert pallas_gpu._launch_order(block.fwd, 3, 2, heavy_first=True)[0] == (16, 3, 2)
+    assert pallas_gpu._launch_order(summary.fwd, 3, 2, heavy_first=False)[0] == (16, 3, 2)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_longest_first_order_gives_the_same_results(dtype):
+    spec = PatternSpec("fixed", 16, 4, combine="merged")
+    pattern = spec.layer_pattern(0, 2)
+    shape = (2, 256, 2, 64)
+    assert_matches_reference(spec, 0, shape, dtype, block_q=16, block_k=16)
+    q, k, v, g = fresh_inputs(shape, dtype)
+    a = output_and_grads(lambda *x: pallas_gpu.attention(*x, pattern, block_q=16, block_k=16), q, k, v, g)
+    b = output_and_grads(lambda *x: pallas_gpu.attention(*x, pattern, block_q=16, block_k=16,
+                                                         heavy_first=False), q, k, v, g)
+    for what, x, y in zip(("out", "dq", "dk", "dv"), a, b):
+        np.testing.assert_array_equal(np.asarray(x, np.float32), np.asarray(y, np.float32), err_msg=what)
+
+
+ATOMIC_DQ_CASES = [
+    (PatternSpec("fixed", 16, 4, combine="merged"), 0, (1, 256, 2, 64), jnp.float32),
+    (PatternSpec("fixed", 16, 4, combine="merged"), 0, (2, 128, 2, 64), jnp.bfloat16),
+    (PatternSpec("fixed", 16, 4, combine="multihead", distinct_summaries=True), 0, (1, 128, 4, 64),
+     jnp.float32),
+    (PatternSpec("fixed", 16, 4, combine="interleaved"), 1, (1, 128, 2, 128), jnp.float32),
+]
+
+
+@pytest.mark.parametrize("spec,layer,shape,dtype", ATOMIC_DQ_CASES,
+                         ids=["merged-f32", "merged-bf16-B2", "multihead-distinct", "summary-layer-D128"])
+def test_atomic_dq_matches_reference_and_the_split_kernels(spec, layer, shape, dtype):
+    opts = dict(block_q=16, block_k=16, atomic_dq=True)
+    assert_matches_reference(spec, layer, shape, dtype, **opts)
+    pattern = spec.layer_pattern(layer, shape[2])
+    assert "sparse_attn_bwd_dkv_dq_v2" in kernel_names(pattern, shape, **opts)
+    q, k, v, g = fresh_inputs(shape, dtype)
+    fused = output_and_grads(lambda *x: pallas_gpu.attention(*x, pattern, **opts), q, k, v, g)
+    split = output_and_grads(lambda *x: pallas_gpu.attention(*x, pattern, block_q=16, block_k=16),
+                             q, k, v, g)
+    tol = 1e-2 if dtype == jnp.bfloat16 else 1e-5
+    for what, x, y in zip(("out", "dq", "dk", "dv"), fused, split):
+        assert bool(jnp.isfinite(x).all()), what
+        assert rel_err(x, y) < tol, what
+
+
+def test_atomic_dq_leaves_patterns_without_summary_columns_unchanged():
+    pattern = PatternSpec("strided", 16).layer_pattern(0, 2)
+    assert kernel_names(pattern, (1, 256, 2, 64), block_q=16, block_k=16, atomic_dq=True) == {
+        "sparse_attn_fwd_v2", "sparse_attn_bwd_dq_v2", "sparse_attn_bwd_dkv_v2"}
+
+
+@pytest.mark.parametrize("name,opts", [("strided", {}), ("fixed", {}), ("fixed", {"atomic_dq": True})],
+                         ids=["strided", "fixed", "fixed-atomic-dq"])
+def test_kernels_lower_for_cuda_at_the_benchmark_shape(name, opts):
+    """The real Triton lowering (not the interpreter) on a CPU machine: an abstract H100
+    stands in for the GPU, so the launch order, aliasing and atomics of the GPU path are
+    lowered in CI, not first on the GPU."""
+    spec = PatternSpec(name, 128, 32, combine="merged")
+    pattern = spec.layer_pattern(0, 8)
+    x = jax.ShapeDtypeStruct((2, 16384, 8, 64), jnp.bfloat16)
+
+    def grads(q, k, v):
+        loss = lambda *a: pallas_gpu.attention(*a, pattern, interpret=False, **opts).astype(jnp.float32).sum()  # noqa: E731
+        return jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
+
+    device = jax.sharding.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=None, platform="gpu")
+    mesh = jax.sharding.AbstractMesh((1,), ("x",), abstract_device=device)
+    with jax.sharding.use_abstract_mesh(mesh):
+        text = jax.jit(grads).trace(x, x, x).lower(lowering_platforms=("cuda",)).as_text()
+    import re
+
+    kernels = set(re.findall(r"sparse_attn_\w+?_v2\b", text))
+    want = {"sparse_attn_fwd_v2", "sparse_attn_bwd_dkv_v2"}
+    want.add("sparse_attn_bwd_dkv_dq_v2" if opts else "sparse_attn_bwd_dq_v2")
+    assert want <= kernels, kernels

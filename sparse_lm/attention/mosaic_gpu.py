@@ -205,7 +205,15 @@ def _accumulate(plgpu, acc, a, a_smem, b, in_place: bool):
     return acc + _wgmma_value(plgpu, acc.shape, a_smem, b)
 
 
-def _launch(plgpu, entry, out_type, grid, grid_names, wgs, cfg, args):
+def _name(kind: str, part: PartLayout) -> str:
+    """mgpu_attn_<fwd|dq|dkv>_<summary|strided|natural>: the kernel's name in profiles."""
+    return f"mgpu_attn_{kind}_{'summary' if part.spec.summary else part.spec.order}"
+
+
+def _launch(plgpu, entry, out_type, grid, grid_names, wgs, cfg, args, name: str):
+    # The kernel's name in profiles is taken from the body's: one per kernel kind and
+    # part kind, so a trace tells the forward, dQ and dK/dV of each part apart.
+    entry.__name__ = entry.__qualname__ = name
     params = {}
     if cfg.interpret:
         params["interpret"] = cfg.interpret_params or plgpu.InterpretGPUParams()
@@ -338,7 +346,7 @@ def _part_forward(q, k, v, part: PartLayout, cfg: KernelConfig, out_dtype):
     out_type = (jax.ShapeDtypeStruct((b, t, h, d), out_dtype),
                 jax.ShapeDtypeStruct((b, h, t), jnp.float32))
     return _launch(plgpu, entry, out_type, (h, t // bq, b), ("heads", "q_seq", "batch"), wgs,
-                   cfg, (jnp.asarray(part.fwd), jnp.asarray(lo), q, k, v))
+                   cfg, (jnp.asarray(part.fwd), jnp.asarray(lo), q, k, v), _name("fwd", part))
 
 
 # Shared memory per block on H100/H200 (227 KiB, what Mosaic GPU checks against when
@@ -512,7 +520,7 @@ def _dq_part(q, k, v, do, ld, part: PartLayout, cfg: KernelConfig, out_dtype):
 
     return _launch(plgpu, entry, jax.ShapeDtypeStruct((b, t, h, d), out_dtype),
                    (h, t // bq, b), ("heads", "q_seq", "batch"), wgs, cfg,
-                   (jnp.asarray(part.fwd), jnp.asarray(lo), q, k, v, do, ld))
+                   (jnp.asarray(part.fwd), jnp.asarray(lo), q, k, v, do, ld), _name("dq", part))
 
 
 def _dkv_part(q, k, v, do, ld, part: PartLayout, cfg: KernelConfig, out_dtype):
@@ -646,7 +654,8 @@ def _dkv_part(q, k, v, do, ld, part: PartLayout, cfg: KernelConfig, out_dtype):
 
     out = jax.ShapeDtypeStruct((b, tk, h, d), out_dtype)
     return _launch(plgpu, entry, (out, out), (h, tk // bk, b), ("heads", "k_seq", "batch"),
-                   wgs, cfg, (jnp.asarray(part.bwd), jnp.asarray(lo), q, k, v, do, ld))
+                   wgs, cfg, (jnp.asarray(part.bwd), jnp.asarray(lo), q, k, v, do, ld),
+                   _name("dkv", part))
 
 
 def bwd_smem_bytes(d: int, dtype, dq_part: PartLayout, kv_part: PartLayout,

@@ -48,6 +48,8 @@ class KernelConfig:
     num_warps: int
     num_stages: int
     out_dtype: np.dtype  # dtype of a part's output (float32 when parts are merged)
+    heavy_first: bool = True  # v2: launch the longest programs first (see _launch_order)
+    atomic_dq: bool = False  # v2: gathered parts' dq from the dK/dV kernel (see _fused_bwd)
 
 
 def _compiler_params(cfg: KernelConfig):
@@ -214,10 +216,14 @@ def _dq_kernel(tab_ref, qpos_ref, kpos_ref, q_ref, k_ref, v_ref, do_ref, lse_ref
 
 
 def _dkv_tile(t, carry, *, masked: bool, k, v, kpos, tab_ref, qpos_ref, q_ref, do_ref,
-              lse_ref, delta_ref, rule: MaskRule, block_q: int, qk_scale: float, prec):
+              lse_ref, delta_ref, rule: MaskRule, block_q: int, qk_scale: float, prec,
+              dq_ref=None, scale: float = 1.0):
     """(dk, dv) of a key tile plus the contribution of query block ``tab_ref[2 + t]``.
 
     Works on transposed scores (keys x queries) so that dK and dV are plain products.
+    With ``dq_ref`` (float32 [T, D], v2 ``atomic_dq``) the query block's dq share,
+    dS K, is also added to it atomically: S and dP are then computed once for dq, dk
+    and dv, instead of again in a dQ kernel.
     """
     dk, dv = carry
     start = pl.multiple_of(tab_ref[2 + t] * block_q, block_q)
@@ -235,12 +241,20 @@ def _dkv_tile(t, carry, *, masked: bool, k, v, kpos, tab_ref, qpos_ref, q_ref, d
     dpt = _dot(v, do, prec, trans_b=True)
     dst = pt * (dpt - delta[None, :])
     dk = dk + _dot(dst.astype(q.dtype), q, prec)
+    if dq_ref is not None:
+        from jax.experimental.pallas import triton as pltriton
+
+        dst_k = lax.dot_general(dst.astype(k.dtype), k, (((0,), (0,)), ((), ())), precision=prec,
+                                preferred_element_type=jnp.float32)  # dS^T^T K: [bq, D]
+        pltriton.atomic_add(dq_ref, (sl, slice(None)), dst_k * scale)
     return dk, dv
 
 
 def _dkv_kernel(tab_ref, qpos_ref, kpos_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref,
-                dk_ref, dv_ref, *, rule: MaskRule, block_q: int, scale: float, dkv0_refs=None):
-    """``dkv0_refs`` (v2 only): refs (dk0, dv0) of the previous parts, added to this part's."""
+                dk_ref, dv_ref, *, rule: MaskRule, block_q: int, scale: float, dkv0_refs=None,
+                dq_ref=None):
+    """``dkv0_refs`` (v2 only): refs (dk0, dv0) of the previous parts, added to this part's.
+    ``dq_ref`` (v2 ``atomic_dq``): float32 dq of the whole sequence, accumulated into."""
     k = k_ref[...]
     v = v_ref[...]
     prec = _precision(k.dtype)
@@ -249,7 +263,7 @@ def _dkv_kernel(tab_ref, qpos_ref, kpos_ref, q_ref, k_ref, v_ref, do_ref, lse_re
     tile = functools.partial(_dkv_tile, k=k, v=v, kpos=kpos, tab_ref=tab_ref,
                              qpos_ref=qpos_ref, q_ref=q_ref, do_ref=do_ref, lse_ref=lse_ref,
                              delta_ref=delta_ref, rule=rule, block_q=block_q,
-                             qk_scale=qk_scale, prec=prec)
+                             qk_scale=qk_scale, prec=prec, dq_ref=dq_ref, scale=scale)
     n_full = tab_ref[0]
     n_part = tab_ref[1]
     carry = (jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32))
@@ -499,6 +513,37 @@ class _Rows:
         return tab
 
 
+def _launch_order(tab: np.ndarray, b: int, h: int, heavy_first: bool):
+    """(grid, remap) of a v2 launch over the rows of ``tab`` (one per program tile).
+
+    Triton starts programs in grid order, axis 0 fastest. With the tile axis first
+    (``(n, b, h)``) a causal-like part whose work grows along the tiles (the fixed
+    pattern's summary columns: query tile i visits ~i/4 key blocks, key tile i is seen
+    by ~n - i query tiles) starts its longest programs last, and the launch ends with a
+    tail in which a few long programs run alone. With ``heavy_first`` such a part puts
+    the tile axis last, ``(h, b, n)``, and runs it from the heavy end, so every head's
+    longest tiles start first and the short ones fill in at the end (longest-first
+    scheduling). Parts of nearly even work (local, strided) keep ``(n, b, h)``, whose
+    neighbouring programs share K/V in L2. ``remap`` rewrites a BlockSpec written for
+    ``(i, j, n)`` = (tile, batch, head) to the chosen grid.
+    """
+    n = tab.shape[0]
+    work = tab[:, 0].astype(np.int64) + tab[:, 1]
+    if not heavy_first or n < 2 or work.max() <= 1.25 * max(work.mean(), 1.0):
+        return (n, b, h), lambda spec: spec
+    reverse = work[n // 2:].sum() > work[: n - n // 2].sum()
+
+    def remap(spec):
+        old = spec.index_map
+        if reverse:
+            new = lambda hh, bb, ii: old(n - 1 - ii, bb, hh)  # noqa: E731
+        else:
+            new = lambda hh, bb, ii: old(ii, bb, hh)  # noqa: E731
+        return dataclasses.replace(spec, index_map=new)
+
+    return (h, b, n), remap
+
+
 def _fwd_kernel_v2(tab_ref, qpos_ref, kpos_ref, q_ref, k_ref, v_ref, *refs,
                    rule: MaskRule, block_k: int, scale: float, has_init: bool):
     """The v1 kernel body; with has_init, refs (o0, lse0) come before the outputs."""
@@ -540,11 +585,12 @@ def _fwd_call_v2(q, k, v, init, part: PartLayout, cfg: KernelConfig, out_dtype):
     if init is not None:
         in_specs += [rows.tile(bq, d), rows.ltile(bq)]
         args += [rows.view(init[0]), rows.lview(init[1])]
+    grid, remap = _launch_order(part.fwd, b, h, cfg.heavy_first)
     o, lse = pl.pallas_call(
         kernel,
-        grid=(t // bq, b, h),
-        in_specs=in_specs,
-        out_specs=[rows.tile(bq, d), rows.ltile(bq)],
+        grid=grid,
+        in_specs=[remap(sp) for sp in in_specs],
+        out_specs=[remap(rows.tile(bq, d)), remap(rows.ltile(bq))],
         out_shape=[
             jax.ShapeDtypeStruct(rows.view(q).shape, out_dtype),
             jax.ShapeDtypeStruct((b, h, rows.n, rows.l) if rows.strided else (b, h, t),
@@ -568,11 +614,17 @@ def _dq_kernel_v2(tab_ref, qpos_ref, kpos_ref, q_ref, k_ref, v_ref, do_ref, lse_
 
 def _dkv_kernel_v2(tab_ref, qpos_ref, kpos_ref, q_ref, k_ref, v_ref, do_ref, lse_ref,
                    delta_ref, *refs, rule: MaskRule, block_q: int, scale: float,
-                   has_init: bool):
-    """The v1 kernel body; with has_init, refs (dk0, dv0) come before the outputs."""
-    dkv0_refs, outs = (refs[:2], refs[2:]) if has_init else (None, refs)
+                   has_init: bool, has_dq: bool = False):
+    """The v1 kernel body; with has_init, refs (dk0, dv0) come before the outputs; with
+    has_dq, the dq accumulator's input ref comes next and its (aliased) output last."""
+    dkv0_refs, refs = (refs[:2], refs[2:]) if has_init else (None, refs)
+    if has_dq:  # (dq_in, dk, dv, dq_out): the same buffer, written through dq_out only
+        _, dk_ref, dv_ref, dq_ref = refs
+    else:
+        (dk_ref, dv_ref), dq_ref = refs, None
     _dkv_kernel(tab_ref, qpos_ref, kpos_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref,
-                *outs, rule=rule, block_q=block_q, scale=scale, dkv0_refs=dkv0_refs)
+                dk_ref, dv_ref, rule=rule, block_q=block_q, scale=scale, dkv0_refs=dkv0_refs,
+                dq_ref=dq_ref)
 
 
 def _dq_call_v2(q, k, v, do, lse, delta, dq0, part: PartLayout, cfg: KernelConfig, out_dtype):
@@ -586,12 +638,13 @@ def _dq_call_v2(q, k, v, do, lse, delta, dq0, part: PartLayout, cfg: KernelConfi
     if dq0 is not None:
         in_specs.append(rows.tile(bq, d))
         args.append(rows.view(dq0))
+    grid, remap = _launch_order(part.fwd, b, h, cfg.heavy_first)
     dq = pl.pallas_call(
         functools.partial(_dq_kernel_v2, rule=part.spec.rule, block_k=bk, scale=d**-0.5,
                           has_init=dq0 is not None),
-        grid=(t // bq, b, h),
-        in_specs=in_specs,
-        out_specs=rows.tile(bq, d),
+        grid=grid,
+        in_specs=[remap(sp) for sp in in_specs],
+        out_specs=remap(rows.tile(bq, d)),
         out_shape=jax.ShapeDtypeStruct(rows.view(q).shape, out_dtype),
         interpret=cfg.interpret,
         compiler_params=_compiler_params(cfg),
@@ -601,7 +654,9 @@ def _dq_call_v2(q, k, v, do, lse, delta, dq0, part: PartLayout, cfg: KernelConfi
 
 
 def _dkv_call_v2(q, k, v, do, lse, delta, dkv0, part: PartLayout, cfg: KernelConfig,
-                 out_dtype):
+                 out_dtype, dq_acc=None):
+    """(dk, dv) of one part; with ``dq_acc`` (float32 [B, T, H, D], natural query order)
+    also that accumulator plus this part's dq, added atomically: (dk, dv, dq_acc)."""
     b, t, h, d = q.shape
     tk = k.shape[1]
     bq, bk = part.block_q, part.block_k
@@ -627,19 +682,36 @@ def _dkv_call_v2(q, k, v, do, lse, delta, dkv0, part: PartLayout, cfg: KernelCon
         in_specs += [ktile, ktile]
         args += [rows.view(dkv0[0]), rows.view(dkv0[1])]
     kshape = rows.view(k).shape
-    dk, dv = pl.pallas_call(
+    out_specs = [ktile, ktile]
+    out_shape = [jax.ShapeDtypeStruct(kshape, out_dtype), jax.ShapeDtypeStruct(kshape, out_dtype)]
+    aliases = {}
+    if dq_acc is not None:
+        if rows.strided:
+            raise PatternError("atomic_dq takes parts in natural query order only.")
+        # The whole [T, D] slab of the program's (batch, head): every key tile adds into
+        # the rows of the query blocks it visits.
+        slab = pl.BlockSpec((None, t, None, d), lambda i, j, n: (j, 0, n, 0))
+        aliases = {len(in_specs): 2}
+        in_specs.append(slab)
+        args.append(dq_acc)
+        out_specs.append(slab)
+        out_shape.append(jax.ShapeDtypeStruct(q.shape, jnp.float32))
+    grid, remap = _launch_order(part.bwd, b, h, cfg.heavy_first)
+    outs = pl.pallas_call(
         functools.partial(_dkv_kernel_v2, rule=part.spec.rule, block_q=bq, scale=d**-0.5,
-                          has_init=dkv0 is not None),
-        grid=(tk // bk, b, h),
-        in_specs=in_specs,
-        out_specs=[ktile, ktile],
-        out_shape=[jax.ShapeDtypeStruct(kshape, out_dtype),
-                   jax.ShapeDtypeStruct(kshape, out_dtype)],
+                          has_init=dkv0 is not None, has_dq=dq_acc is not None),
+        grid=grid,
+        in_specs=[remap(sp) for sp in in_specs],
+        out_specs=[remap(sp) for sp in out_specs],
+        out_shape=out_shape,
+        input_output_aliases=aliases,
         interpret=cfg.interpret,
         compiler_params=_compiler_params(cfg),
-        name="sparse_attn_bwd_dkv_v2",
+        name="sparse_attn_bwd_dkv_dq_v2" if dq_acc is not None else "sparse_attn_bwd_dkv_v2",
     )(*args)
-    return rows.unview(dk), rows.unview(dv)
+    if dq_acc is not None:
+        return rows.unview(outs[0]), rows.unview(outs[1]), outs[2]
+    return rows.unview(outs[0]), rows.unview(outs[1])
 
 
 def _fused_forward(q, k, v, group: GroupLayout, cfg: KernelConfig):
@@ -673,9 +745,15 @@ def _fused_bwd(group, cfg, res, do):
     lse = jnp.where(lse == -jnp.inf, jnp.inf, lse)  # empty rows: p = 0, not exp(+inf)
     own = [p for p in group.parts if p.k_index is None]
     gathered = [p for p in group.parts if p.k_index is not None]
+    # atomic_dq: the gathered (summary) parts, compute-bound, get their dq from their
+    # dK/dV kernel (one S and dP per block instead of two); the other parts keep the
+    # dQ kernel. Float32 atomics add in arrival order: dq is then not bitwise
+    # reproducible from run to run, hence an option.
+    fuse_dq = cfg.atomic_dq and bool(gathered)
+    dq_parts = own if fuse_dq else list(group.parts)
     dq = None
-    for n, part in enumerate(group.parts):
-        last = n == len(group.parts) - 1
+    for n, part in enumerate(dq_parts):
+        last = n == len(dq_parts) - 1 and not fuse_dq
         kp = part_keys(k, part) if part.k_index is not None else k
         vp = part_keys(v, part) if part.k_index is not None else v
         dq = _dq_call_v2(q, kp, vp, do, lse, delta, dq, part, cfg,
@@ -687,13 +765,19 @@ def _fused_bwd(group, cfg, res, do):
                            dtype if last else jnp.float32)
     if gathered:
         dk, dv = dkv if dkv is not None else (jnp.zeros(k.shape, jnp.float32),) * 2
+        if fuse_dq and dq is None:
+            dq = jnp.zeros(q.shape, jnp.float32)
         for part in gathered:
-            dkg, dvg = _dkv_call_v2(q, part_keys(k, part), part_keys(v, part), do, lse, delta, None,
-                                    part, cfg, jnp.float32)
+            kg, vg = part_keys(k, part), part_keys(v, part)
+            if fuse_dq:
+                dkg, dvg, dq = _dkv_call_v2(q, kg, vg, do, lse, delta, None, part, cfg,
+                                            jnp.float32, dq_acc=dq)
+            else:
+                dkg, dvg = _dkv_call_v2(q, kg, vg, do, lse, delta, None, part, cfg, jnp.float32)
             dk = scatter_keys(dk, dkg, part)
             dv = scatter_keys(dv, dvg, part)
         dkv = (dk.astype(dtype), dv.astype(dtype))
-    return (dq, *dkv)
+    return (dq.astype(dtype), *dkv)
 
 
 _fused_group.defvjp(_fused_fwd, _fused_bwd)
@@ -737,6 +821,8 @@ def attention(
     num_warps: int | None = None,
     num_stages: int = 2,
     fuse_parts: bool = True,
+    heavy_first: bool = True,
+    atomic_dq: bool = False,
 ) -> jax.Array:
     """Block-sparse causal attention. q, k, v: [B, T, H, D] -> [B, T, H, D].
 
@@ -751,6 +837,15 @@ def attention(
         chained in one online-softmax state, no log-sum-exp merge forward or backward.
         Groups whose strided blocks do not divide T/l take the v1 path (False), which
         permutes q, k, v and merges the parts' outputs in XLA.
+      heavy_first: v2 launch order: parts of uneven work per tile (summary columns)
+        start their longest programs first (``_launch_order``). Same results either
+        way; False gives the plain tile-major order.
+      atomic_dq: v2: the gathered summary parts (fixed pattern) compute dq inside their
+        dK/dV kernel and add it to a float32 dq with atomic adds, instead of in a
+        separate dQ kernel that recomputes the scores. Faster in principle (5 block
+        matmuls instead of 7), but float additions then happen in arrival order, so
+        gradients are not bitwise reproducible from run to run. Off by default; not
+        yet measured on a GPU.
 
     Raises:
       PatternError (a ValueError) naming the constraint, for shapes, dtypes, block
@@ -780,6 +875,8 @@ def attention(
         num_warps=num_warps or (4 if d <= 64 else 8),
         num_stages=num_stages,
         out_dtype=q.dtype,
+        heavy_first=heavy_first,
+        atomic_dq=atomic_dq,
     )
     group_attention = _group_attention_v2 if fuse_parts else _group_attention
     everyone = tuple(range(h))

@@ -1,0 +1,120 @@
+"""Where the device time goes: run a function under the JAX profiler and sum kernel time.
+
+``profile(fn, out_dir, steps)`` traces ``steps`` calls of ``fn`` with ``jax.profiler``
+(Perfetto JSON next to the XPlane files, so the trace also opens in Perfetto / XProf),
+and ``kernel_breakdown(trace_dir)`` reads that trace back: the device's kernels, summed
+per name and per category (attention kernels, matmuls, fusions, copies, RNG,
+collectives), per step. The categories are regular expressions over kernel names, the
+only thing a trace says about a kernel, so they are a guide: the per-name table beside
+them is the ground truth.
+"""
+
+from __future__ import annotations
+
+import collections
+import glob
+import gzip
+import json
+import os
+import re
+from collections.abc import Callable
+from typing import Any
+
+import jax
+
+# First match wins; the names are what XLA, cuBLAS/cuDNN, Triton and Mosaic GPU give
+# their kernels on NVIDIA GPUs (lower-cased before matching).
+CATEGORIES: tuple[tuple[str, str], ...] = (
+    ("attention", r"sparse_attn|mosaic|attn|fmha|flash|cudnn|sdpa|softmax_fwd|_mha"),
+    ("matmul", r"gemm|nvjet|cutlass|xmma|cublas|\bdot\b|matmul|wgmma|sm90_"),
+    ("collective", r"nccl|all-?reduce|all-?gather|reduce-?scatter|collective"),
+    ("rng", r"rng|philox|threefry|random"),
+    ("copy", r"memcpy|memset|copy|transpose|dynamic.update.slice|concatenate"),
+    ("reduction", r"reduce|scatter"),
+    ("fusion", r"fusion|loop_|elementwise"),
+)
+
+
+def category(name: str) -> str:
+    low = name.lower()
+    return next((cat for cat, pat in CATEGORIES if re.search(pat, low)), "other")
+
+
+def profile(fn: Callable[[], Any], out_dir: str, steps: int = 3) -> str:
+    """Runs ``fn()`` (already compiled and warm) ``steps`` times under the profiler.
+
+    Returns the folder holding the Perfetto trace. ``fn``'s result is waited on after
+    every call so that each step's kernels end inside the trace.
+    """
+    os.makedirs(out_dir, exist_ok=True)
+    jax.block_until_ready(fn())  # nothing of compilation or warm-up in the trace
+    with jax.profiler.trace(out_dir, create_perfetto_trace=True):
+        for _ in range(steps):
+            jax.block_until_ready(fn())
+    return out_dir
+
+
+def _trace_file(trace_dir: str) -> str:
+    found = sorted(glob.glob(os.path.join(trace_dir, "**", "perfetto_trace.json.gz"), recursive=True),
+                   key=os.path.getmtime)
+    if not found:
+        raise FileNotFoundError(
+            f"no perfetto_trace.json.gz under {trace_dir!r}: profile with "
+            "jax.profiler.trace(..., create_perfetto_trace=True) (sparse_lm.profiling.profile does)")
+    return found[-1]
+
+
+def _device_kernel_events(events: list[dict]) -> list[dict]:
+    """Complete events of the device's streams (not the host, not XLA's op/module lines,
+    which repeat the kernels' time under other names)."""
+    procs = {e["pid"]: e["args"]["name"] for e in events
+             if e.get("ph") == "M" and e.get("name") == "process_name"}
+    threads = {(e["pid"], e.get("tid")): e["args"]["name"] for e in events
+               if e.get("ph") == "M" and e.get("name") == "thread_name"}
+    device_pids = {p for p, n in procs.items() if re.search(r"/device:(GPU|TPU)", n)}
+    out = [e for e in events if e.get("ph") == "X" and e.get("pid") in device_pids]
+    streams = [e for e in out if re.match(r"stream", threads.get((e["pid"], e.get("tid")), ""), re.I)]
+    # GPU traces put kernels on "Stream #N" lines; a backend without those lines keeps all.
+    return streams or [e for e in out if not re.search(
+        r"xla (ops|modules)|steps", threads.get((e["pid"], e.get("tid")), ""), re.I)]
+
+
+def kernel_breakdown(trace_dir: str, steps: int = 1, top: int = 20) -> dict:
+    """Device kernel time of a trace, per step: total, per category, and the top names.
+
+    Returns ``{"device_ms", "by_category": {cat: ms}, "top": [(name, ms, calls)],
+    "kernels"}`` with every figure divided by ``steps``. Raises if the trace holds no
+    device kernels (a CPU run, or a profiler without device support): there is then
+    nothing to break down, and a table of zeros would mislead.
+    """
+    with gzip.open(_trace_file(trace_dir), "rt") as fh:
+        data = json.load(fh)
+    events = data["traceEvents"] if isinstance(data, dict) else data
+    kernels = _device_kernel_events(events)
+    if not kernels:
+        raise ValueError(f"the trace under {trace_dir!r} has no device kernel events "
+                         "(CPU backend, or the profiler could not read the device)")
+    per_name: dict[str, list[float]] = collections.defaultdict(lambda: [0.0, 0])
+    for e in kernels:
+        per_name[e["name"]][0] += float(e.get("dur", 0.0))
+        per_name[e["name"]][1] += 1
+    by_cat: dict[str, float] = collections.defaultdict(float)
+    for name, (us, _) in per_name.items():
+        by_cat[category(name)] += us
+    ms = 1e-3 / steps
+    ranked = sorted(per_name.items(), key=lambda kv: -kv[1][0])
+    return {
+        "device_ms": sum(us for us, _ in per_name.values()) * ms,
+        "by_category": {c: v * ms for c, v in sorted(by_cat.items(), key=lambda kv: -kv[1])},
+        "top": [(n, us * ms, calls / steps) for n, (us, calls) in ranked[:top]],
+        "kernels": len(per_name),
+    }
+
+
+def format_breakdown(title: str, b: dict, wall_ms: float | None = None) -> str:
+    """A short table: categories, then the top kernel names (names cut to 70 chars)."""
+    lines = [f"{title}: device kernels {b['device_ms']:.3f} ms/step"
+             + (f" of {wall_ms:.3f} ms wall ({b['device_ms'] / wall_ms:.0%} busy)" if wall_ms else "")]
+    lines += [f"  {cat:<11} {v:9.3f} ms  {v / b['device_ms']:6.1%}" for cat, v in b["by_category"].items()]
+    lines += [f"    {ms:9.3f} ms  x{calls:<6g} {name[:70]}" for name, ms, calls in b["top"]]
+    return "\n".join(lines)

@@ -1,0 +1,85 @@
+"""The GPU measurement scripts on CPU: bench_train's report, memory search and profile;
+tune_attention's refusal off GPU; bench_dropout's comparison.
+
+Speeds mean nothing here; these tests pin down what the scripts compute and write, so a
+GPU session spends its time measuring, not debugging.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.helpers import REPO_ROOT, script_env
+
+
+def run_script(name: str, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(REPO_ROOT / "scripts" / name), *args],
+                          capture_output=True, text=True, timeout=timeout, env=script_env(),
+                          cwd=REPO_ROOT)
+
+
+@pytest.fixture(scope="module")
+def smoke_report(shared_data, tmp_path_factory):
+    """One --smoke run of bench_train.py with --find_max_batch and --profile."""
+    tmp = tmp_path_factory.mktemp("bench_train")
+    out = tmp / "bt.json"
+    result = run_script(
+        "bench_train.py", "--smoke", "--impls", "auto", f"--out={out}",
+        f"--config=configs/enwik8.py:smoke",
+        f"--config.data.path={shared_data / 'text' / 'enwik8_first_1MB.xml'}",
+        "--find_max_batch", "--device_memory_gb=0.3", "--max_batch=64",
+        f"--profile={tmp / 'prof'}", "--profile_steps=1")
+    assert result.returncode == 0, f"{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
+    return json.loads(out.read_text()), result.stdout
+
+
+def test_bench_train_reports_step_time_flops_and_memory(smoke_report):
+    report, stdout = smoke_report
+    (r,) = report["results"]
+    assert r["resolved_impl"] == "reference" and r["batch_size"] == 8
+    assert len(r["step_times_s"]) == 3 and r["step_s"] > 0
+    assert r["tokens_per_s"] == pytest.approx(8 * 512 / r["step_s"])
+    assert r["flops"]["train_step"] == pytest.approx(
+        8 * (3 * r["flops"]["matmul_fwd"] / 8 + 3.5 * r["flops"]["attention_fwd"] / 8))
+    assert r["memory"]["estimated_peak_bytes"] > 0
+    assert "impl" in stdout.splitlines()[-3] or "reference" in stdout
+
+
+def test_max_batch_search_starts_at_the_timed_batch_and_brackets_the_limit(smoke_report):
+    (r,) = smoke_report[0]["results"]
+    found = r["max_batch"]
+    tried = {int(k): v for k, v in found["tried"].items()}
+    limit = found["limit_bytes"]
+    assert limit == int(0.3 * 2**30)
+    assert min(tried) == 8  # the timed batch, not 1: every probe is a full compile
+    best = found["max_batch"]
+    assert tried[best] <= limit
+    # The next batch up (a multiple of the 1-device unit) was tried and did not fit,
+    # or the search hit --max_batch.
+    assert best == 64 or (best + 1 in tried and (tried[best + 1] is None or tried[best + 1] > limit))
+
+
+def test_profile_off_gpu_is_reported_not_faked(smoke_report):
+    (r,) = smoke_report[0]["results"]
+    assert "no device kernel events" in r["profile"]["error"]
+
+
+def test_tune_attention_refuses_to_run_off_gpu():
+    result = run_script("tune_attention.py", "/tmp/unused.json", timeout=120)
+    assert result.returncode != 0
+    assert "on a GPU" in result.stderr
+
+
+def test_bench_dropout_compares_the_two_masks(capsys):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_dropout", REPO_ROOT / "scripts" / "bench_dropout.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = mod.main(["--shape", "4,256,64"])
+    assert out["bernoulli_ms"] > 0 and out["keep_mask_ms"] > 0
+    assert "faster" in capsys.readouterr().out

@@ -1,0 +1,86 @@
+"""sparse_lm.profiling: kernel time read back from a Perfetto trace, by name and category."""
+
+import gzip
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from sparse_lm import profiling
+
+
+def _write_trace(folder, events):
+    path = os.path.join(folder, "plugins", "profile", "run1")
+    os.makedirs(path)
+    with gzip.open(os.path.join(path, "perfetto_trace.json.gz"), "wt") as fh:
+        json.dump({"traceEvents": events}, fh)
+
+
+def _meta(pid, name, tid=None, thread=None):
+    if thread is None:
+        return {"ph": "M", "pid": pid, "name": "process_name", "args": {"name": name}}
+    return {"ph": "M", "pid": pid, "tid": tid, "name": "thread_name", "args": {"name": thread}}
+
+
+def _kernel(pid, tid, name, dur):
+    return {"ph": "X", "pid": pid, "tid": tid, "ts": 0.0, "dur": dur, "name": name}
+
+
+def gpu_trace(tmp_path):
+    events = [
+        _meta(1, "/host:CPU"), _meta(2, "/device:GPU:0"),
+        _meta(2, "", tid=10, thread="Stream #13(Compute)"),
+        _meta(2, "", tid=11, thread="XLA Ops"),
+        _kernel(1, 5, "python: step", 9000.0),                   # host: not counted
+        _kernel(2, 10, "sparse_attn_fwd_v2", 300.0),
+        _kernel(2, 10, "sparse_attn_fwd_v2", 300.0),
+        _kernel(2, 10, "nvjet_hsh_128x256_64x4_2x1_v_bz_coopA_TNT", 500.0),
+        _kernel(2, 10, "loop_multiply_fusion", 100.0),
+        _kernel(2, 10, "transpose_fusion_3", 50.0),
+        _kernel(2, 10, "rng_bit_generator", 40.0),
+        _kernel(2, 10, "mystery_kernel", 10.0),
+        _kernel(2, 11, "dot.12", 500.0),                         # XLA op line repeats a kernel
+    ]
+    _write_trace(str(tmp_path), events)
+    return str(tmp_path)
+
+
+def test_sums_stream_kernels_per_step_and_category(tmp_path):
+    b = profiling.kernel_breakdown(gpu_trace(tmp_path), steps=2)
+    assert b["device_ms"] == pytest.approx(1.3 / 2)
+    assert b["by_category"] == pytest.approx({
+        "attention": 0.3, "matmul": 0.25, "fusion": 0.05, "copy": 0.025, "rng": 0.02, "other": 0.005})
+    assert b["top"][0] == ("sparse_attn_fwd_v2", pytest.approx(0.3), 1.0)
+    assert b["top"][1] == ("nvjet_hsh_128x256_64x4_2x1_v_bz_coopA_TNT", pytest.approx(0.25), 0.5)
+    table = profiling.format_breakdown("step", b, wall_ms=1.0)
+    assert "65% busy" in table and "attention" in table
+
+
+def test_categories_of_known_kernel_names():
+    assert profiling.category("mosaic_gpu_kernel_3") == "attention"
+    assert profiling.category("cutlass3x_sm90_tensorop_gemm_bf16") == "matmul"
+    assert profiling.category("ncclDevKernel_AllReduce_Sum_bf16_RING_LL") == "collective"
+    assert profiling.category("input_reduce_fusion_7") == "reduction"
+    assert profiling.category("Memcpy DtoD") == "copy"
+
+
+def test_a_trace_without_device_kernels_is_an_error(tmp_path):
+    _write_trace(str(tmp_path), [_meta(1, "/host:CPU"), _kernel(1, 5, "python", 10.0)])
+    with pytest.raises(ValueError, match="no device kernel events"):
+        profiling.kernel_breakdown(str(tmp_path))
+
+
+def test_a_folder_without_a_trace_names_the_fix(tmp_path):
+    with pytest.raises(FileNotFoundError, match="create_perfetto_trace=True"):
+        profiling.kernel_breakdown(str(tmp_path))
+
+
+def test_profile_writes_a_readable_trace_on_cpu(tmp_path):
+    f = jax.jit(lambda x: jnp.sin(x) @ x)
+    x = jnp.ones((64, 64))
+    folder = profiling.profile(lambda: f(x), str(tmp_path / "prof"), steps=2)
+    # On CPU the trace holds only host events: read back, it is refused, not summed to zero.
+    with pytest.raises(ValueError, match="no device kernel events"):
+        profiling.kernel_breakdown(folder)
