@@ -19,7 +19,11 @@ log-sum-exp merge); its rows record whether the v2 kernels were really used
 times the v1 path (``fuse_parts=False``: permuted copies, XLA merge) in the same run, as
 rows ``ours_<bq>x<bk>_v1``. ``--mosaic`` adds the experimental Mosaic GPU kernel
 (``sparse_lm/attention/mosaic_gpu.py``, bf16 only) to the check and the timings, as rows
-``ours_mosaic``. ``--shapes 1x65536x8x64,...`` picks shapes (B x T x H x D).
+``ours_mosaic``. ``--atomic-dq`` adds the fixed pattern with ``atomic_dq=True`` (its
+summary dq from the dK/dV kernel), rows ``ours_<bq>x<bk>_atomicdq``; ``--colaunch`` the
+fixed pattern's two parts in one forward and one dQ launch (rows ``_colaunch`` and, with
+atomic_dq too, ``_colaunch_atomicdq``). ``--shapes
+1x65536x8x64,...`` picks shapes (B x T x H x D).
 """
 
 from __future__ import annotations
@@ -54,12 +58,20 @@ DEFAULT_VARIANT = ("", {})  # v2, fuse_parts=True
 V1_VARIANT = ("_v1", {"fuse_parts": False})
 # The experimental Mosaic GPU kernel (sparse_lm/attention/mosaic_gpu.py), at its own tiles.
 MOSAIC_VARIANT = ("_mosaic", {"kernel": "mosaic_gpu"})
+# The fixed pattern's summary dq from the dK/dV kernel with atomic adds (not deterministic).
+ATOMIC_VARIANT = ("_atomicdq", {"atomic_dq": True})
+# The fixed pattern's two parts in one forward and one dQ launch; and with atomic_dq.
+COLAUNCH_VARIANTS = [("_colaunch", {"colaunch": True}),
+                     ("_colaunch_atomicdq", {"colaunch": True, "atomic_dq": True})]
+FIXED_ONLY = {"_atomicdq", "_colaunch", "_colaunch_atomicdq"}  # same kernels elsewhere
 SHAPES = [(2, 16384, 8, 64), (1, 65536, 8, 64), (2, 16384, 8, 128)]
 
 
-def variants(with_v1: bool, with_mosaic: bool = False) -> list[tuple[str, dict]]:
+def variants(with_v1: bool, with_mosaic: bool = False, with_atomic: bool = False,
+             with_colaunch: bool = False) -> list[tuple[str, dict]]:
     return ([DEFAULT_VARIANT] + ([V1_VARIANT] if with_v1 else [])
-            + ([MOSAIC_VARIANT] if with_mosaic else []))
+            + ([MOSAIC_VARIANT] if with_mosaic else []) + ([ATOMIC_VARIANT] if with_atomic else [])
+            + (COLAUNCH_VARIANTS if with_colaunch else []))
 
 
 def kernel_fn(opts: dict):
@@ -183,7 +195,8 @@ def value_and_grads(fn):
     return jax.jit(f)
 
 
-def gpu_check(quick: bool, with_v1: bool = False, with_mosaic: bool = False) -> None:
+def gpu_check(quick: bool, with_v1: bool = False, with_mosaic: bool = False,
+              with_atomic: bool = False, with_colaunch: bool = False) -> None:
     bf, f32 = jnp.bfloat16, jnp.float32
     cases = [
         (PatternSpec("strided", 64, combine="merged"), 64, bf),
@@ -202,9 +215,13 @@ def gpu_check(quick: bool, with_v1: bool = False, with_mosaic: bool = False) -> 
         runs += [(c, V1_VARIANT) for c in (cases[:3] if quick else cases)]
     if with_mosaic:  # wgmma takes half precision only on the GPU
         runs += [(c, MOSAIC_VARIANT) for c in (cases[:3] if quick else cases) if c[2] == bf]
+    if with_atomic:  # only patterns with summary columns take the atomic path
+        runs += [(c, ATOMIC_VARIANT) for c in cases if c[0].name == "fixed"]
+    if with_colaunch:
+        runs += [(c, var) for c in cases if c[0].name == "fixed" for var in COLAUNCH_VARIANTS]
     for (spec, d, dt), (suffix, opts) in runs:
         # v2 at T=4096 so that l=64 columns (64 rows) hold whole 64-row blocks.
-        b, t, h = 1, 1024 if suffix else 4096, 4
+        b, t, h = 1, 1024 if suffix not in ("", *FIXED_ONLY) else 4096, 4
         key, *ks = jax.random.split(key, 5)
         q, k, v, g = (jax.random.normal(kk, (b, t, h, d), jnp.float32).astype(dt) for kk in ks)
         for layer in (0, 1) if spec.combine == "interleaved" else (0,):
@@ -322,7 +339,8 @@ def guarded(what, fn):
 
 
 def bench_shape(shape, quick: bool, sweep: bool, with_v1: bool = False,
-                blocks: list[tuple[int, int]] | None = None, with_mosaic: bool = False) -> None:
+                blocks: list[tuple[int, int]] | None = None, with_mosaic: bool = False,
+                with_atomic: bool = False, with_colaunch: bool = False) -> None:
     b, t, h, d = shape
     key = jax.random.PRNGKey(t + d)
     q, k, v, do = (jax.random.normal(kk, shape, jnp.float32).astype(jnp.bfloat16)
@@ -363,7 +381,9 @@ def bench_shape(shape, quick: bool, sweep: bool, with_v1: bool = False,
         if auto not in configs:
             configs.append(auto)
         for bq, bk in configs:
-            for suffix, opts in variants(with_v1, with_mosaic):
+            for suffix, opts in variants(with_v1, with_mosaic, with_atomic, with_colaunch):
+                if suffix in FIXED_ONLY and name != "fixed":
+                    continue  # no summary columns: the same kernels as the default
                 if opts.get("kernel") == "mosaic_gpu":
                     if (bq, bk) != configs[0]:
                         continue  # once per pattern, at the Mosaic kernel's own tiles
@@ -492,6 +512,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="also check and time the v1 path (fuse_parts=False) beside the default v2")
     ap.add_argument("--mosaic", action="store_true",
                     help="also check and time the experimental Mosaic GPU kernel (rows ours_mosaic)")
+    ap.add_argument("--atomic-dq", action="store_true",
+                    help="also check and time atomic_dq=True for the fixed pattern (rows *_atomicdq)")
+    ap.add_argument("--colaunch", action="store_true",
+                    help="also check and time colaunch=True (and with atomic_dq) for the fixed pattern")
     ap.add_argument("--shapes", type=parse_shapes, default=None,
                     help="comma-separated BxTxHxD shapes to time (default: the issue's three; "
                          "--quick: the first)")
@@ -511,7 +535,7 @@ def main() -> None:
     log("device", RESULTS["device"], "jax", jax.__version__)
     t0 = time.time()
     if not args.skip_check:
-        gpu_check(args.quick, args.variants, args.mosaic)
+        gpu_check(args.quick, args.variants, args.mosaic, args.atomic_dq, args.colaunch)
     log(f"check done in {time.time() - t0:.0f}s")
     shapes = args.shapes or (SHAPES[:1] if args.quick else SHAPES)
     try:
@@ -519,7 +543,7 @@ def main() -> None:
             sweep = i == 0 and not args.no_sweep
             guarded(f"bench {shape}",
                     lambda: bench_shape(shape, args.quick, sweep, args.variants, args.blocks,
-                                        args.mosaic))
+                                        args.mosaic, args.atomic_dq, args.colaunch))
             log(f"shape {shape} done at {time.time() - t0:.0f}s")
             with open(args.out, "w") as f:
                 json.dump(RESULTS, f, indent=1, default=str)

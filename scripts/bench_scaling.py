@@ -132,7 +132,7 @@ class Executables:
 def throughput_row(execs: Executables, config: ml_collections.ConfigDict, name: str) -> dict:
     bench, compiled, compile_s, _ = execs.get(config, name)
     b = config.data.batch_size
-    times = time_steps(bench, compiled, b)
+    times, _ = time_steps(bench, compiled, b)
     step_s = statistics.median(times)
     devices = bench.mesh.size
     row = {

@@ -51,7 +51,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.pos_shape = (16, 16)  # factorized position embeddings; product == seq_len
     c.model.dtype = "float32"  # compute dtype; bfloat16 on accelerators
     c.model.param_dtype = "float32"
-    c.model.remat = "none"  # none | full | dots | dots_no_batch
+    c.model.remat = "none"  # none | full | save_attention | dots | dots_no_batch
     # Stack the blocks' parameters on a 'layers' axis and apply them with a scan: compile
     # time stops growing with depth. Parameter trees (checkpoints) differ between layouts.
     c.model.scan_layers = False
@@ -63,6 +63,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.attention.combine = "merged"  # interleaved | merged | multihead
     c.attention.distinct_summaries = False
     c.attention.impl = "auto"  # auto | reference | pallas_gpu | mosaic_gpu (experimental) | pallas_tpu | cudnn_dense
+    # pallas_gpu options (ignored by the other impls), off until timed on a GPU:
+    c.attention.colaunch = False  # the fixed pattern's two parts in one forward/dQ launch
+    c.attention.atomic_dq = False  # summary dq from the dK/dV kernel (float atomics: not bitwise reproducible)
 
     c.optim = ml_collections.ConfigDict()
     c.optim.learning_rate = 1e-3

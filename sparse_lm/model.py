@@ -38,11 +38,17 @@ from sparse_lm.attention import LayerPattern, PatternSpec, attention
 from sparse_lm.config import ConfigError
 
 AXIS_NAMES = ("vocab", "embed", "mlp", "heads", "head_dim", "pos", "layers")
+# Boolean config.attention fields passed to the pallas_gpu kernel when it runs (see
+# pallas_gpu.attention): both opt-in until measured on a GPU.
+GPU_KERNEL_OPTIONS = ("colaunch", "atomic_dq")
 REMAT_POLICIES: dict[str, Callable[..., bool] | None] = {
     "full": None,  # save nothing: recompute the whole block in the backward pass
     "dots": jax.checkpoint_policies.checkpoint_dots,
     "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
 }
+# "none": keep every activation; "save_attention": recompute all but the attention
+# kernel (see Transformer._run_block); the others: jax.checkpoint with the policy above.
+REMAT_MODES = ("none", "save_attention", *REMAT_POLICIES)
 
 
 def _param(
@@ -194,6 +200,7 @@ class Block(nnx.Module):
         dtype: Any,
         param_dtype: Any,
         rngs: nnx.Rngs,
+        kernel_options: tuple[tuple[str, Any], ...] = (),
     ):
         scale = 1.0 / math.sqrt(2 * num_layers)
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
@@ -206,6 +213,7 @@ class Block(nnx.Module):
         self.pattern = pattern
         self.dropout = dropout
         self.impl = impl
+        self.kernel_options = kernel_options  # for pallas_gpu only (GPU_KERNEL_OPTIONS)
 
     def qkv(self, h: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
         """Queries, keys and values [..., H, D] of the residual stream h (float32)."""
@@ -218,11 +226,14 @@ class Block(nnx.Module):
         b = _dropout(self.ff(self.norm_ff(h + a)), self.dropout, k_ff).astype(jnp.float32)
         return h + a + b
 
+    def attend(self, q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+        """The layer's (sparse) attention: heads' output [..., H, Dv]."""
+        return attention(q, k, v, self.pattern, impl=self.impl, gpu_kernel_options=self.kernel_options)
+
     def forward(self, h: jax.Array, key: jax.Array | None) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
         """h: float32 residual stream [B, T, d_model] -> (next stream, (keys, values))."""
         q, k, v = self.qkv(h)
-        o = attention(q, k, v, self.pattern, impl=self.impl)
-        return self.finish(h, o, key), (k, v)
+        return self.finish(h, self.attend(q, k, v), key), (k, v)
 
     def __call__(self, h: jax.Array, key: jax.Array | None) -> jax.Array:
         return self.forward(h, key)[0]
@@ -297,6 +308,7 @@ class Transformer(nnx.Module):
         qk_ratio = float(_get(model_cfg, "qk_ratio", 1.0))
         self.spec = PatternSpec.from_config(attn_cfg)
         impl = str(_get(attn_cfg, "impl", "auto"))
+        kernel_options = tuple((name, bool(_get(attn_cfg, name, False))) for name in GPU_KERNEL_OPTIONS)
         self._validate(ff_ratio, qk_ratio)
 
         self.head_dim = self.d_model // self.num_heads
@@ -320,6 +332,7 @@ class Transformer(nnx.Module):
             impl=impl,
             dtype=self.dtype,
             param_dtype=param_dtype,
+            kernel_options=tuple(kv for kv in kernel_options if kv[1]),
         )
         if self.scan_layers:
             self.period = pattern_period(patterns)
@@ -368,8 +381,8 @@ class Transformer(nnx.Module):
             )
         if self.d_model * ff_ratio < 1 or abs(self.d_model * ff_ratio - round(self.d_model * ff_ratio)) > 1e-9:
             raise ConfigError(f"model.ff_ratio={ff_ratio} times d_model={self.d_model} must be a positive integer.")
-        if self.remat not in ("none", *REMAT_POLICIES):
-            raise ConfigError(f"model.remat={self.remat!r}; choose 'none', {', '.join(map(repr, REMAT_POLICIES))}.")
+        if self.remat not in REMAT_MODES:
+            raise ConfigError(f"model.remat={self.remat!r}; choose one of {', '.join(map(repr, REMAT_MODES))}.")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"model.dropout={self.dropout} must be in [0, 1).")
         self.spec.validate(self.seq_len, self.num_heads)
@@ -507,6 +520,16 @@ class Transformer(nnx.Module):
     def _run_block(self, block: Block, h: jax.Array, key: jax.Array | None) -> jax.Array:
         if self.remat == "none":
             return block(h, key)
+        if self.remat == "save_attention":
+            # Recompute the norms, projections and feed-forward, but not the attention
+            # kernel: it stays outside the rematerialised parts, so the residuals of its
+            # own backward (q, k, v, output, log-sum-exp) are kept. A policy cannot get
+            # this: jax.checkpoint reruns a custom_vjp's forward to rebuild its
+            # residuals, whatever names they carry (tests/test_model.py checks the
+            # kernel count). Costs q, k, v, o per layer in memory.
+            q, k, v = nnx.remat(lambda b, x: b.qkv(x))(block, h)
+            o = block.attend(q, k, v)
+            return nnx.remat(lambda b, x, o_, k_: b.finish(x, o_, k_))(block, h, o, key)
         # Rematerialize each block: the backward pass recomputes what the policy does
         # not save, trading compute for activation memory at long context.
         return nnx.remat(lambda b, x, k: b(x, k), policy=REMAT_POLICIES[self.remat])(block, h, key)

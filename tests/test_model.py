@@ -147,7 +147,7 @@ def _loss_and_grads(remat: str):
     return loss, grads
 
 
-@pytest.mark.parametrize("remat", ["full", "dots", "dots_no_batch"])
+@pytest.mark.parametrize("remat", ["full", "save_attention", "dots", "dots_no_batch"])
 def test_remat_gives_the_same_loss_and_grads_as_no_remat(remat):
     loss0, grads0 = _loss_and_grads("none")
     loss1, grads1 = _loss_and_grads(remat)
@@ -257,7 +257,7 @@ def _dropout_loss(model: Transformer, tokens: jax.Array) -> jax.Array:
 
 
 @pytest.mark.parametrize("combine", ["merged", "interleaved"])
-@pytest.mark.parametrize("remat", ["none", "full"])
+@pytest.mark.parametrize("remat", ["none", "full", "save_attention"])
 def test_scanned_layers_give_the_logits_and_grads_of_unrolled_layers(combine, remat):
     cfg = tiny_config("strided", combine, num_layers=4, dropout=0.2, remat=remat)
     unrolled = build_model(cfg, nnx.Rngs(5))
@@ -375,3 +375,74 @@ def test_dropout_keeps_the_expected_value():
     assert float(y.mean()) == pytest.approx(1.0, abs=0.01)
     kept = np.asarray(y)[np.asarray(y) != 0]
     np.testing.assert_allclose(kept, 1 / (1 - 102 / 256), rtol=1e-6)
+
+
+def _kernel_launches(remat: str) -> dict[str, int]:
+    """Pallas kernels in a train step's loss-and-gradient (dead code removed, nested
+    bodies included): the fixed pattern through the GPU kernel in interpret mode."""
+    import collections
+
+    import jax.extend
+
+    from jax._src.interpreters import partial_eval as pe
+
+    cfg = tiny_config("fixed", "merged", num_layers=2, remat=remat, pos_shape=(4, 16), d_model=64)
+    cfg.attention.update(stride=16, summary=4, impl="pallas_gpu")
+    cfg.data.seq_len = 64
+    model = build_model(cfg, nnx.Rngs(0))
+    graphdef, params = nnx.split(model)
+    loss = lambda p, t: _dropout_loss(nnx.merge(graphdef, p), t)  # noqa: E731
+    closed = jax.make_jaxpr(jax.value_and_grad(loss))(params, random_tokens(length=64))
+    counts: collections.Counter = collections.Counter()
+
+    def walk(jaxpr):
+        jaxpr, _ = pe.dce_jaxpr(jaxpr, [True] * len(jaxpr.outvars))
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name == "pallas_call":
+                counts[eqn.params["name"]] += 1
+                continue
+            for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+                walk(sub)
+
+    walk(closed.jaxpr)
+    return dict(counts)
+
+
+def test_save_attention_runs_the_attention_forward_once():
+    # Two layers, two parts each (block + summary): 4 forward launches, and 4 more when
+    # the backward recomputes the block under remat "full".
+    full, saved = _kernel_launches("full"), _kernel_launches("save_attention")
+    assert full["sparse_attn_fwd_v2"] == 8
+    assert saved["sparse_attn_fwd_v2"] == 4
+    for kernel in ("sparse_attn_bwd_dq_v2", "sparse_attn_bwd_dkv_v2"):
+        assert saved[kernel] == full[kernel] == 4
+
+
+def test_gpu_kernel_options_reach_the_kernel_and_change_no_result():
+    import re
+
+    def loss_grads_and_kernels(**options):
+        cfg = tiny_config("fixed", "merged", num_layers=2, pos_shape=(4, 16), d_model=64)
+        cfg.attention.update(stride=16, summary=4, impl="pallas_gpu", **options)
+        cfg.data.seq_len = 64
+        model = build_model(cfg, nnx.Rngs(0))
+        graphdef, params = nnx.split(model)
+        tokens = random_tokens(length=64)
+        loss = lambda p: _dropout_loss(nnx.merge(graphdef, p), tokens)  # noqa: E731
+        kernels = set(re.findall(r"name=(sparse_attn\w*)", str(jax.make_jaxpr(jax.grad(loss))(params))))
+        value, grads = jax.value_and_grad(loss)(params)
+        return value, grads, kernels
+
+    base, base_grads, base_kernels = loss_grads_and_kernels()
+    opt, opt_grads, opt_kernels = loss_grads_and_kernels(colaunch=True, atomic_dq=True)
+    assert "sparse_attn_bwd_dkv_dq_v2" in opt_kernels and "sparse_attn_bwd_dkv_dq_v2" not in base_kernels
+    np.testing.assert_allclose(opt, base, rtol=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), opt_grads, base_grads)
+
+
+def test_gpu_kernel_options_are_ignored_by_other_impls():
+    cfg = tiny_config("fixed", "merged")
+    cfg.attention.update(colaunch=True, atomic_dq=True)  # impl "reference"
+    model = build_model(cfg, nnx.Rngs(0))
+    plain = build_model(tiny_config("fixed", "merged"), nnx.Rngs(0))
+    np.testing.assert_array_equal(model(random_tokens()), plain(random_tokens()))

@@ -272,6 +272,11 @@ def test_bench_script_variants_parse_and_take_the_fused_path_at_bench_shapes():
     assert bench.V1_VARIANT[1] == {"fuse_parts": False}
     assert [s for s, _ in bench.variants(False, True)] == ["", "_mosaic"]
     assert bench.parse_args(["o.json", "--mosaic"]).mosaic and not args.mosaic
+    assert [s for s, _ in bench.variants(False, False, True)] == ["", "_atomicdq"]
+    assert bench.parse_args(["o.json", "--atomic-dq"]).atomic_dq and not args.atomic_dq
+    assert [s for s, _ in bench.variants(False, False, False, True)] == [
+        "", "_colaunch", "_colaunch_atomicdq"]
+    assert bench.parse_args(["o.json", "--colaunch"]).colaunch and not args.colaunch
     assert bench.kernel_fn(bench.MOSAIC_VARIANT[1]).func.__module__ == "sparse_lm.attention.mosaic_gpu"
     assert bench.kernel_fn(bench.V1_VARIANT[1]).keywords == {"fuse_parts": False}
     assert args.shapes is None and args.blocks is None  # main(): the issue's three shapes
@@ -357,12 +362,18 @@ def test_atomic_dq_matches_reference_and_the_split_kernels(spec, layer, shape, d
     assert_matches_reference(spec, layer, shape, dtype, **opts)
     pattern = spec.layer_pattern(layer, shape[2])
     assert "sparse_attn_bwd_dkv_dq_v2" in kernel_names(pattern, shape, **opts)
+    assert_matches_default_launches(pattern, shape, dtype, **opts)
+
+
+def assert_matches_default_launches(pattern, shape, dtype, **opts):
+    """Output and gradients with ``opts`` equal the default kernels' (16x16 tiles) within
+    float rounding: the options regroup the same arithmetic, they do not change it."""
     q, k, v, g = fresh_inputs(shape, dtype)
-    fused = output_and_grads(lambda *x: pallas_gpu.attention(*x, pattern, **opts), q, k, v, g)
-    split = output_and_grads(lambda *x: pallas_gpu.attention(*x, pattern, block_q=16, block_k=16),
-                             q, k, v, g)
+    got = output_and_grads(lambda *x: pallas_gpu.attention(*x, pattern, **opts), q, k, v, g)
+    want = output_and_grads(lambda *x: pallas_gpu.attention(*x, pattern, block_q=16, block_k=16),
+                            q, k, v, g)
     tol = 1e-2 if dtype == jnp.bfloat16 else 1e-5
-    for what, x, y in zip(("out", "dq", "dk", "dv"), fused, split):
+    for what, x, y in zip(("out", "dq", "dk", "dv"), got, want):
         assert bool(jnp.isfinite(x).all()), what
         assert rel_err(x, y) < tol, what
 
@@ -373,8 +384,9 @@ def test_atomic_dq_leaves_patterns_without_summary_columns_unchanged():
         "sparse_attn_fwd_v2", "sparse_attn_bwd_dq_v2", "sparse_attn_bwd_dkv_v2"}
 
 
-@pytest.mark.parametrize("name,opts", [("strided", {}), ("fixed", {}), ("fixed", {"atomic_dq": True})],
-                         ids=["strided", "fixed", "fixed-atomic-dq"])
+@pytest.mark.parametrize("name,opts", [("strided", {}), ("fixed", {}), ("fixed", {"atomic_dq": True}),
+                                       ("fixed", {"colaunch": True, "atomic_dq": True})],
+                         ids=["strided", "fixed", "fixed-atomic-dq", "fixed-colaunch-atomic-dq"])
 def test_kernels_lower_for_cuda_at_the_benchmark_shape(name, opts):
     """The real Triton lowering (not the interpreter) on a CPU machine: an abstract H100
     stands in for the GPU, so the launch order, aliasing and atomics of the GPU path are
@@ -395,5 +407,47 @@ def test_kernels_lower_for_cuda_at_the_benchmark_shape(name, opts):
 
     kernels = set(re.findall(r"sparse_attn_\w+?_v2\b", text))
     want = {"sparse_attn_fwd_v2", "sparse_attn_bwd_dkv_v2"}
-    want.add("sparse_attn_bwd_dkv_dq_v2" if opts else "sparse_attn_bwd_dq_v2")
+    want.add("sparse_attn_bwd_dkv_dq_v2" if opts.get("atomic_dq") else "sparse_attn_bwd_dq_v2")
     assert want <= kernels, kernels
+
+
+COLAUNCH_CASES = [
+    (PatternSpec("fixed", 16, 4, combine="merged"), 0, (1, 256, 2, 64), jnp.float32, {}),
+    (PatternSpec("fixed", 16, 4, combine="merged"), 0, (2, 128, 2, 64), jnp.bfloat16, {}),
+    (PatternSpec("fixed", 16, 4, combine="multihead", distinct_summaries=True), 0, (1, 128, 4, 128),
+     jnp.float32, {}),
+    (PatternSpec("fixed", 16, 4, combine="merged"), 0, (1, 256, 2, 64), jnp.float32, {"atomic_dq": True}),
+    (PatternSpec("strided", 16, combine="merged"), 0, (1, 256, 2, 64), jnp.float32, {}),
+]
+
+
+@pytest.mark.parametrize("spec,layer,shape,dtype,opts", COLAUNCH_CASES,
+                         ids=["fixed-f32", "fixed-bf16-B2", "multihead-distinct-D128",
+                              "fixed-with-atomic-dq", "strided-unchanged"])
+def test_colaunched_parts_match_reference_and_the_chained_launches(spec, layer, shape, dtype, opts):
+    opts = dict(block_q=16, block_k=16, colaunch=True, **opts)
+    assert_matches_reference(spec, layer, shape, dtype, **opts)
+    assert_matches_default_launches(spec.layer_pattern(layer, shape[2]), shape, dtype, **opts)
+
+
+def test_colaunch_puts_the_fixed_patterns_parts_in_one_forward_and_one_dq_launch():
+    import re
+
+    pattern = PatternSpec("fixed", 16, 4, combine="merged").layer_pattern(0, 2)
+    q = jnp.zeros((1, 256, 2, 64), jnp.float32)
+
+    def launches(**opts):
+        def f(q, k, v):
+            o, vjp = jax.vjp(lambda *a: pallas_gpu.attention(*a, pattern, block_q=16, block_k=16,
+                                                             **opts), q, k, v)
+            return o, vjp(o)
+        names = re.findall(r"name=(sparse_attn\w*)", str(jax.make_jaxpr(f)(q, q, q)))
+        return {n: names.count(n) for n in set(names)}
+
+    assert launches() == {"sparse_attn_fwd_v2": 2, "sparse_attn_bwd_dq_v2": 2, "sparse_attn_bwd_dkv_v2": 2}
+    assert launches(colaunch=True) == {"sparse_attn_fwd_v2": 1, "sparse_attn_bwd_dq_v2": 1,
+                                       "sparse_attn_bwd_dkv_v2": 2}
+    # With atomic_dq the summary dq comes from its dK/dV kernel; the block part keeps a dQ launch.
+    assert launches(colaunch=True, atomic_dq=True) == {
+        "sparse_attn_fwd_v2": 1, "sparse_attn_bwd_dq_v2": 1, "sparse_attn_bwd_dkv_v2": 1,
+        "sparse_attn_bwd_dkv_dq_v2": 1}

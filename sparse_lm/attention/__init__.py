@@ -9,7 +9,7 @@ block-sparse kernel otherwise), and the reference elsewhere.
 from __future__ import annotations
 
 import importlib
-from typing import Callable
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -100,6 +100,7 @@ def attention(
     v: jax.Array,
     pattern: LayerPattern,
     impl: str = "auto",
+    gpu_kernel_options: tuple[tuple[str, Any], ...] = (),
     **options,
 ) -> jax.Array:
     """Causal sparse attention. q, k, v: [B, T, H, D]; returns [B, T, H, D].
@@ -107,9 +108,14 @@ def attention(
     ``pattern`` gives each head's allowed set (see ``PatternSpec.layer_pattern``);
     ``options`` go to the implementation (block sizes, interpret mode). q and k may
     have a smaller head dim than v (half-size query/key projections).
+    ``gpu_kernel_options`` ((name, value) pairs, e.g. ``(("colaunch", True),)``) go to
+    ``pallas_gpu`` only, when it is the impl that runs: a config can set them once and
+    still run on CPU or with cuDNN.
     """
     name = auto_impl_for(pattern, q.dtype) if impl == "auto" else resolve_impl(impl)
     fn = _load(name)
+    if name == "pallas_gpu":
+        options = {**dict(gpu_kernel_options), **options}
     if name == "reference":
         return fn(q, k, v, pattern, **options)
     q, k = adapt.equalize_head_dims(q, k, v)

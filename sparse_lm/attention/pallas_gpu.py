@@ -50,6 +50,7 @@ class KernelConfig:
     out_dtype: np.dtype  # dtype of a part's output (float32 when parts are merged)
     heavy_first: bool = True  # v2: launch the longest programs first (see _launch_order)
     atomic_dq: bool = False  # v2: gathered parts' dq from the dK/dV kernel (see _fused_bwd)
+    colaunch: bool = False  # v2: natural-order parts of a tile in one launch (_launch_groups)
 
 
 def _compiler_params(cfg: KernelConfig):
@@ -105,8 +106,10 @@ def _fwd_tile(t, carry, *, masked: bool, q, qpos, tab_ref, kpos_ref, k_ref, v_re
 
 
 def _fwd_kernel(tab_ref, qpos_ref, kpos_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *,
-                rule: MaskRule, block_k: int, scale: float, init=None):
-    """``init`` (v2 only): refs (o0, lse0) of the previous parts, to resume from."""
+                rule: MaskRule, block_k: int, scale: float, init=None, extra=()):
+    """``init`` (v2 only): refs (o0, lse0) of the previous parts, to resume from.
+    ``extra`` (v2 ``colaunch``): more parts of the same query tile, as tuples (tab_ref,
+    kpos_ref, k_ref, v_ref, rule, block_k), visited after the first in the same state."""
     q = q_ref[...]
     block_q = q.shape[0]
     prec = _precision(q.dtype)
@@ -134,7 +137,13 @@ def _fwd_kernel(tab_ref, qpos_ref, kpos_ref, q_ref, k_ref, v_ref, o_ref, lse_ref
             jnp.full((block_q,), -jnp.inf, jnp.float32),
             jnp.zeros((block_q,), jnp.float32),
         )
-    acc, m, l = _run_tiles(tile, n_full, n_part, carry)
+    carry = _run_tiles(tile, n_full, n_part, carry)
+    for tab_e, kpos_e, k_e, v_e, rule_e, bk_e in extra:
+        tile_e = functools.partial(_fwd_tile, q=q, qpos=qpos, tab_ref=tab_e, kpos_ref=kpos_e,
+                                   k_ref=k_e, v_ref=v_e, rule=rule_e, block_k=bk_e,
+                                   qk_scale=qk_scale, prec=prec)
+        carry = _run_tiles(tile_e, tab_e[0], tab_e[1], carry)
+    acc, m, l = carry
     empty = l == 0.0
     l_safe = jnp.where(empty, 1.0, l)
     o_ref[...] = (acc / l_safe[:, None]).astype(o_ref.dtype)
@@ -194,8 +203,9 @@ def _dq_tile(t, dq, *, masked: bool, q, do, qpos, lse2, delta, tab_ref, kpos_ref
 
 
 def _dq_kernel(tab_ref, qpos_ref, kpos_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref,
-               dq_ref, *, rule: MaskRule, block_k: int, scale: float, dq0_ref=None):
-    """``dq0_ref`` (v2 only): the previous parts' dq, added to this part's."""
+               dq_ref, *, rule: MaskRule, block_k: int, scale: float, dq0_ref=None, extra=()):
+    """``dq0_ref`` (v2 only): the previous parts' dq, added to this part's. ``extra``
+    (v2 ``colaunch``): more parts of the same query tile, as in ``_fwd_kernel``."""
     q = q_ref[...]
     do = do_ref[...]
     prec = _precision(q.dtype)
@@ -209,6 +219,11 @@ def _dq_kernel(tab_ref, qpos_ref, kpos_ref, q_ref, k_ref, v_ref, do_ref, lse_ref
     n_full = tab_ref[0]
     n_part = tab_ref[1]
     dq = _run_tiles(tile, n_full, n_part, jnp.zeros(q.shape, jnp.float32))
+    for tab_e, kpos_e, k_e, v_e, rule_e, bk_e in extra:
+        tile_e = functools.partial(_dq_tile, q=q, do=do, qpos=qpos, lse2=lse2, delta=delta,
+                                   tab_ref=tab_e, kpos_ref=kpos_e, k_ref=k_e, v_ref=v_e,
+                                   rule=rule_e, block_k=bk_e, qk_scale=qk_scale, prec=prec)
+        dq = _run_tiles(tile_e, tab_e[0], tab_e[1], dq)
     dq = dq * scale
     if dq0_ref is not None:
         dq = dq + dq0_ref[...].astype(jnp.float32)
@@ -513,7 +528,7 @@ class _Rows:
         return tab
 
 
-def _launch_order(tab: np.ndarray, b: int, h: int, heavy_first: bool):
+def _launch_order(tab: np.ndarray | list[np.ndarray], b: int, h: int, heavy_first: bool):
     """(grid, remap) of a v2 launch over the rows of ``tab`` (one per program tile).
 
     Triton starts programs in grid order, axis 0 fastest. With the tile axis first
@@ -527,8 +542,9 @@ def _launch_order(tab: np.ndarray, b: int, h: int, heavy_first: bool):
     neighbouring programs share K/V in L2. ``remap`` rewrites a BlockSpec written for
     ``(i, j, n)`` = (tile, batch, head) to the chosen grid.
     """
-    n = tab.shape[0]
-    work = tab[:, 0].astype(np.int64) + tab[:, 1]
+    tabs = tab if isinstance(tab, list) else [tab]  # co-launched parts: their work adds up
+    n = tabs[0].shape[0]
+    work = sum(t[:, 0].astype(np.int64) + t[:, 1] for t in tabs)
     if not heavy_first or n < 2 or work.max() <= 1.25 * max(work.mean(), 1.0):
         return (n, b, h), lambda spec: spec
     reverse = work[n // 2:].sum() > work[: n - n // 2].sum()
@@ -544,12 +560,22 @@ def _launch_order(tab: np.ndarray, b: int, h: int, heavy_first: bool):
     return (h, b, n), remap
 
 
+def _extra_refs(refs, extra: tuple):
+    """Splits (tab, kpos, k, v) refs of the co-launched parts off the front of ``refs``."""
+    n = 4 * len(extra)
+    srcs = tuple((*refs[4 * i : 4 * i + 4], rule, bk) for i, (rule, bk) in enumerate(extra))
+    return srcs, refs[n:]
+
+
 def _fwd_kernel_v2(tab_ref, qpos_ref, kpos_ref, q_ref, k_ref, v_ref, *refs,
-                   rule: MaskRule, block_k: int, scale: float, has_init: bool):
-    """The v1 kernel body; with has_init, refs (o0, lse0) come before the outputs."""
+                   rule: MaskRule, block_k: int, scale: float, has_init: bool,
+                   extra: tuple = ()):
+    """The v1 kernel body; the co-launched parts' refs (``extra``: their (rule,
+    block_k)) come first, then with has_init refs (o0, lse0), then the outputs."""
+    srcs, refs = _extra_refs(refs, extra)
     init, outs = (refs[:2], refs[2:]) if has_init else (None, refs)
     _fwd_kernel(tab_ref, qpos_ref, kpos_ref, q_ref, k_ref, v_ref, *outs, rule=rule,
-                block_k=block_k, scale=scale, init=init)
+                block_k=block_k, scale=scale, init=init, extra=srcs)
 
 
 def _query_tile_inputs(rows: _Rows, tab, q, k, v, part: PartLayout):
@@ -569,8 +595,24 @@ def _query_tile_inputs(rows: _Rows, tab, q, k, v, part: PartLayout):
     return in_specs, args
 
 
-def _fwd_call_v2(q, k, v, init, part: PartLayout, cfg: KernelConfig, out_dtype):
-    """One part, starting from ``init`` = (o, lse) of the previous parts or None.
+def _extra_inputs(rows: _Rows, extra, d: int):
+    """BlockSpecs and arrays of co-launched parts ``extra`` = [(k, v, part)]: each part's
+    block table, key positions and k, v (natural query order, the first part's tiles)."""
+    in_specs, args = [], []
+    for k, v, part in extra:
+        assert part.spec.order != "strided", "co-launched parts use the natural query order"
+        tab = jnp.asarray(part.fwd)
+        in_specs += [pl.BlockSpec((None, tab.shape[1]), lambda i, j, n: (i, 0)),
+                     rows.kpos_column(part.block_q, part),
+                     rows.column(part.block_q, d, k.shape[1]),
+                     rows.column(part.block_q, d, k.shape[1])]
+        args += [tab, jnp.asarray(part.k_pos), k, v]
+    return in_specs, args, tuple((p.spec.rule, p.block_k) for _, _, p in extra)
+
+
+def _fwd_call_v2(q, k, v, init, part: PartLayout, cfg: KernelConfig, out_dtype, extra=()):
+    """One part (plus co-launched ``extra`` = [(k, v, part)] of the same query tiles),
+    starting from ``init`` = (o, lse) of the previous parts or None.
 
     q, k, v, o: [B, T, H, D] in natural order (k, v: [B, Tk, H, D] gathered for a
     summary part); lse: [B, H, T]. Returns (o [B, T, H, D] out_dtype, lse [B, H, T]).
@@ -579,13 +621,17 @@ def _fwd_call_v2(q, k, v, init, part: PartLayout, cfg: KernelConfig, out_dtype):
     bq, bk = part.block_q, part.block_k
     rows = _Rows(part, t)
     tab = jnp.asarray(rows.rebase(part.fwd, bq, bk))
-    kernel = functools.partial(_fwd_kernel_v2, rule=part.spec.rule, block_k=bk,
-                               scale=d**-0.5, has_init=init is not None)
     in_specs, args = _query_tile_inputs(rows, tab, q, k, v, part)
+    x_specs, x_args, x_static = _extra_inputs(rows, extra, d)
+    in_specs += x_specs
+    args += x_args
+    kernel = functools.partial(_fwd_kernel_v2, rule=part.spec.rule, block_k=bk,
+                               scale=d**-0.5, has_init=init is not None, extra=x_static)
     if init is not None:
         in_specs += [rows.tile(bq, d), rows.ltile(bq)]
         args += [rows.view(init[0]), rows.lview(init[1])]
-    grid, remap = _launch_order(part.fwd, b, h, cfg.heavy_first)
+    grid, remap = _launch_order([part.fwd] + [p.fwd for _, _, p in extra], b, h,
+                                cfg.heavy_first)
     o, lse = pl.pallas_call(
         kernel,
         grid=grid,
@@ -605,11 +651,13 @@ def _fwd_call_v2(q, k, v, init, part: PartLayout, cfg: KernelConfig, out_dtype):
 
 def _dq_kernel_v2(tab_ref, qpos_ref, kpos_ref, q_ref, k_ref, v_ref, do_ref, lse_ref,
                   delta_ref, *refs, rule: MaskRule, block_k: int, scale: float,
-                  has_init: bool):
-    """The v1 kernel body; with has_init, ref dq0 comes before the output."""
+                  has_init: bool, extra: tuple = ()):
+    """The v1 kernel body; the co-launched parts' refs come first, then with has_init
+    ref dq0, then the output."""
+    srcs, refs = _extra_refs(refs, extra)
     dq0_ref, dq_ref = refs if has_init else (None, *refs)
     _dq_kernel(tab_ref, qpos_ref, kpos_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref,
-               dq_ref, rule=rule, block_k=block_k, scale=scale, dq0_ref=dq0_ref)
+               dq_ref, rule=rule, block_k=block_k, scale=scale, dq0_ref=dq0_ref, extra=srcs)
 
 
 def _dkv_kernel_v2(tab_ref, qpos_ref, kpos_ref, q_ref, k_ref, v_ref, do_ref, lse_ref,
@@ -627,7 +675,9 @@ def _dkv_kernel_v2(tab_ref, qpos_ref, kpos_ref, q_ref, k_ref, v_ref, do_ref, lse
                 dq_ref=dq_ref)
 
 
-def _dq_call_v2(q, k, v, do, lse, delta, dq0, part: PartLayout, cfg: KernelConfig, out_dtype):
+def _dq_call_v2(q, k, v, do, lse, delta, dq0, part: PartLayout, cfg: KernelConfig, out_dtype,
+                extra=()):
+    """dq of one part (plus co-launched ``extra`` = [(k, v, part)]), added to ``dq0``."""
     b, t, h, d = q.shape
     bq, bk = part.block_q, part.block_k
     rows = _Rows(part, t)
@@ -635,13 +685,17 @@ def _dq_call_v2(q, k, v, do, lse, delta, dq0, part: PartLayout, cfg: KernelConfi
     in_specs, args = _query_tile_inputs(rows, tab, q, k, v, part)
     in_specs += [rows.tile(bq, d), rows.ltile(bq), rows.ltile(bq)]
     args += [rows.view(do), rows.lview(lse), rows.lview(delta)]
+    x_specs, x_args, x_static = _extra_inputs(rows, extra, d)
+    in_specs += x_specs
+    args += x_args
     if dq0 is not None:
         in_specs.append(rows.tile(bq, d))
         args.append(rows.view(dq0))
-    grid, remap = _launch_order(part.fwd, b, h, cfg.heavy_first)
+    grid, remap = _launch_order([part.fwd] + [p.fwd for _, _, p in extra], b, h,
+                                cfg.heavy_first)
     dq = pl.pallas_call(
         functools.partial(_dq_kernel_v2, rule=part.spec.rule, block_k=bk, scale=d**-0.5,
-                          has_init=dq0 is not None),
+                          has_init=dq0 is not None, extra=x_static),
         grid=grid,
         in_specs=[remap(sp) for sp in in_specs],
         out_specs=remap(rows.tile(bq, d)),
@@ -714,14 +768,37 @@ def _dkv_call_v2(q, k, v, do, lse, delta, dkv0, part: PartLayout, cfg: KernelCon
     return rows.unview(outs[0]), rows.unview(outs[1])
 
 
+def _part_kv(k, v, part: PartLayout):
+    """The part's keys and values: gathered summary rows, or k, v as they are."""
+    if part.k_index is None:
+        return k, v
+    return part_keys(k, part), part_keys(v, part)
+
+
+def _launch_groups(parts, colaunch: bool) -> list[list[PartLayout]]:
+    """Parts in launches. Without ``colaunch`` one launch per part, chained through HBM.
+    With it, consecutive parts that tile queries alike (natural order, same block_q: the
+    fixed pattern's block and summary parts) share one launch: each query tile visits
+    both parts' key blocks in one online-softmax state, which saves the small part's
+    launches and the float32 state between them."""
+    launches: list[list[PartLayout]] = []
+    for part in parts:
+        prev = launches[-1][0] if launches else None
+        if (colaunch and prev is not None and part.spec.order != "strided"
+                and prev.spec.order != "strided" and prev.block_q == part.block_q):
+            launches[-1].append(part)
+        else:
+            launches.append([part])
+    return launches
+
+
 def _fused_forward(q, k, v, group: GroupLayout, cfg: KernelConfig):
     state = None
-    last = len(group.parts) - 1
-    for p, part in enumerate(group.parts):
-        out_dtype = q.dtype if p == last else jnp.float32
-        state = _fwd_call_v2(q, part_keys(k, part) if part.k_index is not None else k,
-                             part_keys(v, part) if part.k_index is not None else v,
-                             state, part, cfg, out_dtype)
+    launches = _launch_groups(group.parts, cfg.colaunch)
+    for p, (part, *rest) in enumerate(launches):
+        out_dtype = q.dtype if p == len(launches) - 1 else jnp.float32
+        extra = [(*_part_kv(k, v, x), x) for x in rest]
+        state = _fwd_call_v2(q, *_part_kv(k, v, part), state, part, cfg, out_dtype, extra)
     return state
 
 
@@ -752,12 +829,12 @@ def _fused_bwd(group, cfg, res, do):
     fuse_dq = cfg.atomic_dq and bool(gathered)
     dq_parts = own if fuse_dq else list(group.parts)
     dq = None
-    for n, part in enumerate(dq_parts):
-        last = n == len(dq_parts) - 1 and not fuse_dq
-        kp = part_keys(k, part) if part.k_index is not None else k
-        vp = part_keys(v, part) if part.k_index is not None else v
-        dq = _dq_call_v2(q, kp, vp, do, lse, delta, dq, part, cfg,
-                         dtype if last else jnp.float32)
+    launches = _launch_groups(dq_parts, cfg.colaunch)
+    for n, (part, *rest) in enumerate(launches):
+        last = n == len(launches) - 1 and not fuse_dq
+        extra = [(*_part_kv(k, v, x), x) for x in rest]
+        dq = _dq_call_v2(q, *_part_kv(k, v, part), do, lse, delta, dq, part, cfg,
+                         dtype if last else jnp.float32, extra)
     dkv = None
     for n, part in enumerate(own):
         last = n == len(own) - 1 and not gathered
@@ -823,6 +900,7 @@ def attention(
     fuse_parts: bool = True,
     heavy_first: bool = True,
     atomic_dq: bool = False,
+    colaunch: bool = False,
 ) -> jax.Array:
     """Block-sparse causal attention. q, k, v: [B, T, H, D] -> [B, T, H, D].
 
@@ -846,6 +924,11 @@ def attention(
         matmuls instead of 7), but float additions then happen in arrival order, so
         gradients are not bitwise reproducible from run to run. Off by default; not
         yet measured on a GPU.
+      colaunch: v2: parts that tile queries alike (the fixed pattern's own-block and
+        summary parts) run in one forward and one dQ launch, each query tile visiting
+        both parts' key blocks in one state, instead of one launch per part chained
+        through float32 partial results. Same results up to float rounding order. Off
+        by default; not yet measured on a GPU.
 
     Raises:
       PatternError (a ValueError) naming the constraint, for shapes, dtypes, block
@@ -877,6 +960,7 @@ def attention(
         out_dtype=q.dtype,
         heavy_first=heavy_first,
         atomic_dq=atomic_dq,
+        colaunch=colaunch,
     )
     group_attention = _group_attention_v2 if fuse_parts else _group_attention
     everyone = tuple(range(h))
