@@ -89,6 +89,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.async_checkpoint = True
     c.train.nonfinite = "skip"  # skip | stop: what a non-finite loss or gradient does
     c.train.max_skipped = 10  # with 'skip': up to this many updates in a row may be skipped; one more stops
+    # Trace train.profile_steps steps from step train.profile_from (0: off; a step after
+    # the run's first, which compiles) with the JAX profiler into workdir/profile/ and log
+    # device time per kernel category and how busy the device was (a "profile" record).
+    c.train.profile_from = 0
+    c.train.profile_steps = 3
     # Fault injection for tests and drills only: the loss and gradients of these steps
     # (numbered as in the metrics, from 1) are made NaN. Leave empty in real runs.
     c.train.debug_nan_steps = ()
@@ -122,6 +127,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if config.attention.impl not in IMPL_NAMES:
         raise ConfigError(
             f"config.attention.impl={config.attention.impl!r}; choose one of {', '.join(IMPL_NAMES)}."
+        )
+    if config.train.get("profile_from", 0) < 0 or config.train.get("profile_steps", 1) < 1:
+        raise ConfigError(
+            f"config.train.profile_from={config.train.profile_from} must be >= 0 (0: off) and "
+            f"config.train.profile_steps={config.train.profile_steps} >= 1."
         )
     accum = config.optim.grad_accum_steps
     if accum < 1 or d.batch_size % accum:

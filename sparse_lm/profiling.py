@@ -17,6 +17,7 @@ import gzip
 import json
 import os
 import re
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -118,3 +119,54 @@ def format_breakdown(title: str, b: dict, wall_ms: float | None = None) -> str:
     lines += [f"  {cat:<11} {v:9.3f} ms  {v / b['device_ms']:6.1%}" for cat, v in b["by_category"].items()]
     lines += [f"    {ms:9.3f} ms  x{calls:<6g} {name[:70]}" for name, ms, calls in b["top"]]
     return "\n".join(lines)
+
+
+class StepWindowTrace:
+    """Traces steps ``first .. first + steps - 1`` (numbered from 1) of a running loop.
+
+    Call ``before(step)`` with the number of the step about to run and ``after(step,
+    result)`` when it has been dispatched; the trace starts before the first step of the
+    window (after waiting for the work before it) and stops after its last, once that
+    step's ``result`` is ready. ``report`` then holds the wall time and, on a GPU or TPU,
+    the device kernel time of the window per step and the share of the wall time the
+    device was busy: below ~90% in a training loop points at the input pipeline, host
+    work between steps or synchronisation, not the kernels.
+    """
+
+    def __init__(self, out_dir: str, first: int, steps: int):
+        self.out_dir, self.first, self.last = out_dir, first, first + steps - 1
+        self.steps = steps
+        self.report: dict | None = None
+        self._t0 = 0.0
+
+    @property
+    def active(self) -> bool:
+        return self.first > 0 and self.report is None
+
+    def before(self, step: int, pending: Any = None) -> None:
+        if self.active and self._t0 == 0.0 and step >= self.first:
+            # A window that starts before this process's first traced step (a resumed
+            # run, or the compiling first step skipped) moves to this step.
+            self.first, self.last = step, step + self.steps - 1
+            jax.block_until_ready(pending)  # the window holds its own steps' work only
+            os.makedirs(self.out_dir, exist_ok=True)
+            jax.profiler.start_trace(self.out_dir, create_perfetto_trace=True)
+            self._t0 = time.perf_counter()
+
+    def after(self, step: int, result: Any) -> dict | None:
+        """The window's report once ``step`` is its last, else None."""
+        if not self.active or step != self.last or self._t0 == 0.0:
+            return None
+        jax.block_until_ready(result)
+        wall_ms = (time.perf_counter() - self._t0) * 1e3 / self.steps
+        jax.profiler.stop_trace()
+        report: dict = {"first_step": self.first, "steps": self.steps, "wall_ms_per_step": wall_ms,
+                        "trace_dir": self.out_dir}
+        try:
+            b = kernel_breakdown(self.out_dir, steps=self.steps, top=10)
+            report.update(device_ms_per_step=b["device_ms"], device_busy=b["device_ms"] / wall_ms,
+                          by_category=b["by_category"], top=b["top"])
+        except (ValueError, FileNotFoundError) as e:  # CPU: no device kernels to sum
+            report["error"] = str(e)
+        self.report = report
+        return report

@@ -22,7 +22,7 @@ from jax.experimental import multihost_utils
 
 from sparse_lm import config as config_lib
 from sparse_lm import data as data_lib
-from sparse_lm import sharding
+from sparse_lm import profiling, sharding
 from sparse_lm.checkpoint import Checkpointer
 from sparse_lm.evaluate import Evaluator
 from sparse_lm.metrics import MetricsWriter, log
@@ -226,6 +226,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
         status = "done"
         window_start, window_steps = time.time(), 0
         compiled = False
+        tracer = profiling.StepWindowTrace(
+            str(workdir / "profile" / f"process_{jax.process_index()}"),
+            int(config.train.get("profile_from", 0)), int(config.train.get("profile_steps", 3)))
 
         def run_eval() -> dict:
             result = evaluator(state.params, valid_source, max_batches=config.train.eval_max_batches)
@@ -267,8 +270,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
         with _StopRequest() as stop, jax.set_mesh(mesh):
             while step < num_steps:
                 batch, data_state = next(prefetcher)
+                if compiled:  # never trace the compiling step
+                    tracer.before(step + 1, state)
                 state, metrics = train_step(state, batch)
                 step += 1
+                if (report := tracer.after(step, (state, metrics))) is not None:
+                    writer.write(step, "profile", report)
+                    log(f"Profiled steps {report['first_step']}-{step} into {report['trace_dir']}: "
+                        + (f"device busy {report['device_busy']:.0%} of {report['wall_ms_per_step']:.1f} ms/step; "
+                           + ", ".join(f"{k} {v:.1f} ms" for k, v in report["by_category"].items())
+                           if "error" not in report else report["error"]))
                 window_steps += 1
                 if not compiled:
                     # This process's first step carries the compilation: time it apart, so

@@ -55,3 +55,19 @@ def test_eval_batch_size_that_the_devices_cannot_share_is_a_config_error():
         devices=2,
     )
     assert out["message"] and "eval_batch_size=3" in out["message"] and "multiple of 2" in out["message"]
+
+
+def test_a_negative_profile_window_is_a_config_error_naming_the_fields():
+    import pytest
+
+    from sparse_lm.config import ConfigError, base_config, validate
+
+    cfg = base_config()
+    cfg.data.path = "unused"
+    validate(cfg)  # profiling off by default
+    cfg.train.profile_from = -1
+    with pytest.raises(ConfigError, match="profile_from=-1 must be >= 0"):
+        validate(cfg)
+    cfg.train.profile_from, cfg.train.profile_steps = 5, 0
+    with pytest.raises(ConfigError, match="profile_steps=0 >= 1"):
+        validate(cfg)

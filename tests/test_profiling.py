@@ -84,3 +84,23 @@ def test_profile_writes_a_readable_trace_on_cpu(tmp_path):
     # On CPU the trace holds only host events: read back, it is refused, not summed to zero.
     with pytest.raises(ValueError, match="no device kernel events"):
         profiling.kernel_breakdown(folder)
+
+
+def test_step_window_moves_past_steps_it_missed_and_reports_once(tmp_path):
+    f = jax.jit(lambda x: x * 2)
+    x = jnp.ones((8,))
+    trace = profiling.StepWindowTrace(str(tmp_path / "w"), first=2, steps=2)
+    reports = []
+    for step in range(5, 9):  # a resumed run: the window (2, 3) has passed
+        trace.before(step, x)
+        x = f(x)
+        reports.append(trace.after(step, x))
+    assert [r is not None for r in reports] == [False, True, False, False]
+    assert (reports[1]["first_step"], reports[1]["steps"]) == (5, 2)
+    assert not trace.active
+
+
+def test_step_window_off_when_first_is_zero(tmp_path):
+    trace = profiling.StepWindowTrace(str(tmp_path / "w"), first=0, steps=3)
+    trace.before(1)
+    assert trace.after(1, None) is None and not (tmp_path / "w").exists()
