@@ -67,11 +67,22 @@ FIXED_ONLY = {"_atomicdq", "_colaunch", "_colaunch_atomicdq"}  # same kernels el
 SHAPES = [(2, 16384, 8, 64), (1, 65536, 8, 64), (2, 16384, 8, 128)]
 
 
-def variants(with_v1: bool, with_mosaic: bool = False, with_atomic: bool = False,
-             with_colaunch: bool = False) -> list[tuple[str, dict]]:
-    return ([DEFAULT_VARIANT] + ([V1_VARIANT] if with_v1 else [])
-            + ([MOSAIC_VARIANT] if with_mosaic else []) + ([ATOMIC_VARIANT] if with_atomic else [])
-            + (COLAUNCH_VARIANTS if with_colaunch else []))
+# Kernel paths a flag adds beside the default, by the flag's name.
+EXTRA_VARIANTS = {"v1": [V1_VARIANT], "mosaic": [MOSAIC_VARIANT], "atomic_dq": [ATOMIC_VARIANT],
+                  "colaunch": COLAUNCH_VARIANTS}
+
+
+def variants(extra: tuple[str, ...] = ()) -> list[tuple[str, dict]]:
+    """The default path, then those of ``extra`` (names of EXTRA_VARIANTS) in that order."""
+    return [DEFAULT_VARIANT] + [var for name in extra for var in EXTRA_VARIANTS[name]]
+
+
+def applies(suffix: str, pattern: str, dtype) -> bool:
+    """Whether a variant is worth checking/timing for a pattern and dtype: the fixed-only
+    options change nothing elsewhere, and wgmma takes half precision only on the GPU."""
+    if suffix in FIXED_ONLY:
+        return pattern == "fixed"
+    return suffix != "_mosaic" or jnp.dtype(dtype) != jnp.float32
 
 
 def kernel_fn(opts: dict):
@@ -195,8 +206,7 @@ def value_and_grads(fn):
     return jax.jit(f)
 
 
-def gpu_check(quick: bool, with_v1: bool = False, with_mosaic: bool = False,
-              with_atomic: bool = False, with_colaunch: bool = False) -> None:
+def gpu_check(quick: bool, extra: tuple[str, ...] = ()) -> None:
     bf, f32 = jnp.bfloat16, jnp.float32
     cases = [
         (PatternSpec("strided", 64, combine="merged"), 64, bf),
@@ -210,15 +220,10 @@ def gpu_check(quick: bool, with_v1: bool = False, with_mosaic: bool = False,
         (PatternSpec("dense"), 128, bf),
     ]
     key = jax.random.PRNGKey(int(time.time()))
-    runs = [(c, DEFAULT_VARIANT) for c in (cases[:3] if quick else cases)]
-    if with_v1:
-        runs += [(c, V1_VARIANT) for c in (cases[:3] if quick else cases)]
-    if with_mosaic:  # wgmma takes half precision only on the GPU
-        runs += [(c, MOSAIC_VARIANT) for c in (cases[:3] if quick else cases) if c[2] == bf]
-    if with_atomic:  # only patterns with summary columns take the atomic path
-        runs += [(c, ATOMIC_VARIANT) for c in cases if c[0].name == "fixed"]
-    if with_colaunch:
-        runs += [(c, var) for c in cases if c[0].name == "fixed" for var in COLAUNCH_VARIANTS]
+    # --quick: 3 cases per path, except the fixed-only options, which get every fixed case.
+    runs = [(c, var) for var in variants(extra)
+            for c in (cases if var[0] in FIXED_ONLY or not quick else cases[:3])
+            if applies(var[0], c[0].name, c[2])]
     for (spec, d, dt), (suffix, opts) in runs:
         # v2 at T=4096 so that l=64 columns (64 rows) hold whole 64-row blocks.
         b, t, h = 1, 1024 if suffix not in ("", *FIXED_ONLY) else 4096, 4
@@ -338,9 +343,8 @@ def guarded(what, fn):
         return None
 
 
-def bench_shape(shape, quick: bool, sweep: bool, with_v1: bool = False,
-                blocks: list[tuple[int, int]] | None = None, with_mosaic: bool = False,
-                with_atomic: bool = False, with_colaunch: bool = False) -> None:
+def bench_shape(shape, quick: bool, sweep: bool, blocks: list[tuple[int, int]] | None = None,
+                extra: tuple[str, ...] = ()) -> None:
     b, t, h, d = shape
     key = jax.random.PRNGKey(t + d)
     q, k, v, do = (jax.random.normal(kk, shape, jnp.float32).astype(jnp.bfloat16)
@@ -381,9 +385,9 @@ def bench_shape(shape, quick: bool, sweep: bool, with_v1: bool = False,
         if auto not in configs:
             configs.append(auto)
         for bq, bk in configs:
-            for suffix, opts in variants(with_v1, with_mosaic, with_atomic, with_colaunch):
-                if suffix in FIXED_ONLY and name != "fixed":
-                    continue  # no summary columns: the same kernels as the default
+            for suffix, opts in variants(extra):
+                if not applies(suffix, name, jnp.bfloat16):
+                    continue
                 if opts.get("kernel") == "mosaic_gpu":
                     if (bq, bk) != configs[0]:
                         continue  # once per pattern, at the Mosaic kernel's own tiles
@@ -501,6 +505,13 @@ def table() -> str:
     return "\n".join(lines)
 
 
+def extra_variants(args: argparse.Namespace) -> tuple[str, ...]:
+    """The EXTRA_VARIANTS the flags ask for (--variants is the v1 path)."""
+    flags = {"v1": args.variants, "mosaic": args.mosaic, "atomic_dq": args.atomic_dq,
+             "colaunch": args.colaunch}
+    return tuple(name for name in EXTRA_VARIANTS if flags[name])
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser()
     ap.add_argument("out", help="path of the JSON results file")
@@ -535,15 +546,14 @@ def main() -> None:
     log("device", RESULTS["device"], "jax", jax.__version__)
     t0 = time.time()
     if not args.skip_check:
-        gpu_check(args.quick, args.variants, args.mosaic, args.atomic_dq, args.colaunch)
+        gpu_check(args.quick, extra_variants(args))
     log(f"check done in {time.time() - t0:.0f}s")
     shapes = args.shapes or (SHAPES[:1] if args.quick else SHAPES)
     try:
         for i, shape in enumerate(shapes):
             sweep = i == 0 and not args.no_sweep
             guarded(f"bench {shape}",
-                    lambda: bench_shape(shape, args.quick, sweep, args.variants, args.blocks,
-                                        args.mosaic, args.atomic_dq, args.colaunch))
+                    lambda: bench_shape(shape, args.quick, sweep, args.blocks, extra_variants(args)))
             log(f"shape {shape} done at {time.time() - t0:.0f}s")
             with open(args.out, "w") as f:
                 json.dump(RESULTS, f, indent=1, default=str)

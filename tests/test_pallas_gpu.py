@@ -267,15 +267,18 @@ def test_bench_script_variants_parse_and_take_the_fused_path_at_bench_shapes():
     mod_spec.loader.exec_module(bench)
     args = bench.parse_args(["out.json", "--variants", "--no-sweep"])
     assert args.variants and args.no_sweep and not bench.parse_args(["o.json"]).variants
-    assert [s for s, _ in bench.variants(True)] == ["", "_v1"]
-    assert bench.variants(False) == [bench.DEFAULT_VARIANT]
+    assert [s for s, _ in bench.variants(("v1",))] == ["", "_v1"]
+    assert bench.variants() == [bench.DEFAULT_VARIANT]
+    assert bench.extra_variants(args) == ("v1",)
     assert bench.V1_VARIANT[1] == {"fuse_parts": False}
-    assert [s for s, _ in bench.variants(False, True)] == ["", "_mosaic"]
+    assert [s for s, _ in bench.variants(("mosaic",))] == ["", "_mosaic"]
     assert bench.parse_args(["o.json", "--mosaic"]).mosaic and not args.mosaic
-    assert [s for s, _ in bench.variants(False, False, True)] == ["", "_atomicdq"]
+    assert [s for s, _ in bench.variants(("atomic_dq",))] == ["", "_atomicdq"]
     assert bench.parse_args(["o.json", "--atomic-dq"]).atomic_dq and not args.atomic_dq
-    assert [s for s, _ in bench.variants(False, False, False, True)] == [
-        "", "_colaunch", "_colaunch_atomicdq"]
+    assert [s for s, _ in bench.variants(("colaunch",))] == ["", "_colaunch", "_colaunch_atomicdq"]
+    assert bench.applies("_colaunch", "fixed", jnp.bfloat16)
+    assert not bench.applies("_colaunch", "strided", jnp.bfloat16)
+    assert not bench.applies("_mosaic", "fixed", jnp.float32)
     assert bench.parse_args(["o.json", "--colaunch"]).colaunch and not args.colaunch
     assert bench.kernel_fn(bench.MOSAIC_VARIANT[1]).func.__module__ == "sparse_lm.attention.mosaic_gpu"
     assert bench.kernel_fn(bench.V1_VARIANT[1]).keywords == {"fuse_parts": False}
