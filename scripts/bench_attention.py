@@ -384,8 +384,9 @@ def bench_shape(shape, quick: bool, sweep: bool, blocks: list[tuple[int, int]] |
         auto = pallas_gpu.default_blocks(t, d, spec.layer_pattern(0, h))
         if auto not in configs:
             configs.append(auto)
+        paths = variants(extra)
         for bq, bk in configs:
-            for suffix, opts in variants(extra):
+            for suffix, opts in paths:
                 if not applies(suffix, name, jnp.bfloat16):
                     continue
                 if opts.get("kernel") == "mosaic_gpu":
@@ -395,15 +396,15 @@ def bench_shape(shape, quick: bool, sweep: bool, blocks: list[tuple[int, int]] |
                     if r:
                         record(shape, f"ours{suffix}", name, *r, pairs)
                     continue
-                extra = None
+                meta = None
                 if not suffix:
-                    extra = dict(fused_taken=guarded(
+                    meta = dict(fused_taken=guarded(
                         f"trace fused {name} {shape}",
                         lambda: fused_taken(spec, tuple(shape), bq, bk)))
                 r = guarded(f"ours{suffix} {name} {shape} {bq}x{bk}",
                             lambda: timed(ours_fn(spec, h, block_q=bq, block_k=bk, **opts)))
                 if r:
-                    record(shape, f"ours_{bq}x{bk}{suffix}", name, *r, pairs, extra)
+                    record(shape, f"ours_{bq}x{bk}{suffix}", name, *r, pairs, meta)
         ours_out[name] = guarded(f"ours out {name}", lambda: jax.jit(ours_fn(spec, h))(q, k, v))
 
     if quick:  # --quick: cuDNN and ours only

@@ -239,15 +239,17 @@ def find_max_batch(bench: Bench, known_fit: int = 0) -> dict:
         return good
 
     log(f"  memory limit per device: {gib(limit)}")
-    start = max(1, known_fit // unit)
-    if not ok(start):
-        if start == 1 or not ok(1):
-            return {"max_batch": 0, "limit_bytes": limit, "tried": tried}
-        start = 1
-    lo, hi = start, 2 * start
-    while hi * unit <= FLAGS.max_batch and ok(hi):
-        lo, hi = hi, hi * 2
-    hi = min(hi, FLAGS.max_batch // unit + 1)
+    top = max(1, FLAGS.max_batch // unit)  # the largest multiple of the unit allowed
+    start = max(1, min(known_fit // unit, top))
+    if ok(start):
+        lo, hi = start, 2 * start
+        while hi <= top and ok(hi):
+            lo, hi = hi, hi * 2
+        hi = min(hi, top + 1)
+    elif start > 1 and ok(1):  # the timed batch's estimate is over the limit: search below it
+        lo, hi = 1, start
+    else:
+        return {"max_batch": 0, "limit_bytes": limit, "tried": tried}
     while hi - lo > 1:  # invariant: lo fits, hi does not (or is past the bound)
         mid = (lo + hi) // 2
         lo, hi = (mid, hi) if ok(mid) else (lo, mid)

@@ -5,11 +5,15 @@
 
 For every (shape, pattern, block_q x block_k, num_warps, num_stages) the forward+backward
 of ``pallas_gpu.attention`` is timed (median, pipelined calls, as bench_attention.py)
-and profiled: the device time of each kernel (forward, dQ, dK/dV of each part) is read
-from the trace (sparse_lm.profiling). Kernels of one launch configuration do not share
-anything but the chained float32 state, so the best setting of each kernel can be read
-off the table independently. Patterns: strided (l=128, or 256 from T=65,536), fixed
-(l=128, c=32), local (l=128), all merged. Prints a table last; JSON has every kernel.
+and profiled: the device time of each kernel name is read from the trace
+(sparse_lm.profiling). The launches of a part share their name (sparse_attn_fwd_v2,
+..._bwd_dq_v2, ..._bwd_dkv_v2); the compiler makes the names of a second part's
+kernels unique with a suffix (``__1``, the summary part of the fixed pattern on the
+H200 runs of BENCHMARKS.md), so parts usually show apart, but check the JSON before
+reading a row as one kernel. Kernels of one setting share nothing but the chained
+float32 state, so each kernel's best setting can be read off independently. Patterns:
+strided and local (l=128, or 256 from T=65,536) and fixed (l=128, c=32), all merged.
+Prints a table last; JSON has every kernel.
 """
 
 from __future__ import annotations

@@ -96,13 +96,20 @@ def dropout_keep_mask(key: jax.Array, rate: float, shape: tuple[int, ...]) -> tu
     cheaper. That matters at the paper's scale, where dropout 0.4 on two [B, T, d]
     tensors per layer is drawn again under rematerialisation. An element is dropped
     when its bits are below round(rate * 2^w), so the rate is rounded to a multiple of
-    2^-w: ``w`` is the smallest of 8, 16, 32 that rounds it by at most 2% (0.4 -> 0.3984
-    with 8 bits; 0.01 takes 16). The returned keep probability is the exact one, so
+    2^-w: ``w`` is the smallest of 8, 16, 32 that keeps both the drop and the keep
+    probability within 2% of the asked ones (0.4 -> 0.3984 with 8 bits; 0.01 and 0.999
+    take 16). The returned keep probability is the exact one, so
     scaling by it keeps the layer unbiased.
     """
-    width = next(w for w in (8, 16, 32)
-                 if abs(round(rate * 2**w) / 2**w - rate) <= 0.02 * rate or w == 32)
-    drop = min(2**width - 1, max(1, round(rate * 2**width)))
+    def drop_count(w: int) -> int:
+        return min(2**w - 1, max(1, round(rate * 2**w)))
+
+    def close_enough(w: int) -> bool:  # both the drop and the keep probability within 2%
+        p = drop_count(w) / 2**w
+        return abs(p - rate) <= 0.02 * rate and abs((1 - p) - (1 - rate)) <= 0.02 * (1 - rate)
+
+    width = next(w for w in (8, 16, 32) if w == 32 or close_enough(w))
+    drop = drop_count(width)
     n, per_word = math.prod(shape), 32 // width
     words = jax.random.bits(key, (-(-n // per_word),), jnp.uint32)
     if width < 32:  # uint32[m] -> uint{w}[m, 32/w]: a bitcast, no arithmetic

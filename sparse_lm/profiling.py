@@ -80,12 +80,29 @@ def _device_kernel_events(events: list[dict]) -> list[dict]:
         r"xla (ops|modules)|steps", threads.get((e["pid"], e.get("tid")), ""), re.I)]
 
 
-def kernel_breakdown(trace_dir: str, steps: int = 1, top: int = 20) -> dict:
-    """Device kernel time of a trace, per step: total, per category, and the top names.
+def _busy_us(kernels: list[dict]) -> float:
+    """Time covered by at least one kernel (the union of their intervals): kernels that
+    overlap on several streams of one device count once."""
+    spans = sorted((float(e.get("ts", 0.0)), float(e.get("ts", 0.0)) + float(e.get("dur", 0.0)))
+                   for e in kernels)
+    busy, end = 0.0, float("-inf")
+    for start, stop in spans:
+        if stop > end:
+            busy += stop - max(start, end)
+            end = stop
+    return busy
 
-    Returns ``{"device_ms", "by_category": {cat: ms}, "top": [(name, ms, calls)],
-    "kernels"}`` with every figure divided by ``steps``. Raises if the trace holds no
-    device kernels (a CPU run, or a profiler without device support): there is then
+
+def kernel_breakdown(trace_dir: str, steps: int = 1, top: int = 20) -> dict:
+    """Device kernel time of a trace, per step and per device: total, per category, and
+    the top names.
+
+    Returns ``{"device_ms", "busy_ms", "devices", "by_category": {cat: ms}, "top":
+    [(name, ms, calls)], "kernels"}``: kernel times summed, then divided by ``steps``
+    and by the number of devices in the trace (a process driving 8 GPUs reports the
+    average GPU); ``busy_ms`` is the time some kernel ran (overlapping streams counted
+    once), so busy_ms / wall time is the device's busy share. Raises if the trace holds
+    no device kernels (a CPU run, or a profiler without device support): there is then
     nothing to break down, and a table of zeros would mislead.
     """
     with gzip.open(_trace_file(trace_dir), "rt") as fh:
@@ -96,26 +113,33 @@ def kernel_breakdown(trace_dir: str, steps: int = 1, top: int = 20) -> dict:
         raise ValueError(f"the trace under {trace_dir!r} has no device kernel events "
                          "(CPU backend, or the profiler could not read the device)")
     per_name: dict[str, list[float]] = collections.defaultdict(lambda: [0.0, 0])
+    per_device: dict[Any, list[dict]] = collections.defaultdict(list)
     for e in kernels:
         per_name[e["name"]][0] += float(e.get("dur", 0.0))
         per_name[e["name"]][1] += 1
+        per_device[e["pid"]].append(e)
     by_cat: dict[str, float] = collections.defaultdict(float)
     for name, (us, _) in per_name.items():
         by_cat[category(name)] += us
-    ms = 1e-3 / steps
+    n_dev = len(per_device)
+    ms = 1e-3 / steps / n_dev
     ranked = sorted(per_name.items(), key=lambda kv: -kv[1][0])
     return {
         "device_ms": sum(us for us, _ in per_name.values()) * ms,
+        "busy_ms": sum(_busy_us(evs) for evs in per_device.values()) * ms,
+        "devices": n_dev,
         "by_category": {c: v * ms for c, v in sorted(by_cat.items(), key=lambda kv: -kv[1])},
-        "top": [(n, us * ms, calls / steps) for n, (us, calls) in ranked[:top]],
+        "top": [(n, us * ms, calls / steps / n_dev) for n, (us, calls) in ranked[:top]],
         "kernels": len(per_name),
     }
 
 
 def format_breakdown(title: str, b: dict, wall_ms: float | None = None) -> str:
     """A short table: categories, then the top kernel names (names cut to 70 chars)."""
+    busy = b.get("busy_ms", b["device_ms"])
     lines = [f"{title}: device kernels {b['device_ms']:.3f} ms/step"
-             + (f" of {wall_ms:.3f} ms wall ({b['device_ms'] / wall_ms:.0%} busy)" if wall_ms else "")]
+             + (f" of {wall_ms:.3f} ms wall ({busy / wall_ms:.0%} busy)" if wall_ms else "")
+             + (f", average of {b['devices']} devices" if b.get("devices", 1) > 1 else "")]
     lines += [f"  {cat:<11} {v:9.3f} ms  {v / b['device_ms']:6.1%}" for cat, v in b["by_category"].items()]
     lines += [f"    {ms:9.3f} ms  x{calls:<6g} {name[:70]}" for name, ms, calls in b["top"]]
     return "\n".join(lines)
@@ -130,7 +154,10 @@ class StepWindowTrace:
     step's ``result`` is ready. ``report`` then holds the wall time and, on a GPU or TPU,
     the device kernel time of the window per step and the share of the wall time the
     device was busy: below ~90% in a training loop points at the input pipeline, host
-    work between steps or synchronisation, not the kernels.
+    work between steps or synchronisation, not the kernels. Whatever the loop does inside
+    the window counts (an evaluation or checkpoint step there shows up as idle or extra
+    kernels): pick a window between them. ``close()`` stops a trace whose window was
+    cut short (the run ended, stopped or failed inside it).
     """
 
     def __init__(self, out_dir: str, first: int, steps: int):
@@ -164,9 +191,16 @@ class StepWindowTrace:
                         "trace_dir": self.out_dir}
         try:
             b = kernel_breakdown(self.out_dir, steps=self.steps, top=10)
-            report.update(device_ms_per_step=b["device_ms"], device_busy=b["device_ms"] / wall_ms,
-                          by_category=b["by_category"], top=b["top"])
+            report.update(device_ms_per_step=b["device_ms"], device_busy=b["busy_ms"] / wall_ms,
+                          devices=b["devices"], by_category=b["by_category"], top=b["top"])
         except (ValueError, FileNotFoundError) as e:  # CPU: no device kernels to sum
             report["error"] = str(e)
         self.report = report
         return report
+
+    def close(self) -> None:
+        """Stops the profiler if this window started it and did not finish."""
+        if self._t0 != 0.0 and self.report is None:
+            jax.profiler.stop_trace()
+            self.report = {"first_step": self.first, "steps": self.steps, "trace_dir": self.out_dir,
+                           "error": "the run ended inside the window; the trace holds what ran"}

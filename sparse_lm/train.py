@@ -229,6 +229,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
         tracer = profiling.StepWindowTrace(
             str(workdir / "profile" / f"process_{jax.process_index()}"),
             int(config.train.get("profile_from", 0)), int(config.train.get("profile_steps", 3)))
+        cleanup.callback(tracer.close)
 
         def run_eval() -> dict:
             result = evaluator(state.params, valid_source, max_batches=config.train.eval_max_batches)

@@ -354,7 +354,7 @@ def test_dropout_mask_drops_the_rate_it_reports(rate, width):
     keep, p_keep = dropout_keep_mask(jax.random.key(3), rate, shape)
     assert keep.shape == shape and keep.dtype == jnp.bool_
     # The reported keep probability is the asked rate rounded to a multiple of 2^-width.
-    assert p_keep == pytest.approx(1 - round(rate * 2**width) / 2**width if rate > 1e-5 else 1 - 1 / 2**32)
+    assert p_keep == 1 - max(1, round(rate * 2**width)) / 2**width
     assert abs((1 - p_keep) - rate) <= 0.02 * rate + 2**-32
     n = keep.size
     frac = float(keep.mean())
@@ -446,3 +446,10 @@ def test_gpu_kernel_options_are_ignored_by_other_impls():
     model = build_model(cfg, nnx.Rngs(0))
     plain = build_model(tiny_config("fixed", "merged"), nnx.Rngs(0))
     np.testing.assert_array_equal(model(random_tokens()), plain(random_tokens()))
+
+
+def test_dropout_rates_near_one_keep_the_keep_probability_close():
+    from sparse_lm.model import dropout_keep_mask
+
+    _, p_keep = dropout_keep_mask(jax.random.key(0), 0.999, (4, 64))
+    assert abs(p_keep - 0.001) <= 0.02 * 0.001

@@ -454,3 +454,32 @@ def test_colaunch_puts_the_fixed_patterns_parts_in_one_forward_and_one_dq_launch
     assert launches(colaunch=True, atomic_dq=True) == {
         "sparse_attn_fwd_v2": 1, "sparse_attn_bwd_dq_v2": 1, "sparse_attn_bwd_dkv_v2": 1,
         "sparse_attn_bwd_dkv_dq_v2": 1}
+
+
+def test_bench_shape_times_every_pattern_tile_and_path(monkeypatch):
+    """bench_attention.bench_shape with the timer and kernels stubbed out: one row per
+    (pattern, tile, path) and no error, so a GPU run is not cut short by the script."""
+    import importlib.util
+
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "bench_attention.py"
+    mod_spec = importlib.util.spec_from_file_location("bench_attention_stubbed", path)
+    bench = importlib.util.module_from_spec(mod_spec)
+    mod_spec.loader.exec_module(bench)
+    monkeypatch.setattr(bench, "time_jax", lambda fn, *args, **kw: 1.0)
+    monkeypatch.setattr(bench, "fused_taken", lambda *a: True)
+    monkeypatch.setattr(bench, "ours_fn", lambda spec, h, **opts: (lambda q, k, v: q))
+    bench.RESULTS.update(check=[], timings=[], errors=[], layout=[])
+    bench.bench_shape((1, 1024, 2, 64), quick=True, sweep=False, blocks=[(64, 64), (32, 32)],
+                      extra=("v1", "atomic_dq", "colaunch"))
+    assert bench.RESULTS["errors"] == []
+    rows = {(r["impl"], r["pattern"]) for r in bench.RESULTS["timings"]}
+    for name in ("strided", "fixed", "local"):
+        for tile in ("64x64", "32x32"):
+            assert (f"ours_{tile}", name) in rows and (f"ours_{tile}_v1", name) in rows
+    fixed_only = {impl for impl, name in rows if impl.endswith(("_atomicdq", "_colaunch"))}
+    assert fixed_only == {"ours_64x64_atomicdq", "ours_32x32_atomicdq", "ours_64x64_colaunch",
+                          "ours_32x32_colaunch", "ours_64x64_colaunch_atomicdq", "ours_32x32_colaunch_atomicdq"}
+    assert all(name == "fixed" for impl, name in rows if impl in fixed_only)
+    assert ("cudnn_dense_causal", "dense") in rows

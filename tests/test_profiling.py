@@ -24,25 +24,31 @@ def _meta(pid, name, tid=None, thread=None):
     return {"ph": "M", "pid": pid, "tid": tid, "name": "thread_name", "args": {"name": thread}}
 
 
-def _kernel(pid, tid, name, dur):
-    return {"ph": "X", "pid": pid, "tid": tid, "ts": 0.0, "dur": dur, "name": name}
+def _kernel(pid, tid, name, dur, ts=0.0):
+    return {"ph": "X", "pid": pid, "tid": tid, "ts": ts, "dur": dur, "name": name}
 
 
-def gpu_trace(tmp_path):
-    events = [
-        _meta(1, "/host:CPU"), _meta(2, "/device:GPU:0"),
-        _meta(2, "", tid=10, thread="Stream #13(Compute)"),
-        _meta(2, "", tid=11, thread="XLA Ops"),
-        _kernel(1, 5, "python: step", 9000.0),                   # host: not counted
-        _kernel(2, 10, "sparse_attn_fwd_v2", 300.0),
-        _kernel(2, 10, "sparse_attn_fwd_v2", 300.0),
-        _kernel(2, 10, "nvjet_hsh_128x256_64x4_2x1_v_bz_coopA_TNT", 500.0),
-        _kernel(2, 10, "loop_multiply_fusion", 100.0),
-        _kernel(2, 10, "transpose_fusion_3", 50.0),
-        _kernel(2, 10, "rng_bit_generator", 40.0),
-        _kernel(2, 10, "mystery_kernel", 10.0),
-        _kernel(2, 11, "dot.12", 500.0),                         # XLA op line repeats a kernel
+def _device_kernels(pid):
+    """1,300 µs of kernels over 1,290 µs: the last one overlaps (another stream)."""
+    return [
+        _meta(pid, "", tid=10, thread="Stream #13(Compute)"),
+        _meta(pid, "", tid=12, thread="Stream #14(Compute)"),
+        _meta(pid, "", tid=11, thread="XLA Ops"),
+        _kernel(pid, 10, "sparse_attn_fwd_v2", 300.0, ts=0.0),
+        _kernel(pid, 10, "sparse_attn_fwd_v2", 300.0, ts=300.0),
+        _kernel(pid, 10, "nvjet_hsh_128x256_64x4_2x1_v_bz_coopA_TNT", 500.0, ts=600.0),
+        _kernel(pid, 10, "loop_multiply_fusion", 100.0, ts=1100.0),
+        _kernel(pid, 10, "transpose_fusion_3", 50.0, ts=1200.0),
+        _kernel(pid, 10, "rng_bit_generator", 40.0, ts=1250.0),
+        _kernel(pid, 12, "mystery_kernel", 10.0, ts=1280.0),
+        _kernel(pid, 11, "dot.12", 500.0, ts=600.0),            # XLA op line repeats a kernel
     ]
+
+
+def gpu_trace(tmp_path, devices: int = 1):
+    events = [_meta(1, "/host:CPU"), _kernel(1, 5, "python: step", 9000.0)]  # host: not counted
+    for i in range(devices):
+        events += [_meta(2 + i, f"/device:GPU:{i}")] + _device_kernels(2 + i)
     _write_trace(str(tmp_path), events)
     return str(tmp_path)
 
@@ -50,12 +56,25 @@ def gpu_trace(tmp_path):
 def test_sums_stream_kernels_per_step_and_category(tmp_path):
     b = profiling.kernel_breakdown(gpu_trace(tmp_path), steps=2)
     assert b["device_ms"] == pytest.approx(1.3 / 2)
+    assert b["busy_ms"] == pytest.approx(1.29 / 2)  # the overlapping kernel counts once
+    assert b["devices"] == 1
     assert b["by_category"] == pytest.approx({
         "attention": 0.3, "matmul": 0.25, "fusion": 0.05, "copy": 0.025, "rng": 0.02, "other": 0.005})
     assert b["top"][0] == ("sparse_attn_fwd_v2", pytest.approx(0.3), 1.0)
     assert b["top"][1] == ("nvjet_hsh_128x256_64x4_2x1_v_bz_coopA_TNT", pytest.approx(0.25), 0.5)
     table = profiling.format_breakdown("step", b, wall_ms=1.0)
-    assert "65% busy" in table and "attention" in table
+    assert "64% busy" in table and "attention" in table
+
+
+def test_several_devices_in_one_process_report_the_average_device(tmp_path):
+    one = profiling.kernel_breakdown(gpu_trace(tmp_path / "one"), steps=2)
+    eight = profiling.kernel_breakdown(gpu_trace(tmp_path / "eight", devices=8), steps=2)
+    assert eight["devices"] == 8
+    for key in ("device_ms", "busy_ms"):
+        assert eight[key] == pytest.approx(one[key])
+    assert eight["by_category"] == pytest.approx(one["by_category"])
+    assert eight["top"][0][1:] == pytest.approx(one["top"][0][1:])
+    assert "average of 8 devices" in profiling.format_breakdown("step", eight, wall_ms=1.0)
 
 
 def test_categories_of_known_kernel_names():
@@ -98,6 +117,17 @@ def test_step_window_moves_past_steps_it_missed_and_reports_once(tmp_path):
     assert [r is not None for r in reports] == [False, True, False, False]
     assert (reports[1]["first_step"], reports[1]["steps"]) == (5, 2)
     assert not trace.active
+
+
+def test_a_window_cut_short_is_closed_so_the_profiler_can_start_again(tmp_path):
+    trace = profiling.StepWindowTrace(str(tmp_path / "w"), first=1, steps=5)
+    trace.before(1)
+    assert trace.after(1, None) is None  # the run ends here, inside the window
+    trace.close()
+    assert "ended inside the window" in trace.report["error"]
+    again = profiling.StepWindowTrace(str(tmp_path / "w2"), first=1, steps=1)
+    again.before(1)
+    assert again.after(1, None)["steps"] == 1  # start_trace would fail had the first not stopped
 
 
 def test_step_window_off_when_first_is_zero(tmp_path):

@@ -915,6 +915,9 @@ def attention(
         chained in one online-softmax state, no log-sum-exp merge forward or backward.
         Groups whose strided blocks do not divide T/l take the v1 path (False), which
         permutes q, k, v and merges the parts' outputs in XLA.
+      heavy_first, atomic_dq, colaunch: options of the v2 path only; groups that take
+        the v1 path (``fuse_parts=False``, or strided blocks that do not divide T/l) run
+        without them.
       heavy_first: v2 launch order: parts of uneven work per tile (summary columns)
         start their longest programs first (``_launch_order``). Same results either
         way; False gives the plain tile-major order.
