@@ -22,7 +22,8 @@ rows ``ours_<bq>x<bk>_v1``. ``--mosaic`` adds the experimental Mosaic GPU kernel
 ``ours_mosaic``. ``--atomic-dq`` adds the fixed pattern with ``atomic_dq=True`` (its
 summary dq from the dK/dV kernel), rows ``ours_<bq>x<bk>_atomicdq``; ``--colaunch`` the
 fixed pattern's two parts in one forward and one dQ launch (rows ``_colaunch`` and, with
-atomic_dq too, ``_colaunch_atomicdq``). ``--shapes
+atomic_dq too, ``_colaunch_atomicdq``); ``--narrow-chain`` bf16 partial results between
+launches (rows ``_narrowchain``, strided and fixed). ``--shapes
 1x65536x8x64,...`` picks shapes (B x T x H x D).
 """
 
@@ -64,12 +65,14 @@ ATOMIC_VARIANT = ("_atomicdq", {"atomic_dq": True})
 COLAUNCH_VARIANTS = [("_colaunch", {"colaunch": True}),
                      ("_colaunch_atomicdq", {"colaunch": True, "atomic_dq": True})]
 FIXED_ONLY = {"_atomicdq", "_colaunch", "_colaunch_atomicdq"}  # same kernels elsewhere
+# Partial results between launches in bf16: patterns of several parts only.
+NARROW_VARIANT = ("_narrowchain", {"narrow_chain": True})
 SHAPES = [(2, 16384, 8, 64), (1, 65536, 8, 64), (2, 16384, 8, 128)]
 
 
 # Kernel paths a flag adds beside the default, by the flag's name.
 EXTRA_VARIANTS = {"v1": [V1_VARIANT], "mosaic": [MOSAIC_VARIANT], "atomic_dq": [ATOMIC_VARIANT],
-                  "colaunch": COLAUNCH_VARIANTS}
+                  "colaunch": COLAUNCH_VARIANTS, "narrow_chain": [NARROW_VARIANT]}
 
 
 def variants(extra: tuple[str, ...] = ()) -> list[tuple[str, dict]]:
@@ -82,6 +85,8 @@ def applies(suffix: str, pattern: str, dtype) -> bool:
     options change nothing elsewhere, and wgmma takes half precision only on the GPU."""
     if suffix in FIXED_ONLY:
         return pattern == "fixed"
+    if suffix == NARROW_VARIANT[0]:
+        return pattern in ("strided", "fixed")
     return suffix != "_mosaic" or jnp.dtype(dtype) != jnp.float32
 
 
@@ -220,13 +225,14 @@ def gpu_check(quick: bool, extra: tuple[str, ...] = ()) -> None:
         (PatternSpec("dense"), 128, bf),
     ]
     key = jax.random.PRNGKey(int(time.time()))
-    # --quick: 3 cases per path, except the fixed-only options, which get every fixed case.
+    # --quick: 3 cases per path, except the options, which get every case they apply to.
+    options = FIXED_ONLY | {NARROW_VARIANT[0]}
     runs = [(c, var) for var in variants(extra)
-            for c in (cases if var[0] in FIXED_ONLY or not quick else cases[:3])
+            for c in (cases if var[0] in options or not quick else cases[:3])
             if applies(var[0], c[0].name, c[2])]
     for (spec, d, dt), (suffix, opts) in runs:
         # v2 at T=4096 so that l=64 columns (64 rows) hold whole 64-row blocks.
-        b, t, h = 1, 1024 if suffix not in ("", *FIXED_ONLY) else 4096, 4
+        b, t, h = 1, 1024 if suffix not in ("", *options) else 4096, 4
         key, *ks = jax.random.split(key, 5)
         q, k, v, g = (jax.random.normal(kk, (b, t, h, d), jnp.float32).astype(dt) for kk in ks)
         for layer in (0, 1) if spec.combine == "interleaved" else (0,):
@@ -509,7 +515,7 @@ def table() -> str:
 def extra_variants(args: argparse.Namespace) -> tuple[str, ...]:
     """The EXTRA_VARIANTS the flags ask for (--variants is the v1 path)."""
     flags = {"v1": args.variants, "mosaic": args.mosaic, "atomic_dq": args.atomic_dq,
-             "colaunch": args.colaunch}
+             "colaunch": args.colaunch, "narrow_chain": args.narrow_chain}
     return tuple(name for name in EXTRA_VARIANTS if flags[name])
 
 
@@ -528,6 +534,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="also check and time atomic_dq=True for the fixed pattern (rows *_atomicdq)")
     ap.add_argument("--colaunch", action="store_true",
                     help="also check and time colaunch=True (and with atomic_dq) for the fixed pattern")
+    ap.add_argument("--narrow-chain", action="store_true",
+                    help="also check and time narrow_chain=True (bf16 partial results) for strided and fixed")
     ap.add_argument("--shapes", type=parse_shapes, default=None,
                     help="comma-separated BxTxHxD shapes to time (default: the issue's three; "
                          "--quick: the first)")

@@ -66,6 +66,7 @@ def base_config() -> ml_collections.ConfigDict:
     # pallas_gpu options (ignored by the other impls), off until timed on a GPU:
     c.attention.colaunch = False  # the fixed pattern's two parts in one forward/dQ launch
     c.attention.atomic_dq = False  # summary dq from the dK/dV kernel (float atomics: not bitwise reproducible)
+    c.attention.narrow_chain = False  # partial results between the kernel's launches in bf16, not float32
 
     c.optim = ml_collections.ConfigDict()
     c.optim.learning_rate = 1e-3

@@ -40,7 +40,7 @@ from sparse_lm.config import ConfigError
 AXIS_NAMES = ("vocab", "embed", "mlp", "heads", "head_dim", "pos", "layers")
 # Boolean config.attention fields passed to the pallas_gpu kernel when it runs (see
 # pallas_gpu.attention): both opt-in until measured on a GPU.
-GPU_KERNEL_OPTIONS = ("colaunch", "atomic_dq")
+GPU_KERNEL_OPTIONS = ("colaunch", "atomic_dq", "narrow_chain")
 REMAT_POLICIES: dict[str, Callable[..., bool] | None] = {
     "full": None,  # save nothing: recompute the whole block in the backward pass
     "dots": jax.checkpoint_policies.checkpoint_dots,

@@ -279,6 +279,9 @@ def test_bench_script_variants_parse_and_take_the_fused_path_at_bench_shapes():
     assert bench.applies("_colaunch", "fixed", jnp.bfloat16)
     assert not bench.applies("_colaunch", "strided", jnp.bfloat16)
     assert not bench.applies("_mosaic", "fixed", jnp.float32)
+    assert bench.applies("_narrowchain", "strided", jnp.bfloat16)
+    assert not bench.applies("_narrowchain", "local", jnp.bfloat16)
+    assert bench.extra_variants(bench.parse_args(["o.json", "--narrow-chain"])) == ("narrow_chain",)
     assert bench.parse_args(["o.json", "--colaunch"]).colaunch and not args.colaunch
     assert bench.kernel_fn(bench.MOSAIC_VARIANT[1]).func.__module__ == "sparse_lm.attention.mosaic_gpu"
     assert bench.kernel_fn(bench.V1_VARIANT[1]).keywords == {"fuse_parts": False}
@@ -388,8 +391,10 @@ def test_atomic_dq_leaves_patterns_without_summary_columns_unchanged():
 
 
 @pytest.mark.parametrize("name,opts", [("strided", {}), ("fixed", {}), ("fixed", {"atomic_dq": True}),
-                                       ("fixed", {"colaunch": True, "atomic_dq": True})],
-                         ids=["strided", "fixed", "fixed-atomic-dq", "fixed-colaunch-atomic-dq"])
+                                       ("fixed", {"colaunch": True, "atomic_dq": True}),
+                                       ("strided", {"narrow_chain": True})],
+                         ids=["strided", "fixed", "fixed-atomic-dq", "fixed-colaunch-atomic-dq",
+                              "strided-narrow-chain"])
 def test_kernels_lower_for_cuda_at_the_benchmark_shape(name, opts):
     """The real Triton lowering (not the interpreter) on a CPU machine: an abstract H100
     stands in for the GPU, so the launch order, aliasing and atomics of the GPU path are
@@ -483,3 +488,35 @@ def test_bench_shape_times_every_pattern_tile_and_path(monkeypatch):
                           "ours_32x32_colaunch", "ours_64x64_colaunch_atomicdq", "ours_32x32_colaunch_atomicdq"}
     assert all(name == "fixed" for impl, name in rows if impl in fixed_only)
     assert ("cudnn_dense_causal", "dense") in rows
+
+
+@pytest.mark.parametrize("name", ["strided", "fixed"])
+def test_narrow_chain_hands_bf16_partials_between_launches_within_bf16_error(name):
+    spec = PatternSpec(name, 16, 4, combine="merged")
+    shape = (1, 256, 2, 64)
+    opts = dict(block_q=16, block_k=16, narrow_chain=True)
+    assert_matches_reference(spec, 0, shape, jnp.bfloat16, **opts)
+    assert_matches_default_launches(spec.layer_pattern(0, 2), shape, jnp.bfloat16, **opts)
+    pattern = spec.layer_pattern(0, 2)
+
+    def partial_dtypes(dtype, **kw):
+        """dtypes of the [B, T, H, D] results of the kernels that are not the last one."""
+        q = jnp.zeros(shape, dtype)
+
+        def f(q, k, v):
+            o, vjp = jax.vjp(lambda *a: pallas_gpu.attention(*a, pattern, block_q=16, block_k=16, **kw),
+                             q, k, v)
+            return o, vjp(o)
+
+        jaxpr = jax.make_jaxpr(f)(q, q, q).jaxpr
+        out = set()
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name == "pallas_call":
+                out |= {str(v.aval.dtype) for v in eqn.outvars  # o/dq/dk/dv (views), not lse
+                        if v.aval.ndim in (4, 5) and v.aval.shape[-1] == shape[-1]}
+        return out
+
+    assert partial_dtypes(jnp.bfloat16) == {"bfloat16", "float32"}  # float32 chain by default
+    narrow = partial_dtypes(jnp.bfloat16, narrow_chain=True)
+    assert "bfloat16" in narrow and ("float32" not in narrow or name == "fixed")  # fixed: gathered dk, dv
+    assert partial_dtypes(jnp.float32, narrow_chain=True) == {"float32"}
