@@ -204,3 +204,33 @@ class StepWindowTrace:
             jax.profiler.stop_trace()
             self.report = {"first_step": self.first, "steps": self.steps, "trace_dir": self.out_dir,
                            "error": "the run ended inside the window; the trace holds what ran"}
+
+
+class CompileWatch:
+    """Notices when a jitted function compiles again after its first compilation.
+
+    A training step should compile once: a second compilation means its inputs changed
+    shape, dtype or sharding between steps (a ragged last batch, a Python scalar where an
+    array was, a state that moved devices), and each one stalls training for as long as
+    the first compile took. ``check()`` returns a message the first time the count
+    grows past ``expected``, else None. Uses the jitted function's compilation cache
+    size; where that is not available (other JAX versions) it stays silent.
+    """
+
+    def __init__(self, jitted: Any, expected: int = 1):
+        self._size = getattr(jitted, "_cache_size", None)
+        self.expected = expected
+        self.reported = False
+
+    def count(self) -> int | None:
+        return self._size() if callable(self._size) else None
+
+    def check(self) -> str | None:
+        n = self.count()
+        if self.reported or n is None or n <= self.expected:
+            return None
+        self.reported = True
+        return (f"the train step has compiled {n} times: its inputs changed shape, dtype or "
+                "sharding between steps, and every recompilation stalls training. Check that "
+                "every batch has the same shape (drop a ragged last batch) and that the state "
+                "keeps its sharding.")

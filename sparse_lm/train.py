@@ -230,6 +230,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
             str(workdir / "profile" / f"process_{jax.process_index()}"),
             int(config.train.get("profile_from", 0)), int(config.train.get("profile_steps", 3)))
         cleanup.callback(tracer.close)
+        compiles = profiling.CompileWatch(train_step)
 
         def run_eval() -> dict:
             result = evaluator(state.params, valid_source, max_batches=config.train.eval_max_batches)
@@ -299,6 +300,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
                         metrics["tokens_per_second"] = tokens_per_step * window_steps / elapsed
                     window_start, window_steps = time.time(), 0
                     check_halted(metrics)
+                    if (warning := compiles.check()) is not None:
+                        log(f"Warning: {warning}")
+                        writer.write(step, "recompiled", {"compilations": compiles.count()})
                     last_train = metrics
                     writer.write(step, "train", metrics)
                     writer.progress(
@@ -331,6 +335,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
         "workdir": str(workdir),
         "checkpoints": str(ckpt.directory),
         "metrics": str(writer.jsonl_path),
+        "train_step_compilations": compiles.count(),
     }
 
 

@@ -134,3 +134,21 @@ def test_step_window_off_when_first_is_zero(tmp_path):
     trace = profiling.StepWindowTrace(str(tmp_path / "w"), first=0, steps=3)
     trace.before(1)
     assert trace.after(1, None) is None and not (tmp_path / "w").exists()
+
+
+def test_compile_watch_reports_a_second_compilation_once():
+    f = jax.jit(lambda x: x * 2)
+    watch = profiling.CompileWatch(f)
+    f(jnp.ones((4,)))
+    f(jnp.ones((4,)))
+    assert watch.check() is None and watch.count() == 1
+    f(jnp.ones((5,)))  # a new shape: compiled again
+    message = watch.check()
+    assert "compiled 2 times" in message and "same shape" in message
+    f(jnp.ones((6,)))
+    assert watch.check() is None  # said once
+
+
+def test_compile_watch_is_silent_without_a_cache_count():
+    watch = profiling.CompileWatch(lambda x: x)
+    assert watch.count() is None and watch.check() is None

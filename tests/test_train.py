@@ -55,6 +55,12 @@ def test_train_metrics_are_logged_with_throughput(trained_run):
     assert (workdir / "tensorboard").is_dir() and any((workdir / "tensorboard").iterdir())
 
 
+def test_the_train_step_compiles_once_in_a_whole_run(trained_run):
+    _, workdir, summary = trained_run
+    assert summary["train_step_compilations"] == 1
+    assert read_metrics(workdir, "recompiled") == []
+
+
 def test_evaluate_checkpoint_returns_the_figure_training_logged(trained_run):
     config, workdir, _ = trained_run
     logged = read_metrics(workdir, "eval_valid")[-1]
