@@ -315,7 +315,7 @@ class Transformer(nnx.Module):
         qk_ratio = float(_get(model_cfg, "qk_ratio", 1.0))
         self.spec = PatternSpec.from_config(attn_cfg)
         impl = str(_get(attn_cfg, "impl", "auto"))
-        kernel_options = tuple((name, bool(_get(attn_cfg, name, False))) for name in GPU_KERNEL_OPTIONS)
+        kernel_options = tuple((name, True) for name in GPU_KERNEL_OPTIONS if _get(attn_cfg, name, False))
         self._validate(ff_ratio, qk_ratio)
 
         self.head_dim = self.d_model // self.num_heads
@@ -339,7 +339,7 @@ class Transformer(nnx.Module):
             impl=impl,
             dtype=self.dtype,
             param_dtype=param_dtype,
-            kernel_options=tuple(kv for kv in kernel_options if kv[1]),
+            kernel_options=kernel_options,
         )
         if self.scan_layers:
             self.period = pattern_period(patterns)

@@ -205,6 +205,15 @@ def _accumulate(plgpu, acc, a, a_smem, b, in_place: bool):
     return acc + _wgmma_value(plgpu, acc.shape, a_smem, b)
 
 
+def _program(tab_ref, tile_axis: str):
+    """This program's (head, tile, batch, warpgroup) indices, and from its row of the
+    block table the number of full (unmasked) steps and of all steps."""
+    tile = lax.axis_index(tile_axis)
+    n_full = tab_ref[tile, 0]
+    return (lax.axis_index("heads"), tile, lax.axis_index("batch"), lax.axis_index("wg"),
+            n_full, n_full + tab_ref[tile, 1])
+
+
 def _name(kind: str, part: PartLayout) -> str:
     """mgpu_attn_<fwd|dq|dkv>_<summary|strided|natural>: the kernel's name in profiles."""
     return f"mgpu_attn_{kind}_{'summary' if part.spec.summary else part.spec.order}"
@@ -243,12 +252,7 @@ def _part_forward(q, k, v, part: PartLayout, cfg: KernelConfig, out_dtype):
     def kernel(tab_ref, lo_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, scoped):
         (q_smem, k_smem, v_smem, p_smem, o_smem, lse_smem), bars = scoped
         k_ready, v_ready, q_ready, k_free, v_free = bars
-        hi = lax.axis_index("heads")
-        qi = lax.axis_index("q_seq")
-        bi = lax.axis_index("batch")
-        wg = lax.axis_index("wg")
-        n_full = tab_ref[qi, 0]
-        steps = n_full + tab_ref[qi, 1]
+        hi, qi, bi, wg, n_full, steps = _program(tab_ref, "q_seq")
 
         @pl.when(wg < wgs)
         def _compute():
@@ -427,12 +431,7 @@ def _dq_part(q, k, v, do, ld, part: PartLayout, cfg: KernelConfig, out_dtype):
     def kernel(tab_ref, lo_ref, q_ref, k_ref, v_ref, do_ref, ld_ref, dq_ref, scoped):
         (q_smem, do_smem, ld_smem, k_smem, v_smem, ds_smem, out_smem), bars = scoped
         k_ready, v_ready, q_ready, do_ready, ld_ready, k_free, v_free = bars
-        hi = lax.axis_index("heads")
-        qi = lax.axis_index("q_seq")
-        bi = lax.axis_index("batch")
-        wg = lax.axis_index("wg")
-        n_full = tab_ref[qi, 0]
-        steps = n_full + tab_ref[qi, 1]
+        hi, qi, bi, wg, n_full, steps = _program(tab_ref, "q_seq")
 
         @pl.when(wg < wgs)
         def _compute():
@@ -545,12 +544,7 @@ def _dkv_part(q, k, v, do, ld, part: PartLayout, cfg: KernelConfig, out_dtype):
     def kernel(tab_ref, lo_ref, q_ref, k_ref, v_ref, do_ref, ld_ref, dk_ref, dv_ref, scoped):
         (k_smem, v_smem, q_smem, do_smem, ld_smem, t_smem, out_smem), bars = scoped
         q_ready, do_ready, ld_ready, k_ready, v_ready, free = bars
-        hi = lax.axis_index("heads")
-        ki = lax.axis_index("k_seq")
-        bi = lax.axis_index("batch")
-        wg = lax.axis_index("wg")
-        n_full = tab_ref[ki, 0]
-        steps = n_full + tab_ref[ki, 1]
+        hi, ki, bi, wg, n_full, steps = _program(tab_ref, "k_seq")
 
         @pl.when(wg < wgs)
         def _compute():

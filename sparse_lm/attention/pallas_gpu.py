@@ -89,6 +89,17 @@ def _run_tiles(tile, n_full, n_part, carry):
     return lax.fori_loop(n_full, n_full + n_part, functools.partial(tile, masked=True), carry)
 
 
+def _run_sources(tile_fn, sources, carry, **common):
+    """The block loops of a query tile over each key source in turn, one state: a
+    source is (tab_ref, kpos_ref, k_ref, v_ref, rule, block_k), the part's own first and
+    then the co-launched parts' (v2 ``colaunch``)."""
+    for tab_ref, kpos_ref, k_ref, v_ref, rule, block_k in sources:
+        tile = functools.partial(tile_fn, tab_ref=tab_ref, kpos_ref=kpos_ref, k_ref=k_ref,
+                                 v_ref=v_ref, rule=rule, block_k=block_k, **common)
+        carry = _run_tiles(tile, tab_ref[0], tab_ref[1], carry)
+    return carry
+
+
 def _fwd_tile(t, carry, *, masked: bool, q, qpos, tab_ref, kpos_ref, k_ref, v_ref,
               rule: MaskRule, block_k: int, qk_scale: float, prec):
     """One online-softmax step over key block ``tab_ref[2 + t]`` of a query tile."""
@@ -119,12 +130,7 @@ def _fwd_kernel(tab_ref, qpos_ref, kpos_ref, q_ref, k_ref, v_ref, o_ref, lse_ref
     block_q = q.shape[0]
     prec = _precision(q.dtype)
     qpos = qpos_ref[...]
-    n_full = tab_ref[0]
-    n_part = tab_ref[1]
     qk_scale = scale * LOG2E  # scores in base 2: exp2 is the cheap instruction
-    tile = functools.partial(_fwd_tile, q=q, qpos=qpos, tab_ref=tab_ref, kpos_ref=kpos_ref,
-                             k_ref=k_ref, v_ref=v_ref, rule=rule, block_k=block_k,
-                             qk_scale=qk_scale, prec=prec)
     if init is not None:
         # The previous parts' normalised (o, lse) as a running state: acc / l = o and
         # m + log2(l) = lse in base 2. A row empty so far has lse = -inf: m = -inf, l = 0.
@@ -142,13 +148,9 @@ def _fwd_kernel(tab_ref, qpos_ref, kpos_ref, q_ref, k_ref, v_ref, o_ref, lse_ref
             jnp.full((block_q,), -jnp.inf, jnp.float32),
             jnp.zeros((block_q,), jnp.float32),
         )
-    carry = _run_tiles(tile, n_full, n_part, carry)
-    for tab_e, kpos_e, k_e, v_e, rule_e, bk_e in extra:
-        tile_e = functools.partial(_fwd_tile, q=q, qpos=qpos, tab_ref=tab_e, kpos_ref=kpos_e,
-                                   k_ref=k_e, v_ref=v_e, rule=rule_e, block_k=bk_e,
-                                   qk_scale=qk_scale, prec=prec)
-        carry = _run_tiles(tile_e, tab_e[0], tab_e[1], carry)
-    acc, m, l = carry
+    sources = ((tab_ref, kpos_ref, k_ref, v_ref, rule, block_k), *extra)
+    acc, m, l = _run_sources(_fwd_tile, sources, carry, q=q, qpos=qpos, qk_scale=qk_scale,
+                             prec=prec)
     empty = l == 0.0
     l_safe = jnp.where(empty, 1.0, l)
     o_ref[...] = (acc / l_safe[:, None]).astype(o_ref.dtype)
@@ -217,18 +219,9 @@ def _dq_kernel(tab_ref, qpos_ref, kpos_ref, q_ref, k_ref, v_ref, do_ref, lse_ref
     qpos = qpos_ref[...]
     lse2 = lse_ref[...] * LOG2E
     delta = delta_ref[...]
-    qk_scale = scale * LOG2E
-    tile = functools.partial(_dq_tile, q=q, do=do, qpos=qpos, lse2=lse2, delta=delta,
-                             tab_ref=tab_ref, kpos_ref=kpos_ref, k_ref=k_ref, v_ref=v_ref,
-                             rule=rule, block_k=block_k, qk_scale=qk_scale, prec=prec)
-    n_full = tab_ref[0]
-    n_part = tab_ref[1]
-    dq = _run_tiles(tile, n_full, n_part, jnp.zeros(q.shape, jnp.float32))
-    for tab_e, kpos_e, k_e, v_e, rule_e, bk_e in extra:
-        tile_e = functools.partial(_dq_tile, q=q, do=do, qpos=qpos, lse2=lse2, delta=delta,
-                                   tab_ref=tab_e, kpos_ref=kpos_e, k_ref=k_e, v_ref=v_e,
-                                   rule=rule_e, block_k=bk_e, qk_scale=qk_scale, prec=prec)
-        dq = _run_tiles(tile_e, tab_e[0], tab_e[1], dq)
+    sources = ((tab_ref, kpos_ref, k_ref, v_ref, rule, block_k), *extra)
+    dq = _run_sources(_dq_tile, sources, jnp.zeros(q.shape, jnp.float32), q=q, do=do,
+                      qpos=qpos, lse2=lse2, delta=delta, qk_scale=scale * LOG2E, prec=prec)
     dq = dq * scale
     if dq0_ref is not None:
         dq = dq + dq0_ref[...].astype(jnp.float32)
