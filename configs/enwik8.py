@@ -25,6 +25,10 @@ def get_config(variant: str = ""):
     c.model.num_heads = 8
     c.model.dropout = 0.4
     c.model.pos_shape = (96, 128)  # rows x columns of width l
+    # The attention kernel outside remat (its forward runs once): 378 vs 413 ms per step
+    # at batch 8 on an H200, for 21.6 instead of 10.4 GiB (BENCHMARKS.md, session 4);
+    # about twice that at this config's batch 16: it fits an 80 GB card.
+    c.model.remat = "save_attention"
     c.attention.pattern = "fixed"
     c.attention.stride = 128
     c.attention.summary = 32
@@ -36,6 +40,7 @@ def get_config(variant: str = ""):
     c.sample.length = 12288
     if variant == "small":
         c.model.num_layers = 4
+        c.model.remat = "full"  # as in the two-GPU scaling rows of BENCHMARKS.md
         c.model.dropout = 0.0
         c.data.batch_size = 8
     elif variant == "smoke":

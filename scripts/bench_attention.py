@@ -20,10 +20,10 @@ times the v1 path (``fuse_parts=False``: permuted copies, XLA merge) in the same
 rows ``ours_<bq>x<bk>_v1``. ``--mosaic`` adds the experimental Mosaic GPU kernel
 (``sparse_lm/attention/mosaic_gpu.py``, bf16 only) to the check and the timings, as rows
 ``ours_mosaic``. ``--atomic-dq`` adds the fixed pattern with ``atomic_dq=True`` (its
-summary dq from the dK/dV kernel), rows ``ours_<bq>x<bk>_atomicdq``; ``--colaunch`` the
-fixed pattern's two parts in one forward and one dQ launch (rows ``_colaunch`` and, with
-atomic_dq too, ``_colaunch_atomicdq``); ``--narrow-chain`` bf16 partial results between
-launches (rows ``_narrowchain``, strided and fixed). ``--shapes
+summary dq from the dK/dV kernel), rows ``ours_<bq>x<bk>_atomicdq``; ``--split-launch``
+the fixed pattern with ``colaunch=False`` (one launch per part, rows ``_splitlaunch``);
+``--wide-chain`` float32 partial results between launches (``narrow_chain=False``, rows
+``_f32chain``, strided and fixed). ``--shapes
 1x65536x8x64,...`` picks shapes (B x T x H x D).
 """
 
@@ -61,18 +61,18 @@ V1_VARIANT = ("_v1", {"fuse_parts": False})
 MOSAIC_VARIANT = ("_mosaic", {"kernel": "mosaic_gpu"})
 # The fixed pattern's summary dq from the dK/dV kernel with atomic adds (not deterministic).
 ATOMIC_VARIANT = ("_atomicdq", {"atomic_dq": True})
-# The fixed pattern's two parts in one forward and one dQ launch; and with atomic_dq.
-COLAUNCH_VARIANTS = [("_colaunch", {"colaunch": True}),
-                     ("_colaunch_atomicdq", {"colaunch": True, "atomic_dq": True})]
-FIXED_ONLY = {"_atomicdq", "_colaunch", "_colaunch_atomicdq"}  # same kernels elsewhere
-# Partial results between launches in bf16: patterns of several parts only.
-NARROW_VARIANT = ("_narrowchain", {"narrow_chain": True})
+# The fixed pattern's parts one launch each (the default co-launches them).
+SPLIT_LAUNCH_VARIANT = ("_splitlaunch", {"colaunch": False})
+FIXED_ONLY = {"_atomicdq", "_splitlaunch"}  # same kernels elsewhere
+# Partial results between launches in float32 (the default: the input dtype): patterns
+# of several parts only.
+WIDE_CHAIN_VARIANT = ("_f32chain", {"narrow_chain": False})
 SHAPES = [(2, 16384, 8, 64), (1, 65536, 8, 64), (2, 16384, 8, 128)]
 
 
 # Kernel paths a flag adds beside the default, by the flag's name.
 EXTRA_VARIANTS = {"v1": [V1_VARIANT], "mosaic": [MOSAIC_VARIANT], "atomic_dq": [ATOMIC_VARIANT],
-                  "colaunch": COLAUNCH_VARIANTS, "narrow_chain": [NARROW_VARIANT]}
+                  "split_launch": [SPLIT_LAUNCH_VARIANT], "wide_chain": [WIDE_CHAIN_VARIANT]}
 
 
 def variants(extra: tuple[str, ...] = ()) -> list[tuple[str, dict]]:
@@ -85,7 +85,7 @@ def applies(suffix: str, pattern: str, dtype) -> bool:
     options change nothing elsewhere, and wgmma takes half precision only on the GPU."""
     if suffix in FIXED_ONLY:
         return pattern == "fixed"
-    if suffix == NARROW_VARIANT[0]:
+    if suffix == WIDE_CHAIN_VARIANT[0]:
         return pattern in ("strided", "fixed")
     return suffix != "_mosaic" or jnp.dtype(dtype) != jnp.float32
 
@@ -226,7 +226,7 @@ def gpu_check(quick: bool, extra: tuple[str, ...] = ()) -> None:
     ]
     key = jax.random.PRNGKey(int(time.time()))
     # --quick: 3 cases per path, except the options, which get every case they apply to.
-    options = FIXED_ONLY | {NARROW_VARIANT[0]}
+    options = FIXED_ONLY | {WIDE_CHAIN_VARIANT[0]}
     runs = [(c, var) for var in variants(extra)
             for c in (cases if var[0] in options or not quick else cases[:3])
             if applies(var[0], c[0].name, c[2])]
@@ -515,7 +515,7 @@ def table() -> str:
 def extra_variants(args: argparse.Namespace) -> tuple[str, ...]:
     """The EXTRA_VARIANTS the flags ask for (--variants is the v1 path)."""
     flags = {"v1": args.variants, "mosaic": args.mosaic, "atomic_dq": args.atomic_dq,
-             "colaunch": args.colaunch, "narrow_chain": args.narrow_chain}
+             "split_launch": args.split_launch, "wide_chain": args.wide_chain}
     return tuple(name for name in EXTRA_VARIANTS if flags[name])
 
 
@@ -525,6 +525,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--quick", action="store_true",
                     help="first shape only (unless --shapes), 3 check cases, cuDNN and ours only")
     ap.add_argument("--skip-check", action="store_true")
+    ap.add_argument("--check-only", action="store_true",
+                    help="the GPU check against the float32 reference only, no timings")
     ap.add_argument("--no-sweep", action="store_true")
     ap.add_argument("--variants", action="store_true",
                     help="also check and time the v1 path (fuse_parts=False) beside the default v2")
@@ -532,10 +534,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="also check and time the experimental Mosaic GPU kernel (rows ours_mosaic)")
     ap.add_argument("--atomic-dq", action="store_true",
                     help="also check and time atomic_dq=True for the fixed pattern (rows *_atomicdq)")
-    ap.add_argument("--colaunch", action="store_true",
-                    help="also check and time colaunch=True (and with atomic_dq) for the fixed pattern")
-    ap.add_argument("--narrow-chain", action="store_true",
-                    help="also check and time narrow_chain=True (bf16 partial results) for strided and fixed")
+    ap.add_argument("--split-launch", action="store_true",
+                    help="also check and time colaunch=False (one launch per part) for the fixed pattern")
+    ap.add_argument("--wide-chain", action="store_true",
+                    help="also check and time narrow_chain=False (float32 partial results) for strided and fixed")
     ap.add_argument("--shapes", type=parse_shapes, default=None,
                     help="comma-separated BxTxHxD shapes to time (default: the issue's three; "
                          "--quick: the first)")
@@ -554,11 +556,13 @@ def main() -> None:
     RESULTS["argv"] = sys.argv
     log("device", RESULTS["device"], "jax", jax.__version__)
     t0 = time.time()
-    if not args.skip_check:
-        gpu_check(args.quick, extra_variants(args))
-    log(f"check done in {time.time() - t0:.0f}s")
-    shapes = args.shapes or (SHAPES[:1] if args.quick else SHAPES)
-    try:
+    if args.check_only and args.skip_check:
+        raise SystemExit("--check-only and --skip-check leave nothing to run: drop one.")
+    shapes = [] if args.check_only else args.shapes or (SHAPES[:1] if args.quick else SHAPES)
+    try:  # a timeout inside the check or the timings still writes what was measured
+        if not args.skip_check:
+            gpu_check(args.quick, extra_variants(args))
+        log(f"check done in {time.time() - t0:.0f}s")
         for i, shape in enumerate(shapes):
             sweep = i == 0 and not args.no_sweep
             guarded(f"bench {shape}",

@@ -57,6 +57,7 @@ flags.DEFINE_float("device_memory_gb", 0.0, "Memory per device for --find_max_ba
 flags.DEFINE_string("profile", None, "Folder: after timing, trace --profile_steps steps with the JAX profiler "
                     "and print device kernel time per category and kernel name (one subfolder per impl).")
 flags.DEFINE_integer("profile_steps", 2, "Steps traced with --profile.")
+flags.DEFINE_integer("profile_top", 20, "Kernel names listed (by device time) in --profile's breakdown.")
 flags.DEFINE_bool("smoke", False, "Quick check: configs/enwik8.py:smoke (unless --config), 2 warm-up and 3 timed steps (bfloat16 on GPU).")
 flags.mark_flag_as_required("out")
 FLAGS = flags.FLAGS
@@ -194,7 +195,8 @@ def time_steps(bench: Bench, compiled, batch_size: int, profile_dir: str | None 
         profiling.profile(step, profile_dir, FLAGS.profile_steps)
         state = held["state"]
         try:
-            breakdown = profiling.kernel_breakdown(profile_dir, steps=FLAGS.profile_steps)
+            breakdown = profiling.kernel_breakdown(profile_dir, steps=FLAGS.profile_steps,
+                                                   top=FLAGS.profile_top)
         except ValueError as e:  # CPU: the trace is there (host events) but has no kernels
             breakdown = {"error": str(e), "trace_dir": profile_dir}
     del state

@@ -1,11 +1,14 @@
 """GPU check: the first training steps give the same losses with the kernel as with the reference.
 
     python scripts/check_kernel_training.py --data path/to/enwik8_sample --out result.json \
-        [--steps 8] [--seq_len 3072] [--layers 2] [--impls reference pallas_gpu]
+        [--steps 8] [--seq_len 3072] [--layers 2] [--impls reference pallas_gpu pallas_gpu+colaunch+atomic_dq]
 
 Trains the enwik8 config (fewer layers, a context the masked-dense reference can hold
 in memory) from the same initialisation on the same batches once per attention
-implementation, through the real training loop, and compares the per-step losses.
+implementation, through the real training loop, and compares the per-step losses. An impl
+may set boolean kernel options after a '+': ``pallas_gpu+atomic_dq`` sets
+``attention.atomic_dq`` to True, ``pallas_gpu+colaunch=false+narrow_chain=false`` turns
+two default-on options off. Every spec is checked before the first run.
 """
 
 from __future__ import annotations
@@ -26,6 +29,21 @@ from sparse_lm.metrics import read_metrics  # noqa: E402
 from sparse_lm.train import train_and_evaluate  # noqa: E402
 
 
+def parse_spec(spec: str, attention) -> tuple[str, dict[str, bool]]:
+    """'impl+name[=true|false]+...' -> (impl, {name: value}) over boolean attention fields."""
+    impl, *items = spec.split("+")
+    options = {}
+    for item in items:
+        name, _, value = item.partition("=")
+        if name not in attention or not isinstance(attention[name], bool):
+            raise SystemExit(f"--impls {spec}: '{name}' is not a boolean attention option of the "
+                             f"config (those are: {', '.join(k for k, v in attention.items() if isinstance(v, bool))})")
+        if value.lower() not in ("", "true", "false"):
+            raise SystemExit(f"--impls {spec}: '{item}' must be {name}, {name}=true or {name}=false")
+        options[name] = value.lower() != "false"
+    return impl, options
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", required=True, help="enwik8 file (the 1 MB sample will do)")
@@ -38,8 +56,9 @@ def main() -> int:
     parser.add_argument("--impls", nargs="+", default=["reference", "pallas_gpu"])
     args = parser.parse_args()
 
+    specs = [parse_spec(spec, get_config("small").attention) for spec in args.impls]
     runs = {}
-    for impl in args.impls:
+    for spec, (impl, options) in zip(args.impls, specs):
         c = get_config("small")
         c.data.path = args.data
         c.data.seq_len = args.seq_len
@@ -49,6 +68,7 @@ def main() -> int:
         c.model.dtype = args.dtype
         c.model.dropout = 0.0
         c.attention.impl = impl
+        c.attention.update(options)
         c.optim.warmup_steps = 2
         c.optim.learning_rate = 1e-3
         c.train.num_steps = args.steps
@@ -61,20 +81,21 @@ def main() -> int:
             start = time.time()
             summary = train_and_evaluate(c, workdir)
             records = read_metrics(workdir, "train")
-        runs[impl] = {
+        runs[spec] = {
             "losses": [r["loss"] for r in records],
             "grad_norms": [r["grad_norm"] for r in records],
             "eval_bits_per_byte": summary["eval"]["bits_per_byte"],
             "seconds": time.time() - start,
         }
     base = runs[args.impls[0]]["losses"]
-    rows = [f"{'step':>4} " + " ".join(f"{i:>14}" for i in args.impls) + f" {'max rel diff':>13}"]
+    width = max(14, *(len(i) for i in args.impls))
+    rows = [f"{'step':>4} " + " ".join(f"{i:>{width}}" for i in args.impls) + f" {'max rel diff':>13}"]
     worst = 0.0
     for s in range(len(base)):
         vals = [runs[i]["losses"][s] for i in args.impls]
         rel = max(abs(v - base[s]) / abs(base[s]) for v in vals)
         worst = max(worst, rel)
-        rows.append(f"{s + 1:>4} " + " ".join(f"{v:>14.6f}" for v in vals) + f" {rel:>13.2e}")
+        rows.append(f"{s + 1:>4} " + " ".join(f"{v:>{width}.6f}" for v in vals) + f" {rel:>13.2e}")
     result = {"device": jax.devices()[0].device_kind, "args": vars(args), "runs": runs, "max_rel_loss_diff": worst}
     Path(args.out).write_text(json.dumps(result, indent=2))
     print("\n".join(rows))

@@ -8,10 +8,11 @@ of ``pallas_gpu.attention`` is timed (median, pipelined calls, as bench_attentio
 and profiled: the device time of each kernel name is read from the trace
 (sparse_lm.profiling). The launches of a part share their name (sparse_attn_fwd_v2,
 ..._bwd_dq_v2, ..._bwd_dkv_v2); the compiler makes the names of a second part's
-kernels unique with a suffix (``__1``, the summary part of the fixed pattern on the
-H200 runs of BENCHMARKS.md), so parts usually show apart, but check the JSON before
-reading a row as one kernel. Kernels of one setting share nothing but the chained
-float32 state, so each kernel's best setting can be read off independently. Patterns:
+kernels unique with a suffix (``__1``), so parts usually show apart, but check the JSON
+before reading a row as one kernel. With ``colaunch`` (the default) the fixed pattern's
+two parts share one forward and one dQ kernel, so only its dK/dV shows per part.
+Kernels of one setting share nothing but the chained partial state, so each kernel's
+best setting can be read off independently. Patterns:
 strided and local (l=128, or 256 from T=65,536) and fixed (l=128, c=32), all merged.
 Prints a table last; JSON has every kernel.
 """

@@ -63,10 +63,16 @@ def base_config() -> ml_collections.ConfigDict:
     c.attention.combine = "merged"  # interleaved | merged | multihead
     c.attention.distinct_summaries = False
     c.attention.impl = "auto"  # auto | reference | pallas_gpu | mosaic_gpu (experimental) | pallas_tpu | cudnn_dense
-    # pallas_gpu options (ignored by the other impls), off until timed on a GPU:
-    c.attention.colaunch = False  # the fixed pattern's two parts in one forward/dQ launch
-    c.attention.atomic_dq = False  # summary dq from the dK/dV kernel (float atomics: not bitwise reproducible)
-    c.attention.narrow_chain = False  # partial results between the kernel's launches in bf16, not float32
+    # pallas_gpu options (ignored by the other impls; BENCHMARKS.md "Session 4" times them):
+    c.attention.colaunch = True  # the fixed pattern's two parts in one forward/dQ launch
+    c.attention.atomic_dq = False  # summary dq from the dK/dV kernel (float atomics: slower, not bitwise reproducible)
+    c.attention.narrow_chain = True  # partial results between the kernel's launches in bf16, not float32
+    # pallas_gpu launch parameters, 0 = the kernel's default (tuned on an H200 with
+    # scripts/tune_attention.py; another card may prefer others):
+    c.attention.block_q = 0  # query tile rows (power of two >= 16 dividing T)
+    c.attention.block_k = 0  # key tile rows
+    c.attention.num_warps = 0  # default 4
+    c.attention.num_stages = 0  # default 2
 
     c.optim = ml_collections.ConfigDict()
     c.optim.learning_rate = 1e-3

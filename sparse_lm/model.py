@@ -38,9 +38,14 @@ from sparse_lm.attention import LayerPattern, PatternSpec, attention
 from sparse_lm.config import ConfigError
 
 AXIS_NAMES = ("vocab", "embed", "mlp", "heads", "head_dim", "pos", "layers")
-# Boolean config.attention fields passed to the pallas_gpu kernel when it runs (see
-# pallas_gpu.attention): both opt-in until measured on a GPU.
-GPU_KERNEL_OPTIONS = ("colaunch", "atomic_dq", "narrow_chain")
+# config.attention fields passed to the pallas_gpu kernel when it runs (see
+# pallas_gpu.attention): boolean options, passed whenever the config has them (so False
+# reaches the kernel even where its default is True), and launch parameters, passed
+# when set (0 leaves the kernel's default: 64x64 tiles, or 32x32 where a strided part
+# needs them; 4 warps; 2 stages).
+GPU_KERNEL_FLAGS = ("colaunch", "atomic_dq", "narrow_chain")
+GPU_KERNEL_TUNING = ("block_q", "block_k", "num_warps", "num_stages")
+GPU_KERNEL_OPTIONS = GPU_KERNEL_FLAGS + GPU_KERNEL_TUNING
 REMAT_POLICIES: dict[str, Callable[..., bool] | None] = {
     "full": None,  # save nothing: recompute the whole block in the backward pass
     "dots": jax.checkpoint_policies.checkpoint_dots,
@@ -289,6 +294,19 @@ def _get(cfg: Any, name: str, default: Any) -> Any:
     return cfg.get(name, default) if hasattr(cfg, "get") else getattr(cfg, name, default)
 
 
+def gpu_kernel_options(attn_cfg: Any) -> tuple[tuple[str, Any], ...]:
+    """The (name, value) pairs of ``attn_cfg`` that go to the pallas_gpu kernel."""
+    flags = [(n, bool(v)) for n in GPU_KERNEL_FLAGS if (v := _get(attn_cfg, n, None)) is not None]
+    tuning = []
+    for n in GPU_KERNEL_TUNING:
+        v = _get(attn_cfg, n, 0) or 0
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise ConfigError(f"attention.{n}={v!r} must be a whole number >= 0 (0: the kernel's default).")
+        if v:
+            tuning.append((n, v))
+    return tuple(flags + tuning)
+
+
 def _dtype(name: Any, field: str) -> Any:
     try:
         return jnp.dtype(name)
@@ -315,7 +333,7 @@ class Transformer(nnx.Module):
         qk_ratio = float(_get(model_cfg, "qk_ratio", 1.0))
         self.spec = PatternSpec.from_config(attn_cfg)
         impl = str(_get(attn_cfg, "impl", "auto"))
-        kernel_options = tuple((name, True) for name in GPU_KERNEL_OPTIONS if _get(attn_cfg, name, False))
+        kernel_options = gpu_kernel_options(attn_cfg)
         self._validate(ff_ratio, qk_ratio)
 
         self.head_dim = self.d_model // self.num_heads

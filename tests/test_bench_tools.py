@@ -83,3 +83,29 @@ def test_bench_dropout_compares_the_two_masks(capsys):
     out = mod.main(["--shape", "4,256,64"])
     assert out["bernoulli_ms"] > 0 and out["keep_mask_ms"] > 0
     assert "faster" in capsys.readouterr().out
+
+
+def test_check_kernel_training_checks_every_impl_spec_before_training(tmp_path):
+    # The bad spec is the last one: nothing may train (or be written) before the refusal.
+    result = run_script("check_kernel_training.py", "--data", str(tmp_path / "unused"),
+                        "--out", str(tmp_path / "ck.json"), "--impls", "reference",
+                        "pallas_gpu+colaunch=false", "pallas_gpu+fast", timeout=120)
+    assert result.returncode != 0
+    assert "'fast' is not a boolean attention option" in result.stderr and "narrow_chain" in result.stderr
+    assert not (tmp_path / "ck.json").exists()
+
+
+def test_check_kernel_training_impl_specs_set_options_on_and_off():
+    import importlib.util
+
+    from configs.enwik8 import get_config
+
+    spec = importlib.util.spec_from_file_location("ckt", REPO_ROOT / "scripts" / "check_kernel_training.py")
+    ckt = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ckt)
+    attention = get_config("small").attention
+    assert ckt.parse_spec("pallas_gpu", attention) == ("pallas_gpu", {})
+    assert ckt.parse_spec("pallas_gpu+atomic_dq+colaunch=False", attention) == (
+        "pallas_gpu", {"atomic_dq": True, "colaunch": False})
+    with pytest.raises(SystemExit, match="colaunch=true or colaunch=false"):
+        ckt.parse_spec("pallas_gpu+colaunch=maybe", attention)

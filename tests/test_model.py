@@ -409,13 +409,13 @@ def _kernel_launches(remat: str) -> dict[str, int]:
 
 
 def test_save_attention_runs_the_attention_forward_once():
-    # Two layers, two parts each (block + summary): 4 forward launches, and 4 more when
-    # the backward recomputes the block under remat "full".
+    # Two layers, the fixed pattern's two parts co-launched: 2 forward launches, and 2
+    # more when the backward recomputes the block under remat "full".
     full, saved = _kernel_launches("full"), _kernel_launches("save_attention")
-    assert full["sparse_attn_fwd_v2"] == 8
-    assert saved["sparse_attn_fwd_v2"] == 4
-    for kernel in ("sparse_attn_bwd_dq_v2", "sparse_attn_bwd_dkv_v2"):
-        assert saved[kernel] == full[kernel] == 4
+    assert full["sparse_attn_fwd_v2"] == 4
+    assert saved["sparse_attn_fwd_v2"] == 2
+    assert saved["sparse_attn_bwd_dq_v2"] == full["sparse_attn_bwd_dq_v2"] == 2  # one per layer
+    assert saved["sparse_attn_bwd_dkv_v2"] == full["sparse_attn_bwd_dkv_v2"] == 4  # one per part
 
 
 def test_gpu_kernel_options_reach_the_kernel_and_change_no_result():
@@ -433,7 +433,7 @@ def test_gpu_kernel_options_reach_the_kernel_and_change_no_result():
         value, grads = jax.value_and_grad(loss)(params)
         return value, grads, kernels
 
-    base, base_grads, base_kernels = loss_grads_and_kernels()
+    base, base_grads, base_kernels = loss_grads_and_kernels(colaunch=False, narrow_chain=False)
     opt, opt_grads, opt_kernels = loss_grads_and_kernels(colaunch=True, atomic_dq=True)
     assert "sparse_attn_bwd_dkv_dq_v2" in opt_kernels and "sparse_attn_bwd_dkv_dq_v2" not in base_kernels
     np.testing.assert_allclose(opt, base, rtol=1e-6)
@@ -453,3 +453,33 @@ def test_dropout_rates_near_one_keep_the_keep_probability_close():
 
     _, p_keep = dropout_keep_mask(jax.random.key(0), 0.999, (4, 64))
     assert abs(p_keep - 0.001) <= 0.02 * 0.001
+
+
+def _forward_jaxpr_text(**attention) -> str:
+    cfg = tiny_config("fixed", "merged", num_layers=1, pos_shape=(4, 16), d_model=64)
+    cfg.attention.update(stride=16, summary=4, impl="pallas_gpu", **attention)
+    cfg.data.seq_len = 64
+    model = build_model(cfg, nnx.Rngs(0))
+    return str(jax.make_jaxpr(lambda t: model(t))(random_tokens(length=64)))
+
+
+def test_config_kernel_flags_reach_the_kernel_also_when_false():
+    # colaunch is on by default in the kernel: a config's False must still turn it off.
+    assert _forward_jaxpr_text().count("name=sparse_attn_fwd_v2") == 1
+    assert _forward_jaxpr_text(colaunch=False).count("name=sparse_attn_fwd_v2") == 2
+
+
+def test_config_launch_parameters_reach_the_kernel_and_zero_keeps_its_defaults(monkeypatch):
+    import re
+
+    # Launch parameters appear in the jaxpr only for the GPU (not the interpreter).
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    default = _forward_jaxpr_text(num_warps=0, block_q=0)
+    assert set(re.findall(r"num_warps=\d+", default)) == {"num_warps=4"}
+    assert set(re.findall(r"grid=\(\d+", default)) == {"grid=(1"}  # one 64-row query tile
+    text = _forward_jaxpr_text(num_warps=8, num_stages=3, block_q=16, block_k=32)
+    assert set(re.findall(r"num_warps=\d+", text)) == {"num_warps=8"}
+    assert set(re.findall(r"num_stages=\d+", text)) == {"num_stages=3"}
+    assert set(re.findall(r"grid=\(\d+", text)) == {"grid=(4"}  # four 16-row query tiles
+    with pytest.raises(ConfigError, match=r"attention.num_warps=-4 must be a whole number"):
+        _forward_jaxpr_text(num_warps=-4)

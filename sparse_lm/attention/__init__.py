@@ -108,7 +108,7 @@ def attention(
     ``pattern`` gives each head's allowed set (see ``PatternSpec.layer_pattern``);
     ``options`` go to the implementation (block sizes, interpret mode). q and k may
     have a smaller head dim than v (half-size query/key projections).
-    ``gpu_kernel_options`` ((name, value) pairs, e.g. ``(("colaunch", True),)``) go to
+    ``gpu_kernel_options`` ((name, value) pairs, e.g. ``(("colaunch", False),)``) go to
     ``pallas_gpu`` only, when it is the impl that runs: a config can set them once and
     still run on CPU or with cuDNN.
     """

@@ -31,6 +31,7 @@ import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 
+from sparse_lm.attention import triton_atomic
 from sparse_lm.attention.layout import GroupLayout, Layout, MaskRule, PartLayout, build_layout
 from sparse_lm.attention.part_order import from_order, merge, part_keys, scatter_keys, to_order
 from sparse_lm.attention.patterns import LayerPattern, PatternError
@@ -38,6 +39,7 @@ from sparse_lm.attention.patterns import LayerPattern, PatternError
 LOG2E = math.log2(math.e)
 LN2 = math.log(2.0)
 SUPPORTED_DTYPES = (jnp.bfloat16, jnp.float32)
+DEFAULT_NUM_WARPS = 4
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,8 +52,8 @@ class KernelConfig:
     out_dtype: np.dtype  # dtype of a part's output (float32 when parts are merged)
     heavy_first: bool = True  # v2: launch the longest programs first (see _launch_order)
     atomic_dq: bool = False  # v2: gathered parts' dq from the dK/dV kernel (see _fused_bwd)
-    colaunch: bool = False  # v2: natural-order parts of a tile in one launch (_launch_groups)
-    narrow_chain: bool = False  # v2: partial results between launches in the input dtype
+    colaunch: bool = True  # v2: natural-order parts of a tile in one launch (_launch_groups)
+    narrow_chain: bool = True  # v2: partial results between launches in the input dtype
 
     def chain_dtype(self, dtype):
         """dtype of the partial o, dq, dk, dv one launch hands the next (see attention())."""
@@ -255,11 +257,11 @@ def _dkv_tile(t, carry, *, masked: bool, k, v, kpos, tab_ref, qpos_ref, q_ref, d
     dst = pt * (dpt - delta[None, :])
     dk = dk + _dot(dst.astype(q.dtype), q, prec)
     if dq_ref is not None:
-        from jax.experimental.pallas import triton as pltriton
-
         dst_k = lax.dot_general(dst.astype(k.dtype), k, (((0,), (0,)), ((), ())), precision=prec,
                                 preferred_element_type=jnp.float32)  # dS^T^T K: [bq, D]
-        pltriton.atomic_add(dq_ref, (sl, slice(None)), dst_k * scale)
+        # Relaxed ordering: acquire-release fences around each add measured 2.3x slower
+        # than the split kernels (H200, BENCHMARKS.md, session 4).
+        triton_atomic.add(dq_ref, (sl, slice(None)), dst_k * scale)
     return dk, dv
 
 
@@ -410,16 +412,19 @@ def _group_attention(q, k, v, group: GroupLayout, cfg: KernelConfig, out_dtype):
 # * Parts are chained across launches in one online-softmax state: a part after the
 #   first starts from the previous part's normalised (o, lse), read in its own row order
 #   through the same BlockSpecs (the state (acc=o, m=lse, l=1) is an exact online-softmax
-#   state). Intermediate outputs are float32, the last part writes the input dtype and
-#   the final lse. Chaining inside one launch is not possible: the local part tiles
-#   queries in natural order, the stride part by column, so no tile owns both parts'
-#   rows; across launches the state is passed through HBM in the next part's order,
-#   which BlockSpecs make free.
+#   state). Intermediate outputs are in the input dtype (``narrow_chain``, the default;
+#   float32 without it; the lse is always float32), the last part writes the input
+#   dtype and the final lse. Parts that tile queries alike (the fixed pattern's block
+#   and summary parts) share one launch and one state (``colaunch``, the default). The
+#   strided pattern's parts cannot: the local part tiles queries in natural order, the
+#   stride part by column, so no tile owns both parts' rows; across launches the state
+#   is passed through HBM in the next part's order, which BlockSpecs make free.
 # * One custom_vjp over the whole group: the backward uses the final lse and
 #   delta = rowsum(do * o) for every part (dS = P (dP - delta) over the union of keys),
 #   so there is no merge backward; dq, dk, dv are chained the same way (each part adds
-#   the previous part's float32 partial sums and the last writes the input dtype). A
-#   summary part's gathered dk, dv are float32 and scatter-added in XLA (c/l of T).
+#   the previous part's partial sums, in the chain's dtype as above, and the last
+#   writes the input dtype). A summary part's gathered dk, dv are float32 and
+#   scatter-added in XLA, in float32 (c/l of T).
 
 
 class _Rows:
@@ -778,7 +783,7 @@ def _launch_groups(parts, colaunch: bool) -> list[list[PartLayout]]:
     With it, consecutive parts that tile queries alike (natural order, same block_q: the
     fixed pattern's block and summary parts) share one launch: each query tile visits
     both parts' key blocks in one online-softmax state, which saves the small part's
-    launches and the float32 state between them."""
+    launches and the partial state between them."""
     launches: list[list[PartLayout]] = []
     for part in parts:
         prev = launches[-1][0] if launches else None
@@ -829,17 +834,21 @@ def _fused_bwd(group, cfg, res, do):
     dq = None
     launches = _launch_groups(dq_parts, cfg.colaunch)
     for n, (part, *rest) in enumerate(launches):
-        last = n == len(launches) - 1 and not fuse_dq
+        if n < len(launches) - 1:
+            dq_dtype = cfg.chain_dtype(dtype)
+        else:  # atomic_dq: the float32 buffer the dK/dV kernels add into (aliased)
+            dq_dtype = jnp.float32 if fuse_dq else dtype
         extra = [(*_part_kv(k, v, x), x) for x in rest]
-        dq = _dq_call_v2(q, *_part_kv(k, v, part), do, lse, delta, dq, part, cfg,
-                         dtype if last else cfg.chain_dtype(dtype), extra)
+        dq = _dq_call_v2(q, *_part_kv(k, v, part), do, lse, delta, dq, part, cfg, dq_dtype, extra)
     dkv = None
     for n, part in enumerate(own):
         last = n == len(own) - 1 and not gathered
         dkv = _dkv_call_v2(q, k, v, do, lse, delta, dkv, part, cfg,
                            dtype if last else cfg.chain_dtype(dtype))
     if gathered:
-        dk, dv = dkv if dkv is not None else (jnp.zeros(k.shape, jnp.float32),) * 2
+        # float32 sums of the own parts' dk, dv (bf16 under narrow_chain) and the gathered ones
+        dk, dv = ((x.astype(jnp.float32) for x in dkv) if dkv is not None
+                  else (jnp.zeros(k.shape, jnp.float32),) * 2)
         if fuse_dq and dq is None:
             dq = jnp.zeros(q.shape, jnp.float32)
         for part in gathered:
@@ -898,8 +907,8 @@ def attention(
     fuse_parts: bool = True,
     heavy_first: bool = True,
     atomic_dq: bool = False,
-    colaunch: bool = False,
-    narrow_chain: bool = False,
+    colaunch: bool = True,
+    narrow_chain: bool = True,
 ) -> jax.Array:
     """Block-sparse causal attention. q, k, v: [B, T, H, D] -> [B, T, H, D].
 
@@ -908,7 +917,8 @@ def attention(
       interpret: run the Pallas interpreter; None means: when the default backend is
         not a GPU.
       block_q, block_k: query and key tile rows (powers of two >= 16 dividing T).
-      num_warps, num_stages: Triton launch parameters on GPU.
+      num_warps, num_stages: Triton launch parameters on GPU (default 4 warps, 2 stages:
+        the best measured at head dims 64 and 128 on an H200).
       fuse_parts: the v2 path (see "v2: fused parts" above, the default): strided parts
         read and write through BlockSpecs on the free [B, T/l, l, H, D] view, parts
         chained in one online-softmax state, no log-sum-exp merge forward or backward.
@@ -921,21 +931,21 @@ def attention(
         start their longest programs first (``_launch_order``). Same results either
         way; False gives the plain tile-major order.
       atomic_dq: v2: the gathered summary parts (fixed pattern) compute dq inside their
-        dK/dV kernel and add it to a float32 dq with atomic adds, instead of in a
-        separate dQ kernel that recomputes the scores. Faster in principle (5 block
-        matmuls instead of 7), but float additions then happen in arrival order, so
-        gradients are not bitwise reproducible from run to run. Off by default; not
-        yet measured on a GPU.
+        dK/dV kernel and add it to a float32 dq with atomic adds (relaxed ordering),
+        instead of in a separate dQ kernel that recomputes the scores: 5 block matmuls
+        instead of 7, but float additions then happen in arrival order, so gradients
+        are not bitwise reproducible from run to run. Off by default (BENCHMARKS.md,
+        session 4, has its timings).
       colaunch: v2: parts that tile queries alike (the fixed pattern's own-block and
         summary parts) run in one forward and one dQ launch, each query tile visiting
         both parts' key blocks in one state, instead of one launch per part chained
-        through float32 partial results. Same results up to float rounding order. Off
-        by default; not yet measured on a GPU.
+        through partial results. Same results up to float rounding order. On by
+        default: fixed f+b 2.00 -> 1.89 ms at (2, 16384, 8, 64) on an H200.
       narrow_chain: v2: the partial o, dq, dk, dv that one launch hands the next are
         stored in the input dtype (bf16) instead of float32: half the bytes of the
-        chain (~0.11 ms of 0.62 at the strided benchmark shape, by byte count), for one
-        more bf16 rounding of each partial (the lse stays float32; float32 inputs keep
-        a float32 chain). Off by default; not yet measured on a GPU.
+        chain, for one more bf16 rounding of each partial (the lse stays float32;
+        float32 inputs keep a float32 chain). On by default: strided f+b 0.616 ->
+        0.543 ms at (2, 16384, 8, 64) on an H200; False gives the float32 chain.
 
     Raises:
       PatternError (a ValueError) naming the constraint, for shapes, dtypes, block
@@ -962,7 +972,9 @@ def attention(
         interpret = jax.default_backend() != "gpu"
     cfg = KernelConfig(
         interpret=bool(interpret),
-        num_warps=num_warps or (4 if d <= 64 else 8),
+        # 4 warps at every head dim: at D=128 8 warps measured 2.1x slower (fixed f+b
+        # 7.22 vs 3.41 ms at (2, 16384, 8, 128), H200, tune_attention.py; BENCHMARKS.md).
+        num_warps=num_warps or DEFAULT_NUM_WARPS,
         num_stages=num_stages,
         out_dtype=q.dtype,
         heavy_first=heavy_first,
