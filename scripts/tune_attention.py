@@ -14,7 +14,9 @@ two parts share one forward and one dQ kernel, so only its dK/dV shows per part.
 Kernels of one setting share nothing but the chained partial state, so each kernel's
 best setting can be read off independently. Patterns:
 strided and local (l=128, or 256 from T=65,536) and fixed (l=128, c=32), all merged.
-Prints a table last; JSON has every kernel.
+Prints a table last, then the fastest setting per pattern and shape as the config
+overrides that select it in training (``--config.attention.block_q=...``); the JSON has
+every kernel and those (``best``).
 """
 
 from __future__ import annotations
@@ -51,6 +53,25 @@ def pattern_spec(name: str, t: int) -> PatternSpec:
 
 def ints(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x]
+
+
+def best_settings(rows: list[dict]) -> list[dict]:
+    """The fastest setting (f+b) of each (pattern, shape) among rows without error, with
+    the config overrides that select it in training (``attention.block_q`` etc.)."""
+    best: dict[tuple, dict] = {}
+    for r in rows:
+        if "error" in r or "fwd_bwd_ms" not in r:
+            continue
+        key = (r["pattern"], tuple(r["shape"]))
+        if key not in best or r["fwd_bwd_ms"] < best[key]["fwd_bwd_ms"]:
+            best[key] = r
+    out = []
+    for (pattern, shape), r in best.items():
+        overrides = " ".join(f"--config.attention.{n}={r[n]}"
+                             for n in ("block_q", "block_k", "num_warps", "num_stages"))
+        out.append(dict(pattern=pattern, shape=list(shape), fwd_bwd_ms=r["fwd_bwd_ms"],
+                        overrides=overrides))
+    return out
 
 
 def main() -> None:
@@ -108,6 +129,13 @@ def main() -> None:
             continue
         ks = "  ".join(f"{n.replace('sparse_attn_', '')}={ms * 1e3:.0f}" for n, ms in sorted(r["kernels"].items()))
         print(f"{head}  f+b {r['fwd_bwd_ms']:.3f} ms  [{ks}] us")
+    best = best_settings(rows)
+    with open(args.out, "w") as fh:
+        json.dump({"device_kind": jax.devices()[0].device_kind, "command": " ".join(sys.argv),
+                   "rows": rows, "best": best}, fh, indent=1)
+    print("\nfastest per pattern and shape (config overrides for training on this card):")
+    for r in best:
+        print(f"{r['pattern']:<8}{'x'.join(map(str, r['shape'])):<16}f+b {r['fwd_bwd_ms']:.3f} ms  {r['overrides']}")
 
 
 if __name__ == "__main__":

@@ -74,6 +74,36 @@ def test_tune_attention_refuses_to_run_off_gpu():
     assert "on a GPU" in result.stderr
 
 
+def test_tune_attention_names_the_fastest_setting_as_config_overrides():
+    import importlib.util
+
+    import ml_collections
+
+    from sparse_lm.model import gpu_kernel_options
+
+    spec = importlib.util.spec_from_file_location("tune_attention", REPO_ROOT / "scripts" / "tune_attention.py")
+    tune = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tune)
+
+    def row(pattern, bq, warps, ms, **extra):
+        return dict(shape=[2, 16384, 8, 128], pattern=pattern, block_q=bq, block_k=64,
+                    num_warps=warps, num_stages=2, fwd_bwd_ms=ms, **extra)
+
+    rows = [row("fixed", 64, 8, 7.2), row("fixed", 64, 4, 3.4), row("fixed", 32, 4, 1.0, error="no"),
+            row("strided", 128, 8, 1.5), row("strided", 64, 4, 0.95)]
+    best = {r["pattern"]: r for r in tune.best_settings(rows)}
+    assert best["fixed"]["fwd_bwd_ms"] == 3.4  # a failed setting never wins
+    assert best["strided"]["overrides"] == ("--config.attention.block_q=64 --config.attention.block_k=64 "
+                                            "--config.attention.num_warps=4 --config.attention.num_stages=2")
+    # The overrides name real config fields that reach the kernel.
+    attention = ml_collections.ConfigDict(dict(block_q=0, block_k=0, num_warps=0, num_stages=0))
+    for item in best["strided"]["overrides"].split():
+        name, value = item.removeprefix("--config.attention.").split("=")
+        attention[name] = int(value)
+    assert dict(gpu_kernel_options(attention)) == {"block_q": 64, "block_k": 64, "num_warps": 4,
+                                                   "num_stages": 2}
+
+
 def test_bench_dropout_compares_the_two_masks(capsys):
     import importlib.util
 
