@@ -23,7 +23,8 @@ rows ``ours_<bq>x<bk>_v1``. ``--mosaic`` adds the experimental Mosaic GPU kernel
 summary dq from the dK/dV kernel), rows ``ours_<bq>x<bk>_atomicdq``; ``--split-launch``
 the fixed pattern with ``colaunch=False`` (one launch per part, rows ``_splitlaunch``);
 ``--wide-chain`` float32 partial results between launches (``narrow_chain=False``, rows
-``_f32chain``, strided and fixed). ``--shapes
+``_f32chain``, strided and fixed); ``--column-bwd`` a strided part's dq, dk, dv from one
+kernel per column (``column_bwd=True``, rows ``_colbwd``, strided). ``--shapes
 1x65536x8x64,...`` picks shapes (B x T x H x D).
 """
 
@@ -67,12 +68,15 @@ FIXED_ONLY = {"_atomicdq", "_splitlaunch"}  # same kernels elsewhere
 # Partial results between launches in float32 (the default: the input dtype): patterns
 # of several parts only.
 WIDE_CHAIN_VARIANT = ("_f32chain", {"narrow_chain": False})
+# A strided part's dq, dk, dv from one kernel per column (strided pattern only).
+COLUMN_BWD_VARIANT = ("_colbwd", {"column_bwd": True})
 SHAPES = [(2, 16384, 8, 64), (1, 65536, 8, 64), (2, 16384, 8, 128)]
 
 
 # Kernel paths a flag adds beside the default, by the flag's name.
 EXTRA_VARIANTS = {"v1": [V1_VARIANT], "mosaic": [MOSAIC_VARIANT], "atomic_dq": [ATOMIC_VARIANT],
-                  "split_launch": [SPLIT_LAUNCH_VARIANT], "wide_chain": [WIDE_CHAIN_VARIANT]}
+                  "split_launch": [SPLIT_LAUNCH_VARIANT], "wide_chain": [WIDE_CHAIN_VARIANT],
+                  "column_bwd": [COLUMN_BWD_VARIANT]}
 
 
 def variants(extra: tuple[str, ...] = ()) -> list[tuple[str, dict]]:
@@ -85,6 +89,8 @@ def applies(suffix: str, pattern: str, dtype) -> bool:
     options change nothing elsewhere, and wgmma takes half precision only on the GPU."""
     if suffix in FIXED_ONLY:
         return pattern == "fixed"
+    if suffix == COLUMN_BWD_VARIANT[0]:
+        return pattern == "strided"
     if suffix == WIDE_CHAIN_VARIANT[0]:
         return pattern in ("strided", "fixed")
     return suffix != "_mosaic" or jnp.dtype(dtype) != jnp.float32
@@ -226,13 +232,15 @@ def gpu_check(quick: bool, extra: tuple[str, ...] = ()) -> None:
     ]
     key = jax.random.PRNGKey(int(time.time()))
     # --quick: 3 cases per path, except the options, which get every case they apply to.
-    options = FIXED_ONLY | {WIDE_CHAIN_VARIANT[0]}
+    options = FIXED_ONLY | {WIDE_CHAIN_VARIANT[0], COLUMN_BWD_VARIANT[0]}
     runs = [(c, var) for var in variants(extra)
             for c in (cases if var[0] in options or not quick else cases[:3])
             if applies(var[0], c[0].name, c[2])]
     for (spec, d, dt), (suffix, opts) in runs:
         # v2 at T=4096 so that l=64 columns (64 rows) hold whole 64-row blocks.
         b, t, h = 1, 1024 if suffix not in ("", *options) else 4096, 4
+        if suffix == COLUMN_BWD_VARIANT[0]:
+            t = 8192  # l=64: 128-row columns, two 64-row tiles each (the benchmark's case)
         key, *ks = jax.random.split(key, 5)
         q, k, v, g = (jax.random.normal(kk, (b, t, h, d), jnp.float32).astype(dt) for kk in ks)
         for layer in (0, 1) if spec.combine == "interleaved" else (0,):
@@ -515,7 +523,8 @@ def table() -> str:
 def extra_variants(args: argparse.Namespace) -> tuple[str, ...]:
     """The EXTRA_VARIANTS the flags ask for (--variants is the v1 path)."""
     flags = {"v1": args.variants, "mosaic": args.mosaic, "atomic_dq": args.atomic_dq,
-             "split_launch": args.split_launch, "wide_chain": args.wide_chain}
+             "split_launch": args.split_launch, "wide_chain": args.wide_chain,
+             "column_bwd": args.column_bwd}
     return tuple(name for name in EXTRA_VARIANTS if flags[name])
 
 
@@ -536,6 +545,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="also check and time atomic_dq=True for the fixed pattern (rows *_atomicdq)")
     ap.add_argument("--split-launch", action="store_true",
                     help="also check and time colaunch=False (one launch per part) for the fixed pattern")
+    ap.add_argument("--column-bwd", action="store_true",
+                    help="also check and time column_bwd=True (a strided part's dq, dk, dv in one "
+                         "kernel per column) for the strided pattern")
     ap.add_argument("--wide-chain", action="store_true",
                     help="also check and time narrow_chain=False (float32 partial results) for strided and fixed")
     ap.add_argument("--shapes", type=parse_shapes, default=None,

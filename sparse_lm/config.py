@@ -67,6 +67,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.attention.colaunch = True  # the fixed pattern's two parts in one forward/dQ launch
     c.attention.atomic_dq = False  # summary dq from the dK/dV kernel (float atomics: slower, not bitwise reproducible)
     c.attention.narrow_chain = True  # partial results between the kernel's launches in bf16, not float32
+    c.attention.column_bwd = False  # a strided part's dq, dk, dv in one kernel per column (not yet timed)
     # pallas_gpu launch parameters, 0 = the kernel's default (tuned on an H200 with
     # scripts/tune_attention.py; another card may prefer others):
     c.attention.block_q = 0  # query tile rows (power of two >= 16 dividing T)

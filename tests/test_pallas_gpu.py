@@ -285,6 +285,9 @@ def test_bench_script_variants_parse_and_take_the_fused_path_at_bench_shapes():
     assert not bench.applies("_f32chain", "local", jnp.bfloat16)
     assert bench.extra_variants(bench.parse_args(["o.json", "--wide-chain"])) == ("wide_chain",)
     assert bench.parse_args(["o.json", "--split-launch"]).split_launch and not args.split_launch
+    assert bench.extra_variants(bench.parse_args(["o.json", "--column-bwd"])) == ("column_bwd",)
+    assert bench.applies("_colbwd", "strided", jnp.bfloat16)
+    assert not bench.applies("_colbwd", "fixed", jnp.bfloat16)
     assert bench.kernel_fn(bench.MOSAIC_VARIANT[1]).func.__module__ == "sparse_lm.attention.mosaic_gpu"
     assert bench.kernel_fn(bench.V1_VARIANT[1]).keywords == {"fuse_parts": False}
     assert args.shapes is None and args.blocks is None  # main(): the issue's three shapes
@@ -610,3 +613,46 @@ def test_bench_attention_writes_its_json_when_stopped_inside_the_check(monkeypat
     saved = json.loads(out.read_text())
     assert saved["check"] == [{"pattern": "strided", "ok": True}]
     assert saved["errors"][0]["what"] == "interrupted" and saved["timings"] == []
+
+
+COLUMN_BWD_CASES = [
+    # (spec, layer, shape, dtype): l=16 -> columns of T/16 rows in 16-row tiles
+    (PatternSpec("strided", 16, combine="merged"), 0, (2, 512, 2, 64), jnp.bfloat16),  # 2 tiles
+    (PatternSpec("strided", 16, combine="merged"), 0, (1, 256, 2, 64), jnp.float32),  # 1 tile
+    (PatternSpec("strided", 16, combine="multihead"), 0, (1, 512, 4, 128), jnp.float32),
+    (PatternSpec("strided", 16, combine="interleaved"), 1, (1, 512, 2, 64), jnp.float32),  # stride only
+]
+
+
+@pytest.mark.parametrize("spec,layer,shape,dtype", COLUMN_BWD_CASES,
+                         ids=["merged-bf16-2tiles", "merged-f32-1tile", "multihead-D128", "stride-layer"])
+def test_column_backward_matches_reference_and_the_split_kernels(spec, layer, shape, dtype):
+    opts = dict(block_q=16, block_k=16, column_bwd=True)
+    pattern = spec.layer_pattern(layer, shape[2])
+    assert "sparse_attn_bwd_column_v2" in kernel_names(pattern, shape, **opts)
+    assert_matches_reference(spec, layer, shape, dtype, **opts)
+    assert_matches_default_launches(pattern, shape, dtype, **opts)
+
+
+def test_column_backward_takes_only_columns_of_at_most_two_tiles():
+    pattern = PatternSpec("strided", 16, combine="merged").layer_pattern(0, 2)
+    # T=768: 48-row columns, three 16-row tiles: the split kernels run.
+    names = kernel_names(pattern, (1, 768, 2, 64), block_q=16, block_k=16, column_bwd=True)
+    assert "sparse_attn_bwd_column_v2" not in names and "sparse_attn_bwd_dkv_v2" in names
+    # Off by default; and patterns without a strided part never take it.
+    assert "sparse_attn_bwd_column_v2" not in kernel_names(pattern, (1, 512, 2, 64), block_q=16, block_k=16)
+    fixed = PatternSpec("fixed", 16, 4, combine="merged").layer_pattern(0, 2)
+    assert "sparse_attn_bwd_column_v2" not in kernel_names(fixed, (1, 256, 2, 64), block_q=16, block_k=16,
+                                                           column_bwd=True)
+
+
+def test_column_backward_lowers_for_cuda_at_the_benchmark_shape():
+    """(2, 16384, 8, 64), strided l=128: 128-row columns of two 64-row tiles."""
+    pattern = PatternSpec("strided", 128, combine="merged").layer_pattern(0, 8)
+    x = jax.ShapeDtypeStruct((2, 16384, 8, 64), jnp.bfloat16)
+    loss = lambda q, k, v: pallas_gpu.attention(q, k, v, pattern, interpret=False,  # noqa: E731
+                                                column_bwd=True).astype(jnp.float32).sum()
+    device = jax.sharding.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=None, platform="gpu")
+    with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((1,), ("x",), abstract_device=device)):
+        text = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(x, x, x).lower(lowering_platforms=("cuda",)).as_text()
+    assert "sparse_attn_bwd_column_v2" in text

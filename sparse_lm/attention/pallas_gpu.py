@@ -54,6 +54,7 @@ class KernelConfig:
     atomic_dq: bool = False  # v2: gathered parts' dq from the dK/dV kernel (see _fused_bwd)
     colaunch: bool = True  # v2: natural-order parts of a tile in one launch (_launch_groups)
     narrow_chain: bool = True  # v2: partial results between launches in the input dtype
+    column_bwd: bool = False  # v2: a strided part's dq, dk, dv in one kernel (_column_bwd_call)
 
     def chain_dtype(self, dtype):
         """dtype of the partial o, dq, dk, dv one launch hands the next (see attention())."""
@@ -230,6 +231,24 @@ def _dq_kernel(tab_ref, qpos_ref, kpos_ref, q_ref, k_ref, v_ref, do_ref, lse_ref
     dq_ref[...] = dq.astype(dq_ref.dtype)
 
 
+def _pair_grads(k, v, kpos, q, do, lse2, delta, qpos, *, rule: MaskRule, qk_scale: float, prec):
+    """Transposed probabilities and score gradients (keys x queries) of one block pair:
+    pt = P^T and dst = dS^T, with dS = P (dP - delta). ``qpos`` None: no mask (a full
+    block)."""
+    st = _dot(k, q, prec, trans_b=True) * qk_scale
+    pt = jnp.exp2(st - lse2[None, :])
+    if qpos is not None:
+        pt = jnp.where(rule.in_kernel(qpos[None, :], kpos[:, None]), pt, 0.0)
+    dpt = _dot(v, do, prec, trans_b=True)
+    return pt, pt * (dpt - delta[None, :])
+
+
+def _dq_share(dst, k, prec):
+    """A key block's share of its query block's dq (unscaled): (dS^T)^T K, [bq, D]."""
+    return lax.dot_general(dst.astype(k.dtype), k, (((0,), (0,)), ((), ())), precision=prec,
+                           preferred_element_type=jnp.float32)
+
+
 def _dkv_tile(t, carry, *, masked: bool, k, v, kpos, tab_ref, qpos_ref, q_ref, do_ref,
               lse_ref, delta_ref, rule: MaskRule, block_q: int, qk_scale: float, prec,
               dq_ref=None, scale: float = 1.0):
@@ -245,20 +264,13 @@ def _dkv_tile(t, carry, *, masked: bool, k, v, kpos, tab_ref, qpos_ref, q_ref, d
     sl = pl.ds(start, block_q)
     q = q_ref[sl, :]
     do = do_ref[sl, :]
-    lse2 = lse_ref[sl] * LOG2E
-    delta = delta_ref[sl]
-    st = _dot(k, q, prec, trans_b=True) * qk_scale
-    pt = jnp.exp2(st - lse2[None, :])
-    if masked:
-        qpos = qpos_ref[sl]
-        pt = jnp.where(rule.in_kernel(qpos[None, :], kpos[:, None]), pt, 0.0)
+    qpos = qpos_ref[sl] if masked else None
+    pt, dst = _pair_grads(k, v, kpos, q, do, lse_ref[sl] * LOG2E, delta_ref[sl], qpos,
+                          rule=rule, qk_scale=qk_scale, prec=prec)
     dv = dv + _dot(pt.astype(do.dtype), do, prec)
-    dpt = _dot(v, do, prec, trans_b=True)
-    dst = pt * (dpt - delta[None, :])
     dk = dk + _dot(dst.astype(q.dtype), q, prec)
     if dq_ref is not None:
-        dst_k = lax.dot_general(dst.astype(k.dtype), k, (((0,), (0,)), ((), ())), precision=prec,
-                                preferred_element_type=jnp.float32)  # dS^T^T K: [bq, D]
+        dst_k = _dq_share(dst, k, prec)
         # Relaxed ordering: acquire-release fences around each add measured 2.3x slower
         # than the split kernels (H200, BENCHMARKS.md, session 4).
         triton_atomic.add(dq_ref, (sl, slice(None)), dst_k * scale)
@@ -771,6 +783,111 @@ def _dkv_call_v2(q, k, v, do, lse, delta, dkv0, part: PartLayout, cfg: KernelCon
     return rows.unview(outs[0]), rows.unview(outs[1])
 
 
+# A strided part's query rows and key rows all lie in one column of T/l rows, so one
+# program can own a whole column and compute its dq, dk and dv together (v2
+# ``column_bwd``): every block pair's S, P and dP once, for 5 block matmuls instead of
+# the split kernels' 7, no atomics, and one read of q, k, v, do. The cost is registers:
+# dq stays live for every query tile a later key tile still reaches, so only columns of
+# a few tiles qualify (COLUMN_BWD_MAX_TILES).
+COLUMN_BWD_MAX_TILES = 2
+
+
+def _column_schedule(part: PartLayout, t: int) -> tuple | None:
+    """((query tile, masked), ...) per key tile of a column, when the part is strided,
+    takes the v2 path, has at most COLUMN_BWD_MAX_TILES tiles per column and every column
+    has the same block structure; else None (the split kernels then run)."""
+    if part.spec.order != "strided" or not _Rows.fits(part, t):
+        return None
+    rows = _Rows(part, t)
+    bq, bk = part.block_q, part.block_k
+    if max(rows.n // bq, rows.n // bk) > COLUMN_BWD_MAX_TILES:
+        return None
+    tab = rows.rebase(part.bwd, bk, bq)
+    per_col = tab.reshape(-1, rows.n // bk, tab.shape[1])
+    width = 2 + int((per_col[..., 0] + per_col[..., 1]).max())
+    if not (per_col[..., :width] == per_col[:1, :, :width]).all():
+        return None
+    schedule = []
+    for row in per_col[0]:
+        n_full, n_part = int(row[0]), int(row[1])
+        ids = row[2 : 2 + n_full + n_part]
+        schedule.append(tuple((int(i), m >= n_full) for m, i in enumerate(ids)))
+    return tuple(schedule)
+
+
+def _column_bwd_kernel(qpos_ref, kpos_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref,
+                       *refs, schedule: tuple, rule: MaskRule, block_q: int, block_k: int,
+                       scale: float, has_init: bool):
+    """dq, dk, dv of one column of a strided part (its T/l rows: q, k, v, do, lse, delta,
+    positions); with has_init the previous parts' (dq0, dk0, dv0) come before the
+    outputs and are added. ``schedule``: per key tile, its (query tile, masked) pairs."""
+    init, (dq_ref, dk_ref, dv_ref) = (refs[:3], refs[3:]) if has_init else ((None,) * 3, refs)
+    dq0_ref, dk0_ref, dv0_ref = init
+    prec = _precision(q_ref.dtype)
+    qk_scale = scale * LOG2E
+    d = q_ref.shape[-1]
+    last_use = {i: j for j, pairs in enumerate(schedule) for i, _ in pairs}
+
+    def put(ref, ref0, sl, x):
+        if ref0 is not None:
+            x = x + ref0[sl, :].astype(jnp.float32)
+        ref[sl, :] = x.astype(ref.dtype)
+
+    dq: dict[int, jax.Array] = {}
+    for j, pairs in enumerate(schedule):
+        ks = pl.ds(j * block_k, block_k)
+        k, v, kpos = k_ref[ks, :], v_ref[ks, :], kpos_ref[ks]
+        dk = jnp.zeros((block_k, d), jnp.float32)
+        dv = jnp.zeros((block_k, d), jnp.float32)
+        for i, masked in pairs:
+            qs = pl.ds(i * block_q, block_q)
+            q, do = q_ref[qs, :], do_ref[qs, :]
+            pt, dst = _pair_grads(k, v, kpos, q, do, lse_ref[qs] * LOG2E, delta_ref[qs],
+                                  qpos_ref[qs] if masked else None, rule=rule,
+                                  qk_scale=qk_scale, prec=prec)
+            dv = dv + _dot(pt.astype(do.dtype), do, prec)
+            dk = dk + _dot(dst.astype(q.dtype), q, prec)
+            share = _dq_share(dst, k, prec)
+            dq[i] = dq[i] + share if i in dq else share
+            if last_use[i] == j:  # no later key tile reaches query tile i: store, free
+                put(dq_ref, dq0_ref, qs, dq.pop(i) * scale)
+        put(dk_ref, dk0_ref, ks, dk * scale)
+        put(dv_ref, dv0_ref, ks, dv)
+    for i in range(q_ref.shape[0] // block_q):
+        if i not in last_use:  # a query tile no key of this part reaches
+            put(dq_ref, dq0_ref, pl.ds(i * block_q, block_q), jnp.zeros((block_q, d), jnp.float32))
+
+
+def _column_bwd_call(q, k, v, do, lse, delta, init, part: PartLayout, cfg: KernelConfig,
+                     out_dtype, schedule: tuple):
+    """(dq, dk, dv) of a strided part, one program per column, plus ``init`` = the
+    previous parts' (dq, dk, dv) or None. Arrays in natural order, [B, T, H, D]."""
+    b, t, h, d = q.shape
+    rows = _Rows(part, t)
+    col, lcol = rows.column(rows.n, d), rows.lcolumn(rows.n)
+    in_specs = [rows.pos_column(rows.n), rows.kpos_column(rows.n, part), col, col, col, col,
+                lcol, lcol]
+    args = [jnp.asarray(part.q_pos), jnp.asarray(part.k_pos), rows.view(q), rows.view(k),
+            rows.view(v), rows.view(do), rows.lview(lse), rows.lview(delta)]
+    if init is not None:
+        in_specs += [col] * 3
+        args += [rows.view(x) for x in init]
+    shape = jax.ShapeDtypeStruct(rows.view(q).shape, out_dtype)
+    outs = pl.pallas_call(
+        functools.partial(_column_bwd_kernel, schedule=schedule, rule=part.spec.rule,
+                          block_q=part.block_q, block_k=part.block_k, scale=d**-0.5,
+                          has_init=init is not None),
+        grid=(rows.l, b, h),
+        in_specs=in_specs,
+        out_specs=[col] * 3,
+        out_shape=[shape] * 3,
+        interpret=cfg.interpret,
+        compiler_params=_compiler_params(cfg),
+        name="sparse_attn_bwd_column_v2",
+    )(*args)
+    return tuple(rows.unview(x) for x in outs)
+
+
 def _part_kv(k, v, part: PartLayout):
     """The part's keys and values: gathered summary rows, or k, v as they are."""
     if part.k_index is None:
@@ -830,21 +947,32 @@ def _fused_bwd(group, cfg, res, do):
     # dQ kernel. Float32 atomics add in arrival order: dq is then not bitwise
     # reproducible from run to run, hence an option.
     fuse_dq = cfg.atomic_dq and bool(gathered)
-    dq_parts = own if fuse_dq else list(group.parts)
+    # column_bwd: strided parts whose columns qualify get dq, dk, dv from one kernel,
+    # run after the other parts (chained sums: the order does not matter).
+    column = []
+    if cfg.column_bwd and not gathered:
+        column = [(p, sch) for p in group.parts if (sch := _column_schedule(p, q.shape[1]))]
+    in_column = {id(p) for p, _ in column}  # identity: layouts hold arrays, no ==
+    dq_parts = [p for p in (own if fuse_dq else group.parts) if id(p) not in in_column]
     dq = None
     launches = _launch_groups(dq_parts, cfg.colaunch)
     for n, (part, *rest) in enumerate(launches):
-        if n < len(launches) - 1:
+        if n < len(launches) - 1 or column:
             dq_dtype = cfg.chain_dtype(dtype)
         else:  # atomic_dq: the float32 buffer the dK/dV kernels add into (aliased)
             dq_dtype = jnp.float32 if fuse_dq else dtype
         extra = [(*_part_kv(k, v, x), x) for x in rest]
         dq = _dq_call_v2(q, *_part_kv(k, v, part), do, lse, delta, dq, part, cfg, dq_dtype, extra)
     dkv = None
-    for n, part in enumerate(own):
-        last = n == len(own) - 1 and not gathered
+    own_split = [p for p in own if id(p) not in in_column]
+    for n, part in enumerate(own_split):
+        last = n == len(own_split) - 1 and not gathered and not column
         dkv = _dkv_call_v2(q, k, v, do, lse, delta, dkv, part, cfg,
                            dtype if last else cfg.chain_dtype(dtype))
+    for n, (part, schedule) in enumerate(column):
+        init = None if dq is None else (dq, *dkv)
+        out = dtype if n == len(column) - 1 else cfg.chain_dtype(dtype)
+        dq, *dkv = _column_bwd_call(q, k, v, do, lse, delta, init, part, cfg, out, schedule)
     if gathered:
         # float32 sums of the own parts' dk, dv (bf16 under narrow_chain) and the gathered ones
         dk, dv = ((x.astype(jnp.float32) for x in dkv) if dkv is not None
@@ -909,6 +1037,7 @@ def attention(
     atomic_dq: bool = False,
     colaunch: bool = True,
     narrow_chain: bool = True,
+    column_bwd: bool = False,
 ) -> jax.Array:
     """Block-sparse causal attention. q, k, v: [B, T, H, D] -> [B, T, H, D].
 
@@ -924,7 +1053,7 @@ def attention(
         chained in one online-softmax state, no log-sum-exp merge forward or backward.
         Groups whose strided blocks do not divide T/l take the v1 path (False), which
         permutes q, k, v and merges the parts' outputs in XLA.
-      heavy_first, atomic_dq, colaunch, narrow_chain: options of the v2 path only;
+      heavy_first, atomic_dq, colaunch, narrow_chain, column_bwd: options of the v2 path only;
         groups that take the v1 path (``fuse_parts=False``, or strided blocks that do
         not divide T/l) run without them.
       heavy_first: v2 launch order: parts of uneven work per tile (summary columns)
@@ -946,6 +1075,11 @@ def attention(
         chain, for one more bf16 rounding of each partial (the lse stays float32;
         float32 inputs keep a float32 chain). On by default: strided f+b 0.616 ->
         0.543 ms at (2, 16384, 8, 64) on an H200; False gives the float32 chain.
+      column_bwd: v2: a strided part whose columns (T/l rows) span at most
+        ``COLUMN_BWD_MAX_TILES`` tiles gets dq, dk and dv from one kernel, one program
+        per column (5 block matmuls per pair instead of 7, one read of q, k, v, do),
+        instead of a dQ and a dK/dV launch. Same results up to float rounding order.
+        Off by default: not yet timed on a GPU.
 
     Raises:
       PatternError (a ValueError) naming the constraint, for shapes, dtypes, block
@@ -981,6 +1115,7 @@ def attention(
         atomic_dq=atomic_dq,
         colaunch=colaunch,
         narrow_chain=narrow_chain,
+        column_bwd=column_bwd,
     )
     group_attention = _group_attention_v2 if fuse_parts else _group_attention
     everyone = tuple(range(h))
