@@ -128,19 +128,33 @@ def parse_shapes(text: str) -> list[tuple[int, int, int, int]]:
 
 
 @functools.lru_cache(maxsize=None)
-def fused_taken(spec: PatternSpec, shape: tuple, block_q: int | None = None,
-                block_k: int | None = None) -> bool:
-    """Whether ``fuse_parts=True`` really runs the v2 kernels here (traced, not run)."""
+def kernels_run(spec: PatternSpec, shape: tuple, block_q: int | None = None,
+                block_k: int | None = None, **opts) -> set[str]:
+    """Names of the kernels a forward+backward launches here (traced, not run)."""
     pat = spec.layer_pattern(0, shape[2])
     x = jax.ShapeDtypeStruct(shape, jnp.bfloat16)
 
     def f(q, k, v):
         o, vjp = jax.vjp(lambda *a: pallas_gpu.attention(
-            *a, pat, block_q=block_q, block_k=block_k, fuse_parts=True), q, k, v)
+            *a, pat, block_q=block_q, block_k=block_k, **opts), q, k, v)
         return o, vjp(o)
 
-    names = set(re.findall(r"name=(sparse_attn\w*)", str(jax.make_jaxpr(f)(x, x, x))))
+    return set(re.findall(r"name=(sparse_attn\w*)", str(jax.make_jaxpr(f)(x, x, x))))
+
+
+def fused_taken(spec: PatternSpec, shape: tuple, block_q: int | None = None,
+                block_k: int | None = None) -> bool:
+    """Whether ``fuse_parts=True`` really runs the v2 kernels here (traced, not run)."""
+    names = kernels_run(spec, shape, block_q, block_k, fuse_parts=True)
     return bool(names) and all(n.endswith("_v2") for n in names)
+
+
+def column_taken(spec: PatternSpec, shape: tuple, block_q: int | None = None,
+                 block_k: int | None = None) -> bool:
+    """Whether ``column_bwd=True`` really runs the column kernel here (columns of more
+    tiles than COLUMN_BWD_MAX_TILES keep the split kernels)."""
+    names = kernels_run(spec, shape, block_q, block_k, column_bwd=True)
+    return "sparse_attn_bwd_column_v2" in names
 
 
 def log(*a) -> None:
@@ -259,6 +273,9 @@ def gpu_check(quick: bool, extra: tuple[str, ...] = ()) -> None:
                            distinct=spec.distinct_summaries, d=d, dtype=jnp.dtype(dt).name,
                            variant=suffix or "default", t=t,
                            errs=errs, nan=nan, ok=(not nan) and max(errs) < tol)
+                if suffix == COLUMN_BWD_VARIANT[0]:  # a check of the split kernels is no check of it
+                    row["column_taken"] = column_taken(spec, (b, t, h, d))
+                    row["ok"] = row["ok"] and row["column_taken"]
             except Exception as e:  # keep going: the rest of the run still informs
                 row = dict(pattern=spec.name, combine=spec.combine, d=d,
                            dtype=jnp.dtype(dt).name, variant=suffix or "default",
@@ -415,6 +432,10 @@ def bench_shape(shape, quick: bool, sweep: bool, blocks: list[tuple[int, int]] |
                     meta = dict(fused_taken=guarded(
                         f"trace fused {name} {shape}",
                         lambda: fused_taken(spec, tuple(shape), bq, bk)))
+                elif suffix == COLUMN_BWD_VARIANT[0]:  # False: the row timed the split kernels
+                    meta = dict(column_taken=guarded(
+                        f"trace column {name} {shape}",
+                        lambda: column_taken(spec, tuple(shape), bq, bk)))
                 r = guarded(f"ours{suffix} {name} {shape} {bq}x{bk}",
                             lambda: timed(ours_fn(spec, h, block_q=bq, block_k=bk, **opts)))
                 if r:

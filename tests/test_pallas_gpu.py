@@ -287,6 +287,9 @@ def test_bench_script_variants_parse_and_take_the_fused_path_at_bench_shapes():
     assert bench.parse_args(["o.json", "--split-launch"]).split_launch and not args.split_launch
     assert bench.extra_variants(bench.parse_args(["o.json", "--column-bwd"])) == ("column_bwd",)
     assert bench.applies("_colbwd", "strided", jnp.bfloat16)
+    strided = PatternSpec("strided", 128, combine="merged")
+    assert bench.column_taken(strided, (1, 16384, 2, 64), 64, 64)  # 2 tiles per column
+    assert not bench.column_taken(PatternSpec("strided", 256, combine="merged"), (1, 65536, 2, 64), 64, 64)
     assert not bench.applies("_colbwd", "fixed", jnp.bfloat16)
     assert bench.kernel_fn(bench.MOSAIC_VARIANT[1]).func.__module__ == "sparse_lm.attention.mosaic_gpu"
     assert bench.kernel_fn(bench.V1_VARIANT[1]).keywords == {"fuse_parts": False}
@@ -616,18 +619,20 @@ def test_bench_attention_writes_its_json_when_stopped_inside_the_check(monkeypat
 
 
 COLUMN_BWD_CASES = [
-    # (spec, layer, shape, dtype): l=16 -> columns of T/16 rows in 16-row tiles
-    (PatternSpec("strided", 16, combine="merged"), 0, (2, 512, 2, 64), jnp.bfloat16),  # 2 tiles
-    (PatternSpec("strided", 16, combine="merged"), 0, (1, 256, 2, 64), jnp.float32),  # 1 tile
-    (PatternSpec("strided", 16, combine="multihead"), 0, (1, 512, 4, 128), jnp.float32),
-    (PatternSpec("strided", 16, combine="interleaved"), 1, (1, 512, 2, 64), jnp.float32),  # stride only
+    # (spec, layer, shape, dtype, (block_q, block_k)); l=16: columns of T/16 rows
+    (PatternSpec("strided", 16, combine="merged"), 0, (2, 512, 2, 64), jnp.bfloat16, (16, 16)),  # 2 tiles
+    (PatternSpec("strided", 16, combine="merged"), 0, (1, 256, 2, 64), jnp.float32, (16, 16)),  # 1 tile
+    (PatternSpec("strided", 16, combine="multihead"), 0, (1, 512, 4, 128), jnp.float32, (16, 16)),
+    (PatternSpec("strided", 16, combine="interleaved"), 1, (1, 512, 2, 64), jnp.float32, (16, 16)),
+    (PatternSpec("strided", 16, combine="merged"), 0, (2, 512, 2, 64), jnp.float32, (16, 32)),
 ]
 
 
-@pytest.mark.parametrize("spec,layer,shape,dtype", COLUMN_BWD_CASES,
-                         ids=["merged-bf16-2tiles", "merged-f32-1tile", "multihead-D128", "stride-layer"])
-def test_column_backward_matches_reference_and_the_split_kernels(spec, layer, shape, dtype):
-    opts = dict(block_q=16, block_k=16, column_bwd=True)
+@pytest.mark.parametrize("spec,layer,shape,dtype,blocks", COLUMN_BWD_CASES,
+                         ids=["merged-bf16-2tiles", "merged-f32-1tile", "multihead-D128", "stride-only-layer",
+                              "key-tiles-of-32"])
+def test_column_backward_matches_reference_and_the_split_kernels(spec, layer, shape, dtype, blocks):
+    opts = dict(block_q=blocks[0], block_k=blocks[1], column_bwd=True)
     pattern = spec.layer_pattern(layer, shape[2])
     assert "sparse_attn_bwd_column_v2" in kernel_names(pattern, shape, **opts)
     assert_matches_reference(spec, layer, shape, dtype, **opts)

@@ -1078,7 +1078,8 @@ def attention(
       column_bwd: v2: a strided part whose columns (T/l rows) span at most
         ``COLUMN_BWD_MAX_TILES`` tiles gets dq, dk and dv from one kernel, one program
         per column (5 block matmuls per pair instead of 7, one read of q, k, v, do),
-        instead of a dQ and a dK/dV launch. Same results up to float rounding order.
+        instead of a dQ and a dK/dV launch, in head groups without gathered (summary)
+        parts (no pattern mixes the two). Same results up to float rounding order.
         Off by default: not yet timed on a GPU.
 
     Raises:
