@@ -56,7 +56,8 @@ def main() -> int:
     parser.add_argument("--impls", nargs="+", default=["reference", "pallas_gpu"])
     args = parser.parse_args()
 
-    specs = [parse_spec(spec, get_config("small").attention) for spec in args.impls]
+    attention = get_config("small").attention
+    specs = [parse_spec(spec, attention) for spec in args.impls]
     runs = {}
     for spec, (impl, options) in zip(args.impls, specs):
         c = get_config("small")

@@ -38,6 +38,7 @@ import jax.numpy as jnp  # noqa: E402
 from bench_attention import fwd_bwd, parse_blocks, parse_shapes, time_jax  # noqa: E402
 from sparse_lm import profiling  # noqa: E402
 from sparse_lm.attention import PatternSpec, pallas_gpu  # noqa: E402
+from sparse_lm.model import GPU_KERNEL_TUNING  # noqa: E402 - the config fields a row's setting maps to
 
 
 def pattern_spec(name: str, t: int) -> PatternSpec:
@@ -67,8 +68,7 @@ def best_settings(rows: list[dict]) -> list[dict]:
             best[key] = r
     out = []
     for (pattern, shape), r in best.items():
-        overrides = " ".join(f"--config.attention.{n}={r[n]}"
-                             for n in ("block_q", "block_k", "num_warps", "num_stages"))
+        overrides = " ".join(f"--config.attention.{n}={r[n]}" for n in GPU_KERNEL_TUNING)
         out.append(dict(pattern=pattern, shape=list(shape), fwd_bwd_ms=r["fwd_bwd_ms"],
                         overrides=overrides))
     return out
@@ -118,9 +118,9 @@ def main() -> None:
                     traceback.print_exc()
                 rows.append(row)
                 print("row", json.dumps(row), flush=True)
-                with open(args.out, "w") as fh:
+                with open(args.out, "w") as fh:  # after every row: a cut-short sweep keeps its rows
                     json.dump({"device_kind": jax.devices()[0].device_kind, "command": " ".join(sys.argv),
-                               "rows": rows}, fh, indent=1)
+                               "rows": rows, "best": best_settings(rows)}, fh, indent=1)
     print(f"\ncard: {jax.devices()[0].device_kind}")
     for r in rows:
         head = f"{r['pattern']:<8}{'x'.join(map(str, r['shape'])):<16}{r['block_q']}x{r['block_k']:<5}w{r['num_warps']} s{r['num_stages']}"
@@ -129,12 +129,8 @@ def main() -> None:
             continue
         ks = "  ".join(f"{n.replace('sparse_attn_', '')}={ms * 1e3:.0f}" for n, ms in sorted(r["kernels"].items()))
         print(f"{head}  f+b {r['fwd_bwd_ms']:.3f} ms  [{ks}] us")
-    best = best_settings(rows)
-    with open(args.out, "w") as fh:
-        json.dump({"device_kind": jax.devices()[0].device_kind, "command": " ".join(sys.argv),
-                   "rows": rows, "best": best}, fh, indent=1)
     print("\nfastest per pattern and shape (config overrides for training on this card):")
-    for r in best:
+    for r in best_settings(rows):
         print(f"{r['pattern']:<8}{'x'.join(map(str, r['shape'])):<16}f+b {r['fwd_bwd_ms']:.3f} ms  {r['overrides']}")
 
 

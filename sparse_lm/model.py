@@ -45,7 +45,6 @@ AXIS_NAMES = ("vocab", "embed", "mlp", "heads", "head_dim", "pos", "layers")
 # needs them; 4 warps; 2 stages).
 GPU_KERNEL_FLAGS = ("colaunch", "atomic_dq", "narrow_chain", "column_bwd")
 GPU_KERNEL_TUNING = ("block_q", "block_k", "num_warps", "num_stages")
-GPU_KERNEL_OPTIONS = GPU_KERNEL_FLAGS + GPU_KERNEL_TUNING
 REMAT_POLICIES: dict[str, Callable[..., bool] | None] = {
     "full": None,  # save nothing: recompute the whole block in the backward pass
     "dots": jax.checkpoint_policies.checkpoint_dots,
@@ -225,7 +224,7 @@ class Block(nnx.Module):
         self.pattern = pattern
         self.dropout = dropout
         self.impl = impl
-        self.kernel_options = kernel_options  # for pallas_gpu only (GPU_KERNEL_OPTIONS)
+        self.kernel_options = kernel_options  # for pallas_gpu only (gpu_kernel_options)
 
     def qkv(self, h: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
         """Queries, keys and values [..., H, D] of the residual stream h (float32)."""
