@@ -29,6 +29,13 @@ def get_config(variant: str = ""):
     # at batch 8 on an H200, for 21.6 instead of 10.4 GiB (BENCHMARKS.md, session 4);
     # about twice that at this config's batch 16: it fits an 80 GB card.
     c.model.remat = "save_attention"
+    # Layers unrolled, not scanned: no per-layer slice copies of the scan's stacked
+    # buffers, 366 vs 376-380 ms per step at batch 8 on an H200, for a 75 s compile instead
+    # of 13 s (BENCHMARKS.md, session 5), which a run of many hours earns back. Where
+    # memory allows (35 GiB at batch 8, so ~70 GiB at batch 16: an H200, not an 80 GB
+    # card), --config.model.remat=save_attention_dots also keeps the matmul outputs:
+    # 344 ms per step.
+    c.model.scan_layers = False
     c.attention.pattern = "fixed"
     c.attention.stride = 128
     c.attention.summary = 32

@@ -23,8 +23,11 @@ rows ``ours_<bq>x<bk>_v1``. ``--mosaic`` adds the experimental Mosaic GPU kernel
 summary dq from the dK/dV kernel), rows ``ours_<bq>x<bk>_atomicdq``; ``--split-launch``
 the fixed pattern with ``colaunch=False`` (one launch per part, rows ``_splitlaunch``);
 ``--wide-chain`` float32 partial results between launches (``narrow_chain=False``, rows
-``_f32chain``, strided and fixed); ``--column-bwd`` a strided part's dq, dk, dv from one
-kernel per column (``column_bwd=True``, rows ``_colbwd``, strided). ``--shapes
+``_f32chain``, strided and fixed); ``--split-bwd`` a strided part's dq and dk, dv from
+separate kernels (``column_bwd=False``, rows ``_splitbwd``, strided; the default computes
+them in one kernel per column where it applies); ``--strip-bwd`` the local window's dq,
+dk, dv from one kernel per strip of key tiles (``strip_bwd=True``, rows ``_stripbwd``,
+strided and local). ``--shapes
 1x65536x8x64,...`` picks shapes (B x T x H x D).
 """
 
@@ -68,15 +71,18 @@ FIXED_ONLY = {"_atomicdq", "_splitlaunch"}  # same kernels elsewhere
 # Partial results between launches in float32 (the default: the input dtype): patterns
 # of several parts only.
 WIDE_CHAIN_VARIANT = ("_f32chain", {"narrow_chain": False})
-# A strided part's dq, dk, dv from one kernel per column (strided pattern only).
-COLUMN_BWD_VARIANT = ("_colbwd", {"column_bwd": True})
+# A strided part's dq and dk, dv from separate kernels (the default: one kernel per
+# column where it applies; strided pattern only).
+SPLIT_BWD_VARIANT = ("_splitbwd", {"column_bwd": False})
+# The local window's dq, dk, dv from one kernel per strip of key tiles (strided, local).
+STRIP_BWD_VARIANT = ("_stripbwd", {"strip_bwd": True})
 SHAPES = [(2, 16384, 8, 64), (1, 65536, 8, 64), (2, 16384, 8, 128)]
 
 
 # Kernel paths a flag adds beside the default, by the flag's name.
 EXTRA_VARIANTS = {"v1": [V1_VARIANT], "mosaic": [MOSAIC_VARIANT], "atomic_dq": [ATOMIC_VARIANT],
                   "split_launch": [SPLIT_LAUNCH_VARIANT], "wide_chain": [WIDE_CHAIN_VARIANT],
-                  "column_bwd": [COLUMN_BWD_VARIANT]}
+                  "split_bwd": [SPLIT_BWD_VARIANT], "strip_bwd": [STRIP_BWD_VARIANT]}
 
 
 def variants(extra: tuple[str, ...] = ()) -> list[tuple[str, dict]]:
@@ -89,8 +95,10 @@ def applies(suffix: str, pattern: str, dtype) -> bool:
     options change nothing elsewhere, and wgmma takes half precision only on the GPU."""
     if suffix in FIXED_ONLY:
         return pattern == "fixed"
-    if suffix == COLUMN_BWD_VARIANT[0]:
+    if suffix == SPLIT_BWD_VARIANT[0]:
         return pattern == "strided"
+    if suffix == STRIP_BWD_VARIANT[0]:
+        return pattern in ("strided", "local")
     if suffix == WIDE_CHAIN_VARIANT[0]:
         return pattern in ("strided", "fixed")
     return suffix != "_mosaic" or jnp.dtype(dtype) != jnp.float32
@@ -151,10 +159,20 @@ def fused_taken(spec: PatternSpec, shape: tuple, block_q: int | None = None,
 
 def column_taken(spec: PatternSpec, shape: tuple, block_q: int | None = None,
                  block_k: int | None = None) -> bool:
-    """Whether ``column_bwd=True`` really runs the column kernel here (columns of more
-    tiles than COLUMN_BWD_MAX_TILES keep the split kernels)."""
-    names = kernels_run(spec, shape, block_q, block_k, column_bwd=True)
+    """Whether the default path runs the column kernel here (``column_bwd``: columns of
+    more tiles than COLUMN_BWD_MAX_TILES, or head dims above COLUMN_BWD_MAX_HEAD_DIM,
+    keep the split kernels)."""
+    names = kernels_run(spec, shape, block_q, block_k)
     return "sparse_attn_bwd_column_v2" in names
+
+
+def strip_taken(spec: PatternSpec, shape: tuple, block_q: int | None = None,
+                block_k: int | None = None) -> bool:
+    """Whether ``strip_bwd=True`` really runs the strip kernel here (bands wider than
+    STRIP_BWD_MAX_BAND tiles, or head dims above STRIP_BWD_MAX_HEAD_DIM, keep the split
+    kernels)."""
+    names = kernels_run(spec, shape, block_q, block_k, strip_bwd=True)
+    return "sparse_attn_bwd_strip_v2" in names
 
 
 def log(*a) -> None:
@@ -246,14 +264,14 @@ def gpu_check(quick: bool, extra: tuple[str, ...] = ()) -> None:
     ]
     key = jax.random.PRNGKey(int(time.time()))
     # --quick: 3 cases per path, except the options, which get every case they apply to.
-    options = FIXED_ONLY | {WIDE_CHAIN_VARIANT[0], COLUMN_BWD_VARIANT[0]}
+    options = FIXED_ONLY | {WIDE_CHAIN_VARIANT[0], SPLIT_BWD_VARIANT[0], STRIP_BWD_VARIANT[0]}
     runs = [(c, var) for var in variants(extra)
             for c in (cases if var[0] in options or not quick else cases[:3])
             if applies(var[0], c[0].name, c[2])]
     for (spec, d, dt), (suffix, opts) in runs:
         # v2 at T=4096 so that l=64 columns (64 rows) hold whole 64-row blocks.
         b, t, h = 1, 1024 if suffix not in ("", *options) else 4096, 4
-        if suffix == COLUMN_BWD_VARIANT[0]:
+        if spec.name == "strided" and suffix in ("", SPLIT_BWD_VARIANT[0], STRIP_BWD_VARIANT[0]):
             t = 8192  # l=64: 128-row columns, two 64-row tiles each (the benchmark's case)
         key, *ks = jax.random.split(key, 5)
         q, k, v, g = (jax.random.normal(kk, (b, t, h, d), jnp.float32).astype(dt) for kk in ks)
@@ -273,9 +291,16 @@ def gpu_check(quick: bool, extra: tuple[str, ...] = ()) -> None:
                            distinct=spec.distinct_summaries, d=d, dtype=jnp.dtype(dt).name,
                            variant=suffix or "default", t=t,
                            errs=errs, nan=nan, ok=(not nan) and max(errs) < tol)
-                if suffix == COLUMN_BWD_VARIANT[0]:  # a check of the split kernels is no check of it
+                if not suffix and spec.name == "strided":
+                    # Where the column kernel applies (D <= 64), a check of the split
+                    # kernels is no check of the default path.
                     row["column_taken"] = column_taken(spec, (b, t, h, d))
-                    row["ok"] = row["ok"] and row["column_taken"]
+                    if d <= pallas_gpu.COLUMN_BWD_MAX_HEAD_DIM:
+                        row["ok"] = row["ok"] and row["column_taken"]
+                if suffix == STRIP_BWD_VARIANT[0]:
+                    row["strip_taken"] = strip_taken(spec, (b, t, h, d))
+                    if d <= pallas_gpu.STRIP_BWD_MAX_HEAD_DIM:
+                        row["ok"] = row["ok"] and row["strip_taken"]
             except Exception as e:  # keep going: the rest of the run still informs
                 row = dict(pattern=spec.name, combine=spec.combine, d=d,
                            dtype=jnp.dtype(dt).name, variant=suffix or "default",
@@ -432,10 +457,14 @@ def bench_shape(shape, quick: bool, sweep: bool, blocks: list[tuple[int, int]] |
                     meta = dict(fused_taken=guarded(
                         f"trace fused {name} {shape}",
                         lambda: fused_taken(spec, tuple(shape), bq, bk)))
-                elif suffix == COLUMN_BWD_VARIANT[0]:  # False: the row timed the split kernels
-                    meta = dict(column_taken=guarded(
-                        f"trace column {name} {shape}",
-                        lambda: column_taken(spec, tuple(shape), bq, bk)))
+                    if name == "strided":  # False: the row timed the split kernels
+                        meta["column_taken"] = guarded(
+                            f"trace column {name} {shape}",
+                            lambda: column_taken(spec, tuple(shape), bq, bk))
+                elif suffix == STRIP_BWD_VARIANT[0]:  # False: the row timed the split kernels
+                    meta = dict(strip_taken=guarded(
+                        f"trace strip {name} {shape}",
+                        lambda: strip_taken(spec, tuple(shape), bq, bk)))
                 r = guarded(f"ours{suffix} {name} {shape} {bq}x{bk}",
                             lambda: timed(ours_fn(spec, h, block_q=bq, block_k=bk, **opts)))
                 if r:
@@ -545,7 +574,7 @@ def extra_variants(args: argparse.Namespace) -> tuple[str, ...]:
     """The EXTRA_VARIANTS the flags ask for (--variants is the v1 path)."""
     flags = {"v1": args.variants, "mosaic": args.mosaic, "atomic_dq": args.atomic_dq,
              "split_launch": args.split_launch, "wide_chain": args.wide_chain,
-             "column_bwd": args.column_bwd}
+             "split_bwd": args.split_bwd, "strip_bwd": args.strip_bwd}
     return tuple(name for name in EXTRA_VARIANTS if flags[name])
 
 
@@ -566,9 +595,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="also check and time atomic_dq=True for the fixed pattern (rows *_atomicdq)")
     ap.add_argument("--split-launch", action="store_true",
                     help="also check and time colaunch=False (one launch per part) for the fixed pattern")
-    ap.add_argument("--column-bwd", action="store_true",
-                    help="also check and time column_bwd=True (a strided part's dq, dk, dv in one "
-                         "kernel per column) for the strided pattern")
+    ap.add_argument("--split-bwd", action="store_true",
+                    help="also check and time column_bwd=False (a strided part's dq and dk, dv from "
+                         "separate kernels, not one kernel per column) for the strided pattern")
+    ap.add_argument("--strip-bwd", action="store_true",
+                    help="also check and time strip_bwd=True (the local window's dq, dk, dv in one "
+                         "kernel per strip of key tiles) for the strided and local patterns")
     ap.add_argument("--wide-chain", action="store_true",
                     help="also check and time narrow_chain=False (float32 partial results) for strided and fixed")
     ap.add_argument("--shapes", type=parse_shapes, default=None,

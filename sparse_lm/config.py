@@ -51,7 +51,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.pos_shape = (16, 16)  # factorized position embeddings; product == seq_len
     c.model.dtype = "float32"  # compute dtype; bfloat16 on accelerators
     c.model.param_dtype = "float32"
-    c.model.remat = "none"  # none | full | save_attention | dots | dots_no_batch
+    c.model.remat = "none"  # none | full | save_attention | save_attention_dots | dots | dots_no_batch
     # Stack the blocks' parameters on a 'layers' axis and apply them with a scan: compile
     # time stops growing with depth. Parameter trees (checkpoints) differ between layouts.
     c.model.scan_layers = False
@@ -67,7 +67,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.attention.colaunch = True  # the fixed pattern's two parts in one forward/dQ launch
     c.attention.atomic_dq = False  # summary dq from the dK/dV kernel (float atomics: slower, not bitwise reproducible)
     c.attention.narrow_chain = True  # partial results between the kernel's launches in bf16, not float32
-    c.attention.column_bwd = False  # a strided part's dq, dk, dv in one kernel per column (not yet timed)
+    c.attention.column_bwd = True  # a strided part's dq, dk, dv in one kernel per column (head dim <= 64)
+    c.attention.strip_bwd = False  # the local window's dq, dk, dv in one kernel per strip (not yet timed)
     # pallas_gpu launch parameters, 0 = the kernel's default (tuned on an H200 with
     # scripts/tune_attention.py; another card may prefer others):
     c.attention.block_q = 0  # query tile rows (power of two >= 16 dividing T)

@@ -43,7 +43,7 @@ AXIS_NAMES = ("vocab", "embed", "mlp", "heads", "head_dim", "pos", "layers")
 # reaches the kernel even where its default is True), and launch parameters, passed
 # when set (0 leaves the kernel's default: 64x64 tiles, or 32x32 where a strided part
 # needs them; 4 warps; 2 stages).
-GPU_KERNEL_FLAGS = ("colaunch", "atomic_dq", "narrow_chain", "column_bwd")
+GPU_KERNEL_FLAGS = ("colaunch", "atomic_dq", "narrow_chain", "column_bwd", "strip_bwd")
 GPU_KERNEL_TUNING = ("block_q", "block_k", "num_warps", "num_stages")
 REMAT_POLICIES: dict[str, Callable[..., bool] | None] = {
     "full": None,  # save nothing: recompute the whole block in the backward pass
@@ -51,8 +51,10 @@ REMAT_POLICIES: dict[str, Callable[..., bool] | None] = {
     "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
 }
 # "none": keep every activation; "save_attention": recompute all but the attention
-# kernel (see Transformer._run_block); the others: jax.checkpoint with the policy above.
-REMAT_MODES = ("none", "save_attention", *REMAT_POLICIES)
+# kernel (see Transformer._run_block); "save_attention_dots": that, and the matmul
+# outputs are kept too (only norms, GELU, dropout and sums are recomputed); the others:
+# jax.checkpoint with the policy above.
+REMAT_MODES = ("none", "save_attention", "save_attention_dots", *REMAT_POLICIES)
 
 
 def _param(
@@ -544,16 +546,20 @@ class Transformer(nnx.Module):
     def _run_block(self, block: Block, h: jax.Array, key: jax.Array | None) -> jax.Array:
         if self.remat == "none":
             return block(h, key)
-        if self.remat == "save_attention":
+        if self.remat in ("save_attention", "save_attention_dots"):
             # Recompute the norms, projections and feed-forward, but not the attention
             # kernel: it stays outside the rematerialised parts, so the residuals of its
             # own backward (q, k, v, output, log-sum-exp) are kept. A policy cannot get
             # this: jax.checkpoint reruns a custom_vjp's forward to rebuild its
             # residuals, whatever names they carry (tests/test_model.py checks the
-            # kernel count). Costs q, k, v, o per layer in memory.
-            q, k, v = nnx.remat(lambda b, x: b.qkv(x))(block, h)
+            # kernel count). Costs q, k, v, o per layer in memory. "save_attention_dots"
+            # also keeps the matmul outputs (the output projection and both feed-forward
+            # layers, 6 * d_model bf16 values per token and layer), so the backward pass
+            # reruns no matmul, only element-wise work.
+            policy = REMAT_POLICIES["dots"] if self.remat == "save_attention_dots" else None
+            q, k, v = nnx.remat(lambda b, x: b.qkv(x), policy=policy)(block, h)
             o = block.attend(q, k, v)
-            return nnx.remat(lambda b, x, o_, k_: b.finish(x, o_, k_))(block, h, o, key)
+            return nnx.remat(lambda b, x, o_, k_: b.finish(x, o_, k_), policy=policy)(block, h, o, key)
         # Rematerialize each block: the backward pass recomputes what the policy does
         # not save, trading compute for activation memory at long context.
         return nnx.remat(lambda b, x, k: b(x, k), policy=REMAT_POLICIES[self.remat])(block, h, key)

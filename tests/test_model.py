@@ -147,7 +147,7 @@ def _loss_and_grads(remat: str):
     return loss, grads
 
 
-@pytest.mark.parametrize("remat", ["full", "save_attention", "dots", "dots_no_batch"])
+@pytest.mark.parametrize("remat", ["full", "save_attention", "save_attention_dots", "dots", "dots_no_batch"])
 def test_remat_gives_the_same_loss_and_grads_as_no_remat(remat):
     loss0, grads0 = _loss_and_grads("none")
     loss1, grads1 = _loss_and_grads(remat)
@@ -401,6 +401,8 @@ def _kernel_launches(remat: str) -> dict[str, int]:
             if eqn.primitive.name == "pallas_call":
                 counts[eqn.params["name"]] += 1
                 continue
+            if eqn.primitive.name == "dot_general":
+                counts["dot_general"] += 1
             for sub in jax.extend.core.jaxprs_in_params(eqn.params):
                 walk(sub)
 
@@ -416,6 +418,17 @@ def test_save_attention_runs_the_attention_forward_once():
     assert saved["sparse_attn_fwd_v2"] == 2
     assert saved["sparse_attn_bwd_dq_v2"] == full["sparse_attn_bwd_dq_v2"] == 2  # one per layer
     assert saved["sparse_attn_bwd_dkv_v2"] == full["sparse_attn_bwd_dkv_v2"] == 4  # one per part
+
+
+def test_save_attention_dots_reruns_no_matmul():
+    # Per layer the backward pass needs the outputs of two forward matmuls that are not
+    # a remat region's outputs (the output projection's, for the second LayerNorm, and
+    # the first feed-forward layer's, for GELU): save_attention reruns those two,
+    # save_attention_dots keeps them. The attention kernel runs once in both.
+    saved, dots, none = (_kernel_launches(m) for m in ("save_attention", "save_attention_dots", "none"))
+    assert dots["dot_general"] == none["dot_general"]
+    assert saved["dot_general"] == none["dot_general"] + 2 * 2
+    assert dots["sparse_attn_fwd_v2"] == none["sparse_attn_fwd_v2"] == 2
 
 
 def test_gpu_kernel_options_reach_the_kernel_and_change_no_result():

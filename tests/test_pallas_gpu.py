@@ -18,6 +18,7 @@ from jax.experimental import pallas as pl
 
 from sparse_lm.attention import PatternError, PatternSpec, attention, reference_attention
 from sparse_lm.attention import pallas_gpu
+from sparse_lm.attention.layout import build_layout
 from tests.helpers import attention_spec_cases, rel_err, spec_id
 
 TOL = {jnp.bfloat16: 1e-2, jnp.float32: 1e-5}
@@ -213,8 +214,9 @@ def test_fused_parts_equal_v1_path(name, shape):
 
 def test_default_path_is_v2():
     pattern = PatternSpec("strided", 16).layer_pattern(0, 2)
+    # The local part's dQ and dK/dV kernels, the strided part's column kernel.
     assert kernel_names(pattern, (1, 256, 2, 64), block_q=16, block_k=16) == {
-        "sparse_attn_fwd_v2", "sparse_attn_bwd_dq_v2", "sparse_attn_bwd_dkv_v2"}
+        "sparse_attn_fwd_v2", "sparse_attn_bwd_dq_v2", "sparse_attn_bwd_dkv_v2", "sparse_attn_bwd_column_v2"}
 
 
 def test_fused_parts_use_views_and_no_merge():
@@ -222,7 +224,7 @@ def test_fused_parts_use_views_and_no_merge():
     array (the one transpose left is delta's [B, T, H] -> [B, H, T])."""
     pattern = PatternSpec("strided", 16).layer_pattern(0, 2)
     shape = (1, 256, 2, 64)
-    assert kernel_names(pattern, shape, block_q=16, block_k=16, fuse_parts=True) == {
+    assert kernel_names(pattern, shape, block_q=16, block_k=16, fuse_parts=True, column_bwd=False) == {
         "sparse_attn_fwd_v2", "sparse_attn_bwd_dq_v2", "sparse_attn_bwd_dkv_v2"}
     q = jnp.zeros(shape, jnp.float32)
 
@@ -285,12 +287,18 @@ def test_bench_script_variants_parse_and_take_the_fused_path_at_bench_shapes():
     assert not bench.applies("_f32chain", "local", jnp.bfloat16)
     assert bench.extra_variants(bench.parse_args(["o.json", "--wide-chain"])) == ("wide_chain",)
     assert bench.parse_args(["o.json", "--split-launch"]).split_launch and not args.split_launch
-    assert bench.extra_variants(bench.parse_args(["o.json", "--column-bwd"])) == ("column_bwd",)
-    assert bench.applies("_colbwd", "strided", jnp.bfloat16)
+    assert bench.extra_variants(bench.parse_args(["o.json", "--split-bwd"])) == ("split_bwd",)
+    assert bench.applies("_splitbwd", "strided", jnp.bfloat16)
     strided = PatternSpec("strided", 128, combine="merged")
     assert bench.column_taken(strided, (1, 16384, 2, 64), 64, 64)  # 2 tiles per column
+    assert not bench.column_taken(strided, (1, 16384, 2, 128), 64, 64)  # D=128: split kernels
     assert not bench.column_taken(PatternSpec("strided", 256, combine="merged"), (1, 65536, 2, 64), 64, 64)
-    assert not bench.applies("_colbwd", "fixed", jnp.bfloat16)
+    assert not bench.applies("_splitbwd", "fixed", jnp.bfloat16)
+    assert bench.extra_variants(bench.parse_args(["o.json", "--strip-bwd"])) == ("strip_bwd",)
+    assert bench.applies("_stripbwd", "local", jnp.bfloat16) and not bench.applies("_stripbwd", "fixed", jnp.bfloat16)
+    assert bench.strip_taken(strided, (1, 16384, 2, 64), 64, 64)  # a band of 3 tiles (l=128)
+    assert bench.strip_taken(PatternSpec("strided", 256, combine="merged"), (1, 65536, 2, 64), 64, 64)  # band of 5
+    assert not bench.strip_taken(strided, (1, 16384, 2, 128), 64, 64)  # D=128
     assert bench.kernel_fn(bench.MOSAIC_VARIANT[1]).func.__module__ == "sparse_lm.attention.mosaic_gpu"
     assert bench.kernel_fn(bench.V1_VARIANT[1]).keywords == {"fuse_parts": False}
     assert args.shapes is None and args.blocks is None  # main(): the issue's three shapes
@@ -381,12 +389,13 @@ def test_atomic_dq_matches_reference_and_the_split_kernels(spec, layer, shape, d
 
 def assert_matches_default_launches(pattern, shape, dtype, **opts):
     """Output and gradients with ``opts`` equal the plainest v2 arrangement's (16x16 tiles,
-    one launch per part, float32 partials) within float rounding: the options regroup the
-    same arithmetic, they do not change it."""
+    one launch per part, float32 partials, split backward kernels) within float rounding:
+    the options regroup the same arithmetic, they do not change it."""
     q, k, v, g = fresh_inputs(shape, dtype)
     got = output_and_grads(lambda *x: pallas_gpu.attention(*x, pattern, **opts), q, k, v, g)
     want = output_and_grads(lambda *x: pallas_gpu.attention(*x, pattern, block_q=16, block_k=16,
-                                                            colaunch=False, narrow_chain=False),
+                                                            colaunch=False, narrow_chain=False,
+                                                            column_bwd=False),
                             q, k, v, g)
     tol = 1e-2 if dtype == jnp.bfloat16 else 1e-5
     for what, x, y in zip(("out", "dq", "dk", "dv"), got, want):
@@ -396,8 +405,11 @@ def assert_matches_default_launches(pattern, shape, dtype, **opts):
 
 def test_atomic_dq_leaves_patterns_without_summary_columns_unchanged():
     pattern = PatternSpec("strided", 16).layer_pattern(0, 2)
-    assert kernel_names(pattern, (1, 256, 2, 64), block_q=16, block_k=16, atomic_dq=True) == {
-        "sparse_attn_fwd_v2", "sparse_attn_bwd_dq_v2", "sparse_attn_bwd_dkv_v2"}
+    for column_bwd, bwd in ((False, {"sparse_attn_bwd_dq_v2", "sparse_attn_bwd_dkv_v2"}),
+                            (True, {"sparse_attn_bwd_dq_v2", "sparse_attn_bwd_dkv_v2",
+                                    "sparse_attn_bwd_column_v2"})):
+        assert kernel_names(pattern, (1, 256, 2, 64), block_q=16, block_k=16, atomic_dq=True,
+                            column_bwd=column_bwd) == {"sparse_attn_fwd_v2", *bwd}
 
 
 @pytest.mark.parametrize("name,opts", [("strided", {}), ("fixed", {}), ("fixed", {"atomic_dq": True}),
@@ -631,32 +643,104 @@ COLUMN_BWD_CASES = [
 @pytest.mark.parametrize("spec,layer,shape,dtype,blocks", COLUMN_BWD_CASES,
                          ids=["merged-bf16-2tiles", "merged-f32-1tile", "multihead-D128", "stride-only-layer",
                               "key-tiles-of-32"])
-def test_column_backward_matches_reference_and_the_split_kernels(spec, layer, shape, dtype, blocks):
-    opts = dict(block_q=blocks[0], block_k=blocks[1], column_bwd=True)
+def test_column_backward_matches_reference_and_the_split_kernels(spec, layer, shape, dtype, blocks, monkeypatch):
+    # The kernel is also checked at D=128, where the default leaves it off (slower there).
+    monkeypatch.setattr(pallas_gpu, "COLUMN_BWD_MAX_HEAD_DIM", 128)
+    opts = dict(block_q=blocks[0], block_k=blocks[1])
     pattern = spec.layer_pattern(layer, shape[2])
-    assert "sparse_attn_bwd_column_v2" in kernel_names(pattern, shape, **opts)
+    assert "sparse_attn_bwd_column_v2" in kernel_names(pattern, shape, **opts)  # the default
     assert_matches_reference(spec, layer, shape, dtype, **opts)
     assert_matches_default_launches(pattern, shape, dtype, **opts)
 
 
-def test_column_backward_takes_only_columns_of_at_most_two_tiles():
+def test_column_backward_takes_only_columns_of_at_most_two_tiles_and_head_dims_up_to_64():
     pattern = PatternSpec("strided", 16, combine="merged").layer_pattern(0, 2)
+    column = "sparse_attn_bwd_column_v2"
+    assert column in kernel_names(pattern, (1, 512, 2, 64), block_q=16, block_k=16)  # 2 tiles: default
     # T=768: 48-row columns, three 16-row tiles: the split kernels run.
-    names = kernel_names(pattern, (1, 768, 2, 64), block_q=16, block_k=16, column_bwd=True)
-    assert "sparse_attn_bwd_column_v2" not in names and "sparse_attn_bwd_dkv_v2" in names
-    # Off by default; and patterns without a strided part never take it.
-    assert "sparse_attn_bwd_column_v2" not in kernel_names(pattern, (1, 512, 2, 64), block_q=16, block_k=16)
+    names = kernel_names(pattern, (1, 768, 2, 64), block_q=16, block_k=16)
+    assert column not in names and "sparse_attn_bwd_dkv_v2" in names
+    # D=128 (measured slower there) and column_bwd=False keep the split kernels too;
+    # patterns without a strided part never take it.
+    assert column not in kernel_names(pattern, (1, 512, 2, 128), block_q=16, block_k=16)
+    assert column not in kernel_names(pattern, (1, 512, 2, 64), block_q=16, block_k=16, column_bwd=False)
     fixed = PatternSpec("fixed", 16, 4, combine="merged").layer_pattern(0, 2)
-    assert "sparse_attn_bwd_column_v2" not in kernel_names(fixed, (1, 256, 2, 64), block_q=16, block_k=16,
-                                                           column_bwd=True)
+    assert column not in kernel_names(fixed, (1, 256, 2, 64), block_q=16, block_k=16)
+
+
+STRIP_BWD_CASES = [
+    # (spec, layer, shape, dtype, block); 16-row tiles. local l=32: each key tile is seen
+    # by the query tiles 0, 1, 2 after it (a band of 3).
+    (PatternSpec("local", 32), 0, (2, 256, 2, 64), jnp.bfloat16, 16),  # 16 tiles: 2 strips of 8
+    (PatternSpec("local", 16), 0, (1, 192, 2, 32), jnp.float32, 16),  # band of 2, 12 tiles: strips of 4
+    (PatternSpec("strided", 16, combine="merged"), 0, (2, 256, 2, 64), jnp.float32, 16),  # + column
+    (PatternSpec("strided", 16, combine="interleaved"), 0, (1, 256, 2, 64), jnp.float32, 16),  # local layer
+    (PatternSpec("local", 32), 0, (1, 32, 2, 64), jnp.float32, 16),  # 2 tiles: one strip, band cut
+    (PatternSpec("local", 64), 0, (1, 256, 2, 64), jnp.float32, 16),  # a band of 5 (T=65,536's l=256)
+    # 48-row columns: three tiles, so the stride part takes the split kernels first and
+    # the strip kernel adds the local part's gradients to theirs (its init inputs).
+    (PatternSpec("strided", 16, combine="merged"), 0, (1, 768, 2, 64), jnp.bfloat16, 16),
+]
+
+
+@pytest.mark.parametrize("spec,layer,shape,dtype,block", STRIP_BWD_CASES,
+                         ids=["local-bf16-2strips", "band2-strips-of-4", "strided-merged-with-column",
+                              "interleaved-local-layer", "one-short-strip", "band5", "after-split-kernels"])
+def test_strip_backward_matches_reference_and_the_split_kernels(spec, layer, shape, dtype, block):
+    opts = dict(block_q=block, block_k=block, strip_bwd=True)
+    pattern = spec.layer_pattern(layer, shape[2])
+    assert "sparse_attn_bwd_strip_v2" in kernel_names(pattern, shape, **opts)
+    assert_matches_reference(spec, layer, shape, dtype, **opts)
+    assert_matches_default_launches(pattern, shape, dtype, **opts)
+
+
+def test_strip_backward_schedule_is_the_band_cut_at_the_end():
+    # local l=32 at 16-row tiles: key tile j sees query tile j (diagonal, masked), j + 1
+    # (full) and j + 2 (masked: the window's far edge); 16 tiles in strips of 8.
+    def only_part(spec):
+        pattern = tuple(tuple(head) for head in spec.layer_pattern(0, 1))
+        return build_layout(pattern, 256, 16, 16).groups[0].parts[0]
+
+    part = only_part(PatternSpec("local", 32))
+    assert pallas_gpu._strip_schedule(part, 256, 64) == (((0, True), (1, False), (2, True)), 8)
+    assert pallas_gpu._strip_schedule(part, 256, 128) is None  # head dim above the limit
+    assert len(pallas_gpu._strip_schedule(only_part(PatternSpec("local", 64)), 256, 64)[0]) == 5
+    assert pallas_gpu._strip_schedule(only_part(PatternSpec("local", 96)), 256, 64) is None  # band of 7 > 5
+
+
+def test_strip_backward_is_off_by_default_and_skips_what_it_cannot_take():
+    strip = "sparse_attn_bwd_strip_v2"
+    local = PatternSpec("local", 32).layer_pattern(0, 2)
+    assert strip not in kernel_names(local, (1, 256, 2, 64), block_q=16, block_k=16)
+    # When it applies, the whole backward of the local pattern is that one kernel.
+    assert kernel_names(local, (1, 256, 2, 64), block_q=16, block_k=16, strip_bwd=True) == {
+        "sparse_attn_fwd_v2", strip}
+    assert strip not in kernel_names(local, (1, 256, 2, 128), block_q=16, block_k=16, strip_bwd=True)
+    assert strip not in kernel_names(local, (1, 256, 2, 64), block_q=16, block_k=32, strip_bwd=True)
+    # T=80: five tiles, strips of one, no longer than the band of 3 reaches back.
+    assert strip not in kernel_names(local, (1, 80, 2, 64), block_q=16, block_k=16, strip_bwd=True)
+    fixed = PatternSpec("fixed", 16, 4, combine="merged").layer_pattern(0, 2)  # gathered parts
+    assert strip not in kernel_names(fixed, (1, 256, 2, 64), block_q=16, block_k=16, strip_bwd=True)
+
+
+def test_strip_backward_lowers_for_cuda_at_the_benchmark_shape():
+    """(2, 16384, 8, 64), strided l=128: the local part's band of three 64-row tiles."""
+    pattern = PatternSpec("strided", 128, combine="merged").layer_pattern(0, 8)
+    x = jax.ShapeDtypeStruct((2, 16384, 8, 64), jnp.bfloat16)
+    loss = lambda q, k, v: pallas_gpu.attention(q, k, v, pattern, interpret=False,  # noqa: E731
+                                                strip_bwd=True).astype(jnp.float32).sum()
+    device = jax.sharding.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=None, platform="gpu")
+    with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((1,), ("x",), abstract_device=device)):
+        text = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(x, x, x).lower(lowering_platforms=("cuda",)).as_text()
+    assert "sparse_attn_bwd_strip_v2" in text and "sparse_attn_bwd_column_v2" in text
 
 
 def test_column_backward_lowers_for_cuda_at_the_benchmark_shape():
     """(2, 16384, 8, 64), strided l=128: 128-row columns of two 64-row tiles."""
     pattern = PatternSpec("strided", 128, combine="merged").layer_pattern(0, 8)
     x = jax.ShapeDtypeStruct((2, 16384, 8, 64), jnp.bfloat16)
-    loss = lambda q, k, v: pallas_gpu.attention(q, k, v, pattern, interpret=False,  # noqa: E731
-                                                column_bwd=True).astype(jnp.float32).sum()
+    loss = lambda q, k, v: pallas_gpu.attention(q, k, v, pattern,  # noqa: E731
+                                                interpret=False).astype(jnp.float32).sum()
     device = jax.sharding.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=None, platform="gpu")
     with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((1,), ("x",), abstract_device=device)):
         text = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(x, x, x).lower(lowering_platforms=("cuda",)).as_text()

@@ -54,7 +54,8 @@ class KernelConfig:
     atomic_dq: bool = False  # v2: gathered parts' dq from the dK/dV kernel (see _fused_bwd)
     colaunch: bool = True  # v2: natural-order parts of a tile in one launch (_launch_groups)
     narrow_chain: bool = True  # v2: partial results between launches in the input dtype
-    column_bwd: bool = False  # v2: a strided part's dq, dk, dv in one kernel (_column_bwd_call)
+    column_bwd: bool = True  # v2: a strided part's dq, dk, dv in one kernel (_column_bwd_call)
+    strip_bwd: bool = False  # v2: a band part's dq, dk, dv in one kernel (_strip_bwd_call)
 
     def chain_dtype(self, dtype):
         """dtype of the partial o, dq, dk, dv one launch hands the next (see attention())."""
@@ -788,15 +789,20 @@ def _dkv_call_v2(q, k, v, do, lse, delta, dkv0, part: PartLayout, cfg: KernelCon
 # ``column_bwd``): every block pair's S, P and dP once, for 5 block matmuls instead of
 # the split kernels' 7, no atomics, and one read of q, k, v, do. The cost is registers:
 # dq stays live for every query tile a later key tile still reaches, so only columns of
-# a few tiles qualify (COLUMN_BWD_MAX_TILES).
+# a few tiles qualify (COLUMN_BWD_MAX_TILES), and only head dims up to
+# COLUMN_BWD_MAX_HEAD_DIM: on an H200 at (2, 16384, 8, D), strided l=128, it took f+b
+# from 0.549 to 0.522 ms at D=64 but from 0.970 to 1.052 ms at D=128, where dk, dv and
+# a dq of [64, 128] float32 crowd the registers (BENCHMARKS.md, session 5).
 COLUMN_BWD_MAX_TILES = 2
+COLUMN_BWD_MAX_HEAD_DIM = 64
 
 
-def _column_schedule(part: PartLayout, t: int) -> tuple | None:
+def _column_schedule(part: PartLayout, t: int, d: int) -> tuple | None:
     """((query tile, masked), ...) per key tile of a column, when the part is strided,
-    takes the v2 path, has at most COLUMN_BWD_MAX_TILES tiles per column and every column
-    has the same block structure; else None (the split kernels then run)."""
-    if part.spec.order != "strided" or not _Rows.fits(part, t):
+    takes the v2 path, has at most COLUMN_BWD_MAX_TILES tiles per column, a head dim of
+    at most COLUMN_BWD_MAX_HEAD_DIM, and every column has the same block structure;
+    else None (the split kernels then run)."""
+    if part.spec.order != "strided" or not _Rows.fits(part, t) or d > COLUMN_BWD_MAX_HEAD_DIM:
         return None
     rows = _Rows(part, t)
     bq, bk = part.block_q, part.block_k
@@ -872,20 +878,172 @@ def _column_bwd_call(q, k, v, do, lse, delta, init, part: PartLayout, cfg: Kerne
     if init is not None:
         in_specs += [col] * 3
         args += [rows.view(x) for x in init]
-    shape = jax.ShapeDtypeStruct(rows.view(q).shape, out_dtype)
-    outs = pl.pallas_call(
-        functools.partial(_column_bwd_kernel, schedule=schedule, rule=part.spec.rule,
-                          block_q=part.block_q, block_k=part.block_k, scale=d**-0.5,
-                          has_init=init is not None),
-        grid=(rows.l, b, h),
+    kernel = functools.partial(_column_bwd_kernel, schedule=schedule, rule=part.spec.rule,
+                               block_q=part.block_q, block_k=part.block_k, scale=d**-0.5,
+                               has_init=init is not None)
+    outs = _three_grads_call(kernel, (rows.l, b, h), in_specs, col, rows.view(q).shape,
+                             out_dtype, args, cfg, "sparse_attn_bwd_column_v2")
+    return tuple(rows.unview(x) for x in outs)
+
+
+def _three_grads_call(kernel, grid, in_specs, out_spec, shape, out_dtype, args,
+                      cfg: KernelConfig, name: str):
+    """A one-kernel backward's launch: outputs dq, dk, dv alike (spec, shape, dtype)."""
+    return tuple(pl.pallas_call(
+        kernel,
+        grid=grid,
         in_specs=in_specs,
-        out_specs=[col] * 3,
-        out_shape=[shape] * 3,
+        out_specs=[out_spec] * 3,
+        out_shape=[jax.ShapeDtypeStruct(shape, out_dtype)] * 3,
         interpret=cfg.interpret,
         compiler_params=_compiler_params(cfg),
-        name="sparse_attn_bwd_column_v2",
-    )(*args)
-    return tuple(rows.unview(x) for x in outs)
+        name=name,
+    )(*args))
+
+
+# A natural-order part whose key tiles each see the same few query tiles just after
+# them (a band: the local window, or the local part of a strided head) can be split
+# into strips of consecutive key tiles, one program per strip computing the strip's
+# dk, dv and the dq of its query tiles together (v2 ``strip_bwd``): 5 block matmuls
+# for a pair inside the strip, 4 (no dq) for a pair whose query tile lies past it, and
+# 3 (dq only) for the few "halo" pairs whose key tile lies before it, instead of the
+# split kernels' 7 for every pair, in one launch instead of two. Registers bound it:
+# every query tile of the band is a live float32 dq accumulator, so only bands of at
+# most STRIP_BWD_MAX_BAND tiles and head dims up to STRIP_BWD_MAX_HEAD_DIM qualify.
+# Query tiles per key tile: 3 for 64-row tiles and a window of 128 (T=16,384, l=128), 5
+# for a window of 256 (T=65,536, l=256), where dk, dv and five dq accumulators may no
+# longer fit in 4 warps' registers: to be settled on a GPU (docs/kernel_notes.md).
+STRIP_BWD_MAX_BAND = 5
+STRIP_BWD_MAX_HEAD_DIM = 64
+STRIP_BWD_MAX_TILES = 8  # key tiles per strip, at most (a power of two dividing T/bk)
+
+
+def _strip_schedule(part: PartLayout, t: int, d: int) -> tuple | None:
+    """(band, strip): ``band`` = ((offset, masked), ...), the query tiles ``j + offset``
+    every key tile j visits (offset >= 0; the tiles past the sequence end excepted), and
+    ``strip`` the key tiles per program; None when the part does not qualify (the split
+    kernels then run), also when a strip would be no longer than the band reaches back:
+    then every pair off the diagonal is computed twice (4 + 3 matmuls, as split)."""
+    if (part.spec.order == "strided" or part.k_index is not None or part.k_pos.shape[0] != 1
+            or part.block_q != part.block_k or d > STRIP_BWD_MAX_HEAD_DIM):
+        return None
+    n = t // part.block_k
+    rows = [tuple((int(i) - j, m >= int(r[0])) for m, i in enumerate(r[2 : 2 + int(r[0] + r[1])]))
+            for j, r in enumerate(part.bwd)]
+    band = tuple(sorted(max(rows, key=len))) if rows else ()
+    if not band or len(band) > STRIP_BWD_MAX_BAND or band[0][0] < 0:
+        return None
+    for j, row in enumerate(rows):  # every key tile: the band, cut at the sequence end
+        if tuple(sorted(row)) != tuple(x for x in band if j + x[0] < n):
+            return None
+    strip = math.gcd(n & -n, STRIP_BWD_MAX_TILES)  # the largest power of two dividing both
+    if strip <= band[-1][0]:
+        return None
+    return band, strip
+
+
+def _strip_bwd_kernel(qpos_ref, kpos_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref,
+                      *refs, band: tuple, strip: int, n_tiles: int, rule: MaskRule,
+                      block: int, scale: float, has_init: bool):
+    """dq, dk, dv of one strip of ``strip`` key tiles (and the query tiles of the same
+    rows) of a band part; whole-sequence inputs, strip-sized outputs. With has_init the
+    previous parts' (dq0, dk0, dv0) of the strip come before the outputs and are added."""
+    init, (dq_ref, dk_ref, dv_ref) = (refs[:3], refs[3:]) if has_init else ((None,) * 3, refs)
+    dq0_ref, dk0_ref, dv0_ref = init
+    prec = _precision(q_ref.dtype)
+    qk_scale = scale * LOG2E
+    d = q_ref.shape[-1]
+    base = pl.program_id(0) * strip  # first key (and query) tile of the strip
+
+    def rows(tile):  # tile index -> its rows of the whole sequence
+        return pl.ds(pl.multiple_of(tile * block, block), block)
+
+    def put(ref, ref0, u, x):
+        sl = pl.ds(u * block, block)
+        if ref0 is not None:
+            x = x + ref0[sl, :].astype(jnp.float32)
+        ref[sl, :] = x.astype(ref.dtype)
+
+    def query(tile):
+        sl = rows(tile)
+        return q_ref[sl, :], do_ref[sl, :], lse_ref[sl] * LOG2E, delta_ref[sl], qpos_ref[sl]
+
+    def key(tile):
+        sl = rows(tile)
+        return k_ref[sl, :], v_ref[sl, :], kpos_ref[sl]
+
+    # The strip's last key tile reaching each of its query tiles (None: only halo keys).
+    last = {w: max((w - o for o, _ in band if 0 <= w - o < strip), default=None)
+            for w in range(strip)}
+    dq: dict[int, jax.Array] = {}
+    # Halo: key tiles before the strip, for the dq of its first query tiles only. Those
+    # before the sequence start (first strip) are clamped to tile 0, computed and dropped.
+    for w in range(strip):
+        halo = [(o, masked) for o, masked in band if o > w]
+        if not halo:
+            continue
+        q, do, lse2, delta, qpos = query(base + w)
+        for o, masked in halo:
+            j = base + w - o
+            k, v, kpos = key(jnp.maximum(j, 0))
+            _, dst = _pair_grads(k, v, kpos, q, do, lse2, delta, qpos if masked else None,
+                                 rule=rule, qk_scale=qk_scale, prec=prec)
+            share = jnp.where(j >= 0, _dq_share(dst, k, prec), 0.0)
+            dq[w] = dq[w] + share if w in dq else share
+    for w in range(strip):
+        if last[w] is None:  # no key tile of the strip reaches it: its dq is complete
+            put(dq_ref, dq0_ref, w, dq.pop(w, jnp.zeros((block, d), jnp.float32)) * scale)
+    for u in range(strip):
+        k, v, kpos = key(base + u)
+        dk = jnp.zeros((block, d), jnp.float32)
+        dv = jnp.zeros((block, d), jnp.float32)
+        for o, masked in band:
+            w = u + o  # query tile, relative to the strip
+            # Past the strip the query tile may be past the sequence end (last strip):
+            # the clamped last tile is computed and dropped.
+            valid = True if w < strip else base + w < n_tiles
+            q, do, lse2, delta, qpos = query(jnp.minimum(base + w, n_tiles - 1))
+            pt, dst = _pair_grads(k, v, kpos, q, do, lse2, delta, qpos if masked else None,
+                                  rule=rule, qk_scale=qk_scale, prec=prec)
+            dv_add = _dot(pt.astype(do.dtype), do, prec)
+            dk_add = _dot(dst.astype(q.dtype), q, prec)
+            if valid is True:
+                dv, dk = dv + dv_add, dk + dk_add
+            else:
+                dv = dv + jnp.where(valid, dv_add, 0.0)
+                dk = dk + jnp.where(valid, dk_add, 0.0)
+            if w < strip:
+                share = _dq_share(dst, k, prec)
+                dq[w] = dq[w] + share if w in dq else share
+                if last[w] == u:  # no later key tile of the strip reaches query tile w
+                    put(dq_ref, dq0_ref, w, dq.pop(w) * scale)
+        put(dk_ref, dk0_ref, u, dk * scale)
+        put(dv_ref, dv0_ref, u, dv)
+    assert not dq, "every query tile of the strip is stored"
+
+
+def _strip_bwd_call(q, k, v, do, lse, delta, init, part: PartLayout, cfg: KernelConfig,
+                    out_dtype, schedule: tuple):
+    """(dq, dk, dv) of a band part, one program per strip of key tiles, plus ``init`` =
+    the previous parts' (dq, dk, dv) or None. Arrays in natural order, [B, T, H, D]."""
+    band, strip = schedule
+    b, t, h, d = q.shape
+    bk = part.block_k
+    whole = pl.BlockSpec((None, t, None, d), lambda s, j, n: (j, 0, n, 0))
+    lwhole = pl.BlockSpec((None, None, t), lambda s, j, n: (j, n, 0))
+    out = pl.BlockSpec((None, strip * bk, None, d), lambda s, j, n: (j, s, n, 0))
+    in_specs = [pl.BlockSpec((t,), lambda s, j, n: (0,)),
+                pl.BlockSpec((None, t), lambda s, j, n: (0, 0)),
+                whole, whole, whole, whole, lwhole, lwhole]
+    args = [jnp.asarray(part.q_pos), jnp.asarray(part.k_pos), q, k, v, do, lse, delta]
+    if init is not None:
+        in_specs += [out] * 3
+        args += list(init)
+    kernel = functools.partial(_strip_bwd_kernel, band=band, strip=strip, n_tiles=t // bk,
+                               rule=part.spec.rule, block=bk, scale=d**-0.5,
+                               has_init=init is not None)
+    return _three_grads_call(kernel, (t // bk // strip, b, h), in_specs, out, q.shape,
+                             out_dtype, args, cfg, "sparse_attn_bwd_strip_v2")
 
 
 def _part_kv(k, v, part: PartLayout):
@@ -949,26 +1107,35 @@ def _fused_bwd(group, cfg, res, do):
     fuse_dq = cfg.atomic_dq and bool(gathered)
     # column_bwd: strided parts whose columns qualify get dq, dk, dv from one kernel,
     # run after the other parts (chained sums: the order does not matter).
+    # strip_bwd: band parts (the local window) likewise, in strips of key tiles.
+    t, d = q.shape[1], q.shape[-1]
     column = []
     if cfg.column_bwd and not gathered:
-        column = [(p, sch) for p in group.parts if (sch := _column_schedule(p, q.shape[1]))]
-    in_column = {id(p) for p, _ in column}  # identity: layouts hold arrays, no ==
-    dq_parts = [p for p in (own if fuse_dq else group.parts) if id(p) not in in_column]
+        column = [(p, sch) for p in group.parts if (sch := _column_schedule(p, t, d))]
+    strip = []
+    if cfg.strip_bwd and not gathered:
+        strip = [(p, sch) for p in group.parts if (sch := _strip_schedule(p, t, d))]
+    one_kernel = {id(p) for p, _ in column + strip}  # identity: layouts hold arrays, no ==
+    dq_parts = [p for p in (own if fuse_dq else group.parts) if id(p) not in one_kernel]
     dq = None
     launches = _launch_groups(dq_parts, cfg.colaunch)
     for n, (part, *rest) in enumerate(launches):
-        if n < len(launches) - 1 or column:
+        if n < len(launches) - 1 or column or strip:
             dq_dtype = cfg.chain_dtype(dtype)
         else:  # atomic_dq: the float32 buffer the dK/dV kernels add into (aliased)
             dq_dtype = jnp.float32 if fuse_dq else dtype
         extra = [(*_part_kv(k, v, x), x) for x in rest]
         dq = _dq_call_v2(q, *_part_kv(k, v, part), do, lse, delta, dq, part, cfg, dq_dtype, extra)
     dkv = None
-    own_split = [p for p in own if id(p) not in in_column]
+    own_split = [p for p in own if id(p) not in one_kernel]
     for n, part in enumerate(own_split):
-        last = n == len(own_split) - 1 and not gathered and not column
+        last = n == len(own_split) - 1 and not gathered and not column and not strip
         dkv = _dkv_call_v2(q, k, v, do, lse, delta, dkv, part, cfg,
                            dtype if last else cfg.chain_dtype(dtype))
+    for n, (part, schedule) in enumerate(strip):
+        init = None if dq is None else (dq, *dkv)
+        out = dtype if n == len(strip) - 1 and not column else cfg.chain_dtype(dtype)
+        dq, *dkv = _strip_bwd_call(q, k, v, do, lse, delta, init, part, cfg, out, schedule)
     for n, (part, schedule) in enumerate(column):
         init = None if dq is None else (dq, *dkv)
         out = dtype if n == len(column) - 1 else cfg.chain_dtype(dtype)
@@ -1037,7 +1204,8 @@ def attention(
     atomic_dq: bool = False,
     colaunch: bool = True,
     narrow_chain: bool = True,
-    column_bwd: bool = False,
+    column_bwd: bool = True,
+    strip_bwd: bool = False,
 ) -> jax.Array:
     """Block-sparse causal attention. q, k, v: [B, T, H, D] -> [B, T, H, D].
 
@@ -1053,7 +1221,8 @@ def attention(
         chained in one online-softmax state, no log-sum-exp merge forward or backward.
         Groups whose strided blocks do not divide T/l take the v1 path (False), which
         permutes q, k, v and merges the parts' outputs in XLA.
-      heavy_first, atomic_dq, colaunch, narrow_chain, column_bwd: options of the v2 path only;
+      heavy_first, atomic_dq, colaunch, narrow_chain, column_bwd, strip_bwd: options of the
+        v2 path only;
         groups that take the v1 path (``fuse_parts=False``, or strided blocks that do
         not divide T/l) run without them.
       heavy_first: v2 launch order: parts of uneven work per tile (summary columns)
@@ -1076,11 +1245,21 @@ def attention(
         float32 inputs keep a float32 chain). On by default: strided f+b 0.616 ->
         0.543 ms at (2, 16384, 8, 64) on an H200; False gives the float32 chain.
       column_bwd: v2: a strided part whose columns (T/l rows) span at most
-        ``COLUMN_BWD_MAX_TILES`` tiles gets dq, dk and dv from one kernel, one program
-        per column (5 block matmuls per pair instead of 7, one read of q, k, v, do),
-        instead of a dQ and a dK/dV launch, in head groups without gathered (summary)
-        parts (no pattern mixes the two). Same results up to float rounding order.
-        Off by default: not yet timed on a GPU.
+        ``COLUMN_BWD_MAX_TILES`` tiles, at head dims up to ``COLUMN_BWD_MAX_HEAD_DIM``,
+        gets dq, dk and dv from one kernel, one program per column (5 block matmuls per
+        pair instead of 7, one read of q, k, v, do), instead of a dQ and a dK/dV launch,
+        in head groups without gathered (summary) parts (no pattern mixes the two).
+        Same results up to float rounding order. On by default: strided f+b 0.549 ->
+        0.522 ms at (2, 16384, 8, 64) on an H200 (at D=128 it was slower, hence the
+        head-dim limit); False keeps the split kernels everywhere.
+      strip_bwd: v2: a natural-order part whose key tiles each see the same band of at
+        most ``STRIP_BWD_MAX_BAND`` query tiles (the local window; the local part of a
+        strided head), at head dims up to ``STRIP_BWD_MAX_HEAD_DIM``, gets dq, dk and
+        dv from one kernel, one program per strip of key tiles (5 block matmuls per
+        pair inside a strip instead of 7; a pair reaching over a strip's edge costs 7
+        as before, 4 in the strip of its key tile and 3 in that of its query tile),
+        instead of a dQ and a dK/dV launch, in head groups without gathered parts. Same results up to float rounding order. Off by default: not yet timed
+        on a GPU.
 
     Raises:
       PatternError (a ValueError) naming the constraint, for shapes, dtypes, block
@@ -1117,6 +1296,7 @@ def attention(
         colaunch=colaunch,
         narrow_chain=narrow_chain,
         column_bwd=column_bwd,
+        strip_bwd=strip_bwd,
     )
     group_attention = _group_attention_v2 if fuse_parts else _group_attention
     everyone = tuple(range(h))
