@@ -133,10 +133,16 @@ class Checkpointer:
             if k in saved and saved[k] != v
         ]
         if diffs:
+            # The layer layout is a speed setting whose default changed (enwik8 unrolls
+            # its layers since session 5): say how to resume such a run as it was written.
+            layout = ""
+            if "scan_layers" in saved and saved["scan_layers"] != wanted["scan_layers"]:
+                layout = (f" To resume it, add --config.model.scan_layers={saved['scan_layers']} "
+                          "(the checkpoint's layer layout).")
             raise CheckpointError(
                 f"the checkpoint at step {step} in {self.directory} was written by a different "
                 f"model ({'; '.join(diffs)}). Nothing was loaded. Use the config that wrote it, "
-                "or a new --workdir for the new model."
+                f"or a new --workdir for the new model.{layout}"
             )
 
     def restore(

@@ -677,9 +677,9 @@ STRIP_BWD_CASES = [
     (PatternSpec("strided", 16, combine="interleaved"), 0, (1, 256, 2, 64), jnp.float32, 16),  # local layer
     (PatternSpec("local", 32), 0, (1, 32, 2, 64), jnp.float32, 16),  # 2 tiles: one strip, band cut
     (PatternSpec("local", 64), 0, (1, 256, 2, 64), jnp.float32, 16),  # a band of 5 (T=65,536's l=256)
-    # 48-row columns: three tiles, so the stride part takes the split kernels first and
+    # l=8: 48-row columns of three tiles, so the stride part takes the split kernels first and
     # the strip kernel adds the local part's gradients to theirs (its init inputs).
-    (PatternSpec("strided", 16, combine="merged"), 0, (1, 768, 2, 64), jnp.bfloat16, 16),
+    (PatternSpec("strided", 8, combine="merged"), 0, (1, 384, 2, 64), jnp.bfloat16, 16),
 ]
 
 
