@@ -27,7 +27,8 @@ the fixed pattern with ``colaunch=False`` (one launch per part, rows ``_splitlau
 separate kernels (``column_bwd=False``, rows ``_splitbwd``, strided; the default computes
 them in one kernel per column where it applies); ``--strip-bwd`` the local window's dq,
 dk, dv from one kernel per strip of key tiles (``strip_bwd=True``, rows ``_stripbwd``,
-strided and local). ``--shapes
+strided and local); ``--summary-dkv-128`` the fixed pattern's summary dK/dV kernel at
+128-row query tiles (``summary_dkv_block_q=128``, rows ``_sdkv128``). ``--shapes
 1x65536x8x64,...`` picks shapes (B x T x H x D).
 """
 
@@ -67,7 +68,9 @@ MOSAIC_VARIANT = ("_mosaic", {"kernel": "mosaic_gpu"})
 ATOMIC_VARIANT = ("_atomicdq", {"atomic_dq": True})
 # The fixed pattern's parts one launch each (the default co-launches them).
 SPLIT_LAUNCH_VARIANT = ("_splitlaunch", {"colaunch": False})
-FIXED_ONLY = {"_atomicdq", "_splitlaunch"}  # same kernels elsewhere
+# The fixed pattern's summary dK/dV kernel at 128-row query tiles, the others at 64.
+SUMMARY_DKV_128_VARIANT = ("_sdkv128", {"summary_dkv_block_q": 128})
+FIXED_ONLY = {"_atomicdq", "_splitlaunch", "_sdkv128"}  # same kernels elsewhere
 # Partial results between launches in float32 (the default: the input dtype): patterns
 # of several parts only.
 WIDE_CHAIN_VARIANT = ("_f32chain", {"narrow_chain": False})
@@ -82,7 +85,8 @@ SHAPES = [(2, 16384, 8, 64), (1, 65536, 8, 64), (2, 16384, 8, 128)]
 # Kernel paths a flag adds beside the default, by the flag's name.
 EXTRA_VARIANTS = {"v1": [V1_VARIANT], "mosaic": [MOSAIC_VARIANT], "atomic_dq": [ATOMIC_VARIANT],
                   "split_launch": [SPLIT_LAUNCH_VARIANT], "wide_chain": [WIDE_CHAIN_VARIANT],
-                  "split_bwd": [SPLIT_BWD_VARIANT], "strip_bwd": [STRIP_BWD_VARIANT]}
+                  "split_bwd": [SPLIT_BWD_VARIANT], "strip_bwd": [STRIP_BWD_VARIANT],
+                  "summary_dkv_128": [SUMMARY_DKV_128_VARIANT]}
 
 
 def variants(extra: tuple[str, ...] = ()) -> list[tuple[str, dict]]:
@@ -574,7 +578,8 @@ def extra_variants(args: argparse.Namespace) -> tuple[str, ...]:
     """The EXTRA_VARIANTS the flags ask for (--variants is the v1 path)."""
     flags = {"v1": args.variants, "mosaic": args.mosaic, "atomic_dq": args.atomic_dq,
              "split_launch": args.split_launch, "wide_chain": args.wide_chain,
-             "split_bwd": args.split_bwd, "strip_bwd": args.strip_bwd}
+             "split_bwd": args.split_bwd, "strip_bwd": args.strip_bwd,
+             "summary_dkv_128": args.summary_dkv_128}
     return tuple(name for name in EXTRA_VARIANTS if flags[name])
 
 
@@ -601,6 +606,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--strip-bwd", action="store_true",
                     help="also check and time strip_bwd=True (the local window's dq, dk, dv in one "
                          "kernel per strip of key tiles) for the strided and local patterns")
+    ap.add_argument("--summary-dkv-128", action="store_true",
+                    help="also check and time summary_dkv_block_q=128 (the summary dK/dV kernel at "
+                         "128-row query tiles) for the fixed pattern")
     ap.add_argument("--wide-chain", action="store_true",
                     help="also check and time narrow_chain=False (float32 partial results) for strided and fixed")
     ap.add_argument("--shapes", type=parse_shapes, default=None,

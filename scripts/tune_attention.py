@@ -68,7 +68,7 @@ def best_settings(rows: list[dict]) -> list[dict]:
             best[key] = r
     out = []
     for (pattern, shape), r in best.items():
-        overrides = " ".join(f"--config.attention.{n}={r[n]}" for n in GPU_KERNEL_TUNING)
+        overrides = " ".join(f"--config.attention.{n}={r[n]}" for n in GPU_KERNEL_TUNING if n in r)
         out.append(dict(pattern=pattern, shape=list(shape), fwd_bwd_ms=r["fwd_bwd_ms"],
                         overrides=overrides))
     return out

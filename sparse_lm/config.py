@@ -75,6 +75,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.attention.block_k = 0  # key tile rows
     c.attention.num_warps = 0  # default 4
     c.attention.num_stages = 0  # default 2
+    c.attention.summary_dkv_block_q = 0  # query tile rows of the fixed pattern's summary dK/dV kernel (0: block_q)
 
     c.optim = ml_collections.ConfigDict()
     c.optim.learning_rate = 1e-3

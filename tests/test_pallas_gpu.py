@@ -294,6 +294,8 @@ def test_bench_script_variants_parse_and_take_the_fused_path_at_bench_shapes():
     assert not bench.column_taken(strided, (1, 16384, 2, 128), 64, 64)  # D=128: split kernels
     assert not bench.column_taken(PatternSpec("strided", 256, combine="merged"), (1, 65536, 2, 64), 64, 64)
     assert not bench.applies("_splitbwd", "fixed", jnp.bfloat16)
+    assert bench.extra_variants(bench.parse_args(["o.json", "--summary-dkv-128"])) == ("summary_dkv_128",)
+    assert bench.applies("_sdkv128", "fixed", jnp.bfloat16) and not bench.applies("_sdkv128", "strided", jnp.bfloat16)
     assert bench.extra_variants(bench.parse_args(["o.json", "--strip-bwd"])) == ("strip_bwd",)
     assert bench.applies("_stripbwd", "local", jnp.bfloat16) and not bench.applies("_stripbwd", "fixed", jnp.bfloat16)
     assert bench.strip_taken(strided, (1, 16384, 2, 64), 64, 64)  # a band of 3 tiles (l=128)
@@ -733,6 +735,26 @@ def test_strip_backward_lowers_for_cuda_at_the_benchmark_shape():
     with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((1,), ("x",), abstract_device=device)):
         text = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(x, x, x).lower(lowering_platforms=("cuda",)).as_text()
     assert "sparse_attn_bwd_strip_v2" in text and "sparse_attn_bwd_column_v2" in text
+
+
+@pytest.mark.parametrize("combine", ["merged", "multihead"])
+def test_summary_dkv_tiles_change_only_the_summary_dkv_kernel(combine, monkeypatch):
+    spec = PatternSpec("fixed", 16, 4, combine=combine)
+    pattern, shape = spec.layer_pattern(0, 2), (1, 256, 2, 64)
+    seen = []  # (query tile rows, gathered?) of every dK/dV launch
+    real = pallas_gpu._dkv_call_v2
+
+    def spy(q, k, v, do, lse, delta, dkv0, part, *a, **kw):
+        seen.append((part.block_q, part.k_index is not None))
+        return real(q, k, v, do, lse, delta, dkv0, part, *a, **kw)
+
+    monkeypatch.setattr(pallas_gpu, "_dkv_call_v2", spy)
+    opts = dict(block_q=16, block_k=16, summary_dkv_block_q=32)
+    assert_matches_reference(spec, 0, shape, jnp.float32, **opts)
+    assert_matches_default_launches(pattern, shape, jnp.bfloat16, **opts)
+    assert (32, True) in seen and (16, False) in seen and (32, False) not in seen
+    with pytest.raises(PatternError, match="summary_dkv_block_q=24 must be a power of two"):
+        pallas_gpu.attention(*fresh_inputs(shape, jnp.float32)[:3], pattern, summary_dkv_block_q=24)
 
 
 def test_column_backward_lowers_for_cuda_at_the_benchmark_shape():

@@ -192,10 +192,15 @@ class PartLayout:
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class GroupLayout:
-    """Heads that share one part structure (one kernel launch per part)."""
+    """Heads that share one part structure (one kernel launch per part).
+
+    ``dkv_parts``: the same parts laid out with other query tiles for a dK/dV kernel
+    that prefers them (``pallas_gpu``'s ``summary_dkv_block_q``), or None.
+    """
 
     heads: tuple[int, ...]
     parts: tuple[PartLayout, ...]
+    dkv_parts: tuple[PartLayout, ...] | None = None
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

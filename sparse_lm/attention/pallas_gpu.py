@@ -1146,7 +1146,11 @@ def _fused_bwd(group, cfg, res, do):
                   else (jnp.zeros(k.shape, jnp.float32),) * 2)
         if fuse_dq and dq is None:
             dq = jnp.zeros(q.shape, jnp.float32)
+        # summary_dkv_block_q: the dK/dV kernel's own layout of the same parts (same
+        # keys and key tiles, other query tiles).
+        dkv_parts = dict(zip(map(id, group.parts), group.dkv_parts or group.parts))
         for part in gathered:
+            part = dkv_parts[id(part)]
             kg, vg = part_keys(k, part), part_keys(v, part)
             if fuse_dq:
                 dkg, dvg, dq = _dkv_call_v2(q, kg, vg, do, lse, delta, None, part, cfg,
@@ -1171,6 +1175,27 @@ def _group_attention_v2(q, k, v, group: GroupLayout, cfg: KernelConfig, out_dtyp
 
 
 # ------------------------------------------------------------------------ entry point
+
+
+def _with_dkv_tiles(layout: Layout, pattern: LayerPattern, block_q: int) -> Layout:
+    """``layout`` whose groups with gathered parts also carry those parts laid out with
+    ``block_q``-row query tiles (``GroupLayout.dkv_parts``) for their dK/dV kernel."""
+    t = layout.seq_len
+    if block_q < 16 or block_q & (block_q - 1) or t % block_q:
+        raise PatternError(f"summary_dkv_block_q={block_q} must be a power of two >= 16 "
+                           f"dividing T={t}; 0 keeps block_q={layout.block_q}.")
+    other = build_layout(tuple(tuple(hp) for hp in pattern), t, block_q, layout.block_k)
+    groups = []
+    for group, kv_group in zip(layout.groups, other.groups, strict=True):
+        assert group.heads == kv_group.heads and len(group.parts) == len(kv_group.parts)
+        if any(p.k_index is not None for p in group.parts):
+            for p, kp in zip(group.parts, kv_group.parts):
+                # The same gathered keys, padded alike: dk, dv scatter back the same way.
+                assert (p.k_index is None) == (kp.k_index is None)
+                assert p.k_index is None or np.array_equal(p.k_index, kp.k_index)
+            group = dataclasses.replace(group, dkv_parts=kv_group.parts)
+        groups.append(group)
+    return dataclasses.replace(layout, groups=tuple(groups))
 
 
 def default_blocks(seq_len: int, head_dim: int, pattern: LayerPattern = ()) -> tuple[int, int]:
@@ -1206,6 +1231,7 @@ def attention(
     narrow_chain: bool = True,
     column_bwd: bool = True,
     strip_bwd: bool = False,
+    summary_dkv_block_q: int = 0,
 ) -> jax.Array:
     """Block-sparse causal attention. q, k, v: [B, T, H, D] -> [B, T, H, D].
 
@@ -1221,8 +1247,8 @@ def attention(
         chained in one online-softmax state, no log-sum-exp merge forward or backward.
         Groups whose strided blocks do not divide T/l take the v1 path (False), which
         permutes q, k, v and merges the parts' outputs in XLA.
-      heavy_first, atomic_dq, colaunch, narrow_chain, column_bwd, strip_bwd: options of the
-        v2 path only;
+      heavy_first, atomic_dq, colaunch, narrow_chain, column_bwd, strip_bwd,
+        summary_dkv_block_q: options of the v2 path only;
         groups that take the v1 path (``fuse_parts=False``, or strided blocks that do
         not divide T/l) run without them.
       heavy_first: v2 launch order: parts of uneven work per tile (summary columns)
@@ -1258,8 +1284,14 @@ def attention(
         dv from one kernel, one program per strip of key tiles (5 block matmuls per
         pair inside a strip instead of 7; a pair reaching over a strip's edge costs 7
         as before, 4 in the strip of its key tile and 3 in that of its query tile),
-        instead of a dQ and a dK/dV launch, in head groups without gathered parts. Same results up to float rounding order. Off by default: not yet timed
-        on a GPU.
+        instead of a dQ and a dK/dV launch, in head groups without gathered parts.
+        Same results up to float rounding order. Off by default: not yet timed on a
+        GPU.
+      summary_dkv_block_q: v2: query tile rows of the gathered (summary) parts' dK/dV
+        kernel, when it should differ from ``block_q`` (0: ``block_q``). A sweep on an
+        H200 found that kernel alone faster with 128-row query tiles (763 vs 825 µs at
+        (2, 16384, 8, 64)) while every other kernel prefers 64 (BENCHMARKS.md, session
+        3). Off by default: not yet timed as an option of its own.
 
     Raises:
       PatternError (a ValueError) naming the constraint, for shapes, dtypes, block
@@ -1282,6 +1314,8 @@ def attention(
     block_q = block_q or dq_
     block_k = block_k or dk_
     layout: Layout = build_layout(tuple(tuple(hp) for hp in pattern), t, block_q, block_k)
+    if summary_dkv_block_q and summary_dkv_block_q != block_q:
+        layout = _with_dkv_tiles(layout, pattern, summary_dkv_block_q)
     if interpret is None:
         interpret = jax.default_backend() != "gpu"
     cfg = KernelConfig(
