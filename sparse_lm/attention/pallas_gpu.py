@@ -821,23 +821,29 @@ def _column_schedule(part: PartLayout, t: int, d: int) -> tuple | None:
     return tuple(schedule)
 
 
+def _init_and_grads(refs, has_init: bool):
+    """The trailing refs of a one-kernel backward: ((dq0, dk0, dv0) or Nones, (dq, dk, dv))."""
+    return (refs[:3], refs[3:]) if has_init else ((None,) * 3, refs)
+
+
+def _store(ref, ref0, sl, x):
+    """Stores the float32 ``x`` (plus the previous parts' ``ref0`` rows, when chained)."""
+    if ref0 is not None:
+        x = x + ref0[sl, :].astype(jnp.float32)
+    ref[sl, :] = x.astype(ref.dtype)
+
+
 def _column_bwd_kernel(qpos_ref, kpos_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref,
                        *refs, schedule: tuple, rule: MaskRule, block_q: int, block_k: int,
                        scale: float, has_init: bool):
     """dq, dk, dv of one column of a strided part (its T/l rows: q, k, v, do, lse, delta,
     positions); with has_init the previous parts' (dq0, dk0, dv0) come before the
     outputs and are added. ``schedule``: per key tile, its (query tile, masked) pairs."""
-    init, (dq_ref, dk_ref, dv_ref) = (refs[:3], refs[3:]) if has_init else ((None,) * 3, refs)
-    dq0_ref, dk0_ref, dv0_ref = init
+    (dq0_ref, dk0_ref, dv0_ref), (dq_ref, dk_ref, dv_ref) = _init_and_grads(refs, has_init)
     prec = _precision(q_ref.dtype)
     qk_scale = scale * LOG2E
     d = q_ref.shape[-1]
     last_use = {i: j for j, pairs in enumerate(schedule) for i, _ in pairs}
-
-    def put(ref, ref0, sl, x):
-        if ref0 is not None:
-            x = x + ref0[sl, :].astype(jnp.float32)
-        ref[sl, :] = x.astype(ref.dtype)
 
     dq: dict[int, jax.Array] = {}
     for j, pairs in enumerate(schedule):
@@ -856,12 +862,12 @@ def _column_bwd_kernel(qpos_ref, kpos_ref, q_ref, k_ref, v_ref, do_ref, lse_ref,
             share = _dq_share(dst, k, prec)
             dq[i] = dq[i] + share if i in dq else share
             if last_use[i] == j:  # no later key tile reaches query tile i: store, free
-                put(dq_ref, dq0_ref, qs, dq.pop(i) * scale)
-        put(dk_ref, dk0_ref, ks, dk * scale)
-        put(dv_ref, dv0_ref, ks, dv)
+                _store(dq_ref, dq0_ref, qs, dq.pop(i) * scale)
+        _store(dk_ref, dk0_ref, ks, dk * scale)
+        _store(dv_ref, dv0_ref, ks, dv)
     for i in range(q_ref.shape[0] // block_q):
         if i not in last_use:  # a query tile no key of this part reaches
-            put(dq_ref, dq0_ref, pl.ds(i * block_q, block_q), jnp.zeros((block_q, d), jnp.float32))
+            _store(dq_ref, dq0_ref, pl.ds(i * block_q, block_q), jnp.zeros((block_q, d), jnp.float32))
 
 
 def _column_bwd_call(q, k, v, do, lse, delta, init, part: PartLayout, cfg: KernelConfig,
@@ -948,8 +954,7 @@ def _strip_bwd_kernel(qpos_ref, kpos_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, 
     """dq, dk, dv of one strip of ``strip`` key tiles (and the query tiles of the same
     rows) of a band part; whole-sequence inputs, strip-sized outputs. With has_init the
     previous parts' (dq0, dk0, dv0) of the strip come before the outputs and are added."""
-    init, (dq_ref, dk_ref, dv_ref) = (refs[:3], refs[3:]) if has_init else ((None,) * 3, refs)
-    dq0_ref, dk0_ref, dv0_ref = init
+    (dq0_ref, dk0_ref, dv0_ref), (dq_ref, dk_ref, dv_ref) = _init_and_grads(refs, has_init)
     prec = _precision(q_ref.dtype)
     qk_scale = scale * LOG2E
     d = q_ref.shape[-1]
@@ -958,11 +963,8 @@ def _strip_bwd_kernel(qpos_ref, kpos_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, 
     def rows(tile):  # tile index -> its rows of the whole sequence
         return pl.ds(pl.multiple_of(tile * block, block), block)
 
-    def put(ref, ref0, u, x):
-        sl = pl.ds(u * block, block)
-        if ref0 is not None:
-            x = x + ref0[sl, :].astype(jnp.float32)
-        ref[sl, :] = x.astype(ref.dtype)
+    def put(ref, ref0, u, x):  # u: a tile of the strip
+        _store(ref, ref0, pl.ds(u * block, block), x)
 
     def query(tile):
         sl = rows(tile)
@@ -1108,38 +1110,34 @@ def _fused_bwd(group, cfg, res, do):
     # column_bwd: strided parts whose columns qualify get dq, dk, dv from one kernel,
     # run after the other parts (chained sums: the order does not matter).
     # strip_bwd: band parts (the local window) likewise, in strips of key tiles.
+    # Each is (call, part, schedule), strips before columns.
     t, d = q.shape[1], q.shape[-1]
-    column = []
-    if cfg.column_bwd and not gathered:
-        column = [(p, sch) for p in group.parts if (sch := _column_schedule(p, t, d))]
-    strip = []
-    if cfg.strip_bwd and not gathered:
-        strip = [(p, sch) for p in group.parts if (sch := _strip_schedule(p, t, d))]
-    one_kernel = {id(p) for p, _ in column + strip}  # identity: layouts hold arrays, no ==
-    dq_parts = [p for p in (own if fuse_dq else group.parts) if id(p) not in one_kernel]
+    one_kernel = []
+    for on, schedule_of, call in ((cfg.strip_bwd, _strip_schedule, _strip_bwd_call),
+                                  (cfg.column_bwd, _column_schedule, _column_bwd_call)):
+        if on and not gathered:
+            one_kernel += [(call, p, sch) for p in group.parts if (sch := schedule_of(p, t, d))]
+    in_one = {id(p) for _, p, _ in one_kernel}  # identity: layouts hold arrays, no ==
+    dq_parts = [p for p in (own if fuse_dq else group.parts) if id(p) not in in_one]
     dq = None
     launches = _launch_groups(dq_parts, cfg.colaunch)
     for n, (part, *rest) in enumerate(launches):
-        if n < len(launches) - 1 or column or strip:
+        if n < len(launches) - 1 or one_kernel:
             dq_dtype = cfg.chain_dtype(dtype)
         else:  # atomic_dq: the float32 buffer the dK/dV kernels add into (aliased)
             dq_dtype = jnp.float32 if fuse_dq else dtype
         extra = [(*_part_kv(k, v, x), x) for x in rest]
         dq = _dq_call_v2(q, *_part_kv(k, v, part), do, lse, delta, dq, part, cfg, dq_dtype, extra)
     dkv = None
-    own_split = [p for p in own if id(p) not in one_kernel]
+    own_split = [p for p in own if id(p) not in in_one]
     for n, part in enumerate(own_split):
-        last = n == len(own_split) - 1 and not gathered and not column and not strip
+        last = n == len(own_split) - 1 and not gathered and not one_kernel
         dkv = _dkv_call_v2(q, k, v, do, lse, delta, dkv, part, cfg,
                            dtype if last else cfg.chain_dtype(dtype))
-    for n, (part, schedule) in enumerate(strip):
+    for n, (call, part, schedule) in enumerate(one_kernel):
         init = None if dq is None else (dq, *dkv)
-        out = dtype if n == len(strip) - 1 and not column else cfg.chain_dtype(dtype)
-        dq, *dkv = _strip_bwd_call(q, k, v, do, lse, delta, init, part, cfg, out, schedule)
-    for n, (part, schedule) in enumerate(column):
-        init = None if dq is None else (dq, *dkv)
-        out = dtype if n == len(column) - 1 else cfg.chain_dtype(dtype)
-        dq, *dkv = _column_bwd_call(q, k, v, do, lse, delta, init, part, cfg, out, schedule)
+        out = dtype if n == len(one_kernel) - 1 else cfg.chain_dtype(dtype)
+        dq, *dkv = call(q, k, v, do, lse, delta, init, part, cfg, out, schedule)
     if gathered:
         # float32 sums of the own parts' dk, dv (bf16 under narrow_chain) and the gathered ones
         dk, dv = ((x.astype(jnp.float32) for x in dkv) if dkv is not None
@@ -1177,14 +1175,16 @@ def _group_attention_v2(q, k, v, group: GroupLayout, cfg: KernelConfig, out_dtyp
 # ------------------------------------------------------------------------ entry point
 
 
+@functools.lru_cache(maxsize=64)
 def _with_dkv_tiles(layout: Layout, pattern: LayerPattern, block_q: int) -> Layout:
     """``layout`` whose groups with gathered parts also carry those parts laid out with
-    ``block_q``-row query tiles (``GroupLayout.dkv_parts``) for their dK/dV kernel."""
+    ``block_q``-row query tiles (``GroupLayout.dkv_parts``) for their dK/dV kernel.
+    Cached like ``build_layout`` (``layout`` is one of its cached objects)."""
     t = layout.seq_len
     if block_q < 16 or block_q & (block_q - 1) or t % block_q:
         raise PatternError(f"summary_dkv_block_q={block_q} must be a power of two >= 16 "
                            f"dividing T={t}; 0 keeps block_q={layout.block_q}.")
-    other = build_layout(tuple(tuple(hp) for hp in pattern), t, block_q, layout.block_k)
+    other = build_layout(pattern, t, block_q, layout.block_k)
     groups = []
     for group, kv_group in zip(layout.groups, other.groups, strict=True):
         assert group.heads == kv_group.heads and len(group.parts) == len(kv_group.parts)
@@ -1313,7 +1313,8 @@ def attention(
     dq_, dk_ = default_blocks(t, d, pattern if fuse_parts else ())
     block_q = block_q or dq_
     block_k = block_k or dk_
-    layout: Layout = build_layout(tuple(tuple(hp) for hp in pattern), t, block_q, block_k)
+    pattern = tuple(tuple(hp) for hp in pattern)
+    layout: Layout = build_layout(pattern, t, block_q, block_k)
     if summary_dkv_block_q and summary_dkv_block_q != block_q:
         layout = _with_dkv_tiles(layout, pattern, summary_dkv_block_q)
     if interpret is None:
