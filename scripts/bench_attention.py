@@ -101,8 +101,8 @@ def applies(suffix: str, pattern: str, dtype) -> bool:
         return pattern == "fixed"
     if suffix == SPLIT_BWD_VARIANT[0]:
         return pattern == "strided"
-    if suffix == STRIP_BWD_VARIANT[0]:
-        return pattern in ("strided", "local")
+    if suffix == STRIP_BWD_VARIANT[0]:  # float32 operands keep the split kernels
+        return pattern in ("strided", "local") and jnp.dtype(dtype).itemsize == 2
     if suffix == WIDE_CHAIN_VARIANT[0]:
         return pattern in ("strided", "fixed")
     return suffix != "_mosaic" or jnp.dtype(dtype) != jnp.float32

@@ -68,14 +68,14 @@ def base_config() -> ml_collections.ConfigDict:
     c.attention.atomic_dq = False  # summary dq from the dK/dV kernel (float atomics: slower, not bitwise reproducible)
     c.attention.narrow_chain = True  # partial results between the kernel's launches in bf16, not float32
     c.attention.column_bwd = True  # a strided part's dq, dk, dv in one kernel per column (head dim <= 64)
-    c.attention.strip_bwd = False  # the local window's dq, dk, dv in one kernel per strip (not yet timed)
+    c.attention.strip_bwd = False  # the local window's dq, dk, dv in one kernel per strip (slower on an H200)
     # pallas_gpu launch parameters, 0 = the kernel's default (tuned on an H200 with
     # scripts/tune_attention.py; another card may prefer others):
     c.attention.block_q = 0  # query tile rows (power of two >= 16 dividing T)
     c.attention.block_k = 0  # key tile rows
     c.attention.num_warps = 0  # default 4
     c.attention.num_stages = 0  # default 2
-    c.attention.summary_dkv_block_q = 0  # query tile rows of the fixed pattern's summary dK/dV kernel (0: block_q)
+    c.attention.summary_dkv_block_q = 0  # query tile rows of the fixed pattern's summary dK/dV kernel (0: block_q; 128 was slower)
 
     c.optim = ml_collections.ConfigDict()
     c.optim.learning_rate = 1e-3

@@ -178,3 +178,37 @@ def test_strided_blocks_stay_in_their_column_when_blocks_divide_it(t, l, bq, bk)
                     for row in tab:
                         ids = row[2 : 2 + row[0] + row[1]]
                         assert ((ids >= 0) & (ids < per)).all()
+
+
+@pytest.mark.parametrize("spec", [PatternSpec("fixed", 16, 4, combine="merged"),
+                                  PatternSpec("fixed", 16, 4, combine="merged", distinct_summaries=True)],
+                         ids=["shared-summaries", "per-head-summaries"])
+def test_adding_gathered_key_grads_in_place_equals_the_float32_scatter(spec):
+    """add_at_keys touches only the gathered rows of a bf16 dk, yet rounds the same float32
+    sum once, as converting dk to float32, scattering and converting back does; padding
+    rows (here 40 summary rows padded to 48) change nothing. part_keys reads those rows."""
+    import jax
+    import jax.numpy as jnp
+
+    from sparse_lm.attention.part_order import add_at_keys, part_keys, scatter_keys, summary_slice
+
+    pattern = tuple(tuple(head) for head in spec.layer_pattern(0, 2))
+    parts = [p for g in build_layout(pattern, 160, 16, 16).groups for p in g.parts if p.k_index is not None]
+    assert parts and any((p.k_pos == PAD_POSITION).any() for p in parts)
+    # Shared summaries take the reshape-and-slice path, per-head ones the scatter.
+    assert [summary_slice(p) for p in parts] == ([(16, 12, 4)] if not spec.distinct_summaries else [None])
+    for part in parts:
+        heads = part.k_index.shape[0]
+        k1, k2 = jax.random.split(jax.random.PRNGKey(len(parts)))
+        dx = jax.random.normal(k1, (2, 160, heads, 8), jnp.float32).astype(jnp.bfloat16)
+        dxg = jax.random.normal(k2, (2, part.kv_len, heads, 8), jnp.float32)
+        dxg = jnp.where(jnp.asarray(part.k_pos.T == PAD_POSITION)[None, :, :, None], 0.0, dxg)
+        want = scatter_keys(dx.astype(jnp.float32), dxg, part).astype(jnp.bfloat16)
+        got = add_at_keys(dx, dxg, part)
+        assert got.dtype == jnp.bfloat16
+        np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
+        assert not np.array_equal(np.asarray(got, np.float32), np.asarray(dx, np.float32))
+        # The gathered keys: the rows of their positions, then padding (zeros or row 0).
+        keys, real = np.asarray(part_keys(dx, part), np.float32), part.k_pos != PAD_POSITION
+        for h in range(heads):
+            np.testing.assert_array_equal(keys[:, real[h], h], np.asarray(dx, np.float32)[:, part.k_index[h][real[h]], h])

@@ -164,10 +164,10 @@ FUSED_PATTERNS = [
 FUSED_IDS = [spec_id(s, layer) for s, layer in FUSED_PATTERNS]
 
 
-def kernel_names(pattern, shape, **opts):
+def kernel_names(pattern, shape, dtype=jnp.float32, **opts):
     import re
 
-    q = jnp.zeros(shape, jnp.float32)
+    q = jnp.zeros(shape, dtype)
 
     def f(q, k, v):
         o, vjp = jax.vjp(lambda *a: pallas_gpu.attention(*a, pattern, **opts), q, k, v)
@@ -298,6 +298,7 @@ def test_bench_script_variants_parse_and_take_the_fused_path_at_bench_shapes():
     assert bench.applies("_sdkv128", "fixed", jnp.bfloat16) and not bench.applies("_sdkv128", "strided", jnp.bfloat16)
     assert bench.extra_variants(bench.parse_args(["o.json", "--strip-bwd"])) == ("strip_bwd",)
     assert bench.applies("_stripbwd", "local", jnp.bfloat16) and not bench.applies("_stripbwd", "fixed", jnp.bfloat16)
+    assert not bench.applies("_stripbwd", "local", jnp.float32)
     assert bench.strip_taken(strided, (1, 16384, 2, 64), 64, 64)  # a band of 3 tiles (l=128)
     assert bench.strip_taken(PatternSpec("strided", 256, combine="merged"), (1, 65536, 2, 64), 64, 64)  # band of 5
     assert not bench.strip_taken(strided, (1, 16384, 2, 128), 64, 64)  # D=128
@@ -671,14 +672,15 @@ def test_column_backward_takes_only_columns_of_at_most_two_tiles_and_head_dims_u
 
 
 STRIP_BWD_CASES = [
-    # (spec, layer, shape, dtype, block); 16-row tiles. local l=32: each key tile is seen
+    # (spec, layer, shape, dtype, block); 16-row tiles, 16-bit operands (float32 keeps the
+    # split kernels, below). local l=32: each key tile is seen
     # by the query tiles 0, 1, 2 after it (a band of 3).
     (PatternSpec("local", 32), 0, (2, 256, 2, 64), jnp.bfloat16, 16),  # 16 tiles: 2 strips of 8
-    (PatternSpec("local", 16), 0, (1, 192, 2, 32), jnp.float32, 16),  # band of 2, 12 tiles: strips of 4
-    (PatternSpec("strided", 16, combine="merged"), 0, (2, 256, 2, 64), jnp.float32, 16),  # + column
-    (PatternSpec("strided", 16, combine="interleaved"), 0, (1, 256, 2, 64), jnp.float32, 16),  # local layer
-    (PatternSpec("local", 32), 0, (1, 32, 2, 64), jnp.float32, 16),  # 2 tiles: one strip, band cut
-    (PatternSpec("local", 64), 0, (1, 256, 2, 64), jnp.float32, 16),  # a band of 5 (T=65,536's l=256)
+    (PatternSpec("local", 16), 0, (1, 192, 2, 32), jnp.bfloat16, 16),  # band of 2, 12 tiles: strips of 4
+    (PatternSpec("strided", 16, combine="merged"), 0, (2, 256, 2, 64), jnp.bfloat16, 16),  # + column
+    (PatternSpec("strided", 16, combine="interleaved"), 0, (1, 256, 2, 64), jnp.bfloat16, 16),  # local layer
+    (PatternSpec("local", 32), 0, (1, 32, 2, 64), jnp.bfloat16, 16),  # 2 tiles: one strip, band cut
+    (PatternSpec("local", 64), 0, (1, 256, 2, 64), jnp.bfloat16, 16),  # a band of 5 (T=65,536's l=256)
     # l=8: 48-row columns of three tiles, so the stride part takes the split kernels first and
     # the strip kernel adds the local part's gradients to theirs (its init inputs).
     (PatternSpec("strided", 8, combine="merged"), 0, (1, 384, 2, 64), jnp.bfloat16, 16),
@@ -691,7 +693,7 @@ STRIP_BWD_CASES = [
 def test_strip_backward_matches_reference_and_the_split_kernels(spec, layer, shape, dtype, block):
     opts = dict(block_q=block, block_k=block, strip_bwd=True)
     pattern = spec.layer_pattern(layer, shape[2])
-    assert "sparse_attn_bwd_strip_v2" in kernel_names(pattern, shape, **opts)
+    assert "sparse_attn_bwd_strip_v2" in kernel_names(pattern, shape, dtype, **opts)
     assert_matches_reference(spec, layer, shape, dtype, **opts)
     assert_matches_default_launches(pattern, shape, dtype, **opts)
 
@@ -704,25 +706,29 @@ def test_strip_backward_schedule_is_the_band_cut_at_the_end():
         return build_layout(pattern, 256, 16, 16).groups[0].parts[0]
 
     part = only_part(PatternSpec("local", 32))
-    assert pallas_gpu._strip_schedule(part, 256, 64) == (((0, True), (1, False), (2, True)), 8)
-    assert pallas_gpu._strip_schedule(part, 256, 128) is None  # head dim above the limit
-    assert len(pallas_gpu._strip_schedule(only_part(PatternSpec("local", 64)), 256, 64)[0]) == 5
-    assert pallas_gpu._strip_schedule(only_part(PatternSpec("local", 96)), 256, 64) is None  # band of 7 > 5
+    assert pallas_gpu._strip_schedule(part, 256, 64, jnp.bfloat16) == (((0, True), (1, False), (2, True)), 8)
+    assert pallas_gpu._strip_schedule(part, 256, 128, jnp.bfloat16) is None  # head dim above the limit
+    assert len(pallas_gpu._strip_schedule(only_part(PatternSpec("local", 64)), 256, 64, jnp.bfloat16)[0]) == 5
+    assert pallas_gpu._strip_schedule(only_part(PatternSpec("local", 96)), 256, 64, jnp.bfloat16) is None  # band of 7 > 5
 
 
 def test_strip_backward_is_off_by_default_and_skips_what_it_cannot_take():
     strip = "sparse_attn_bwd_strip_v2"
     local = PatternSpec("local", 32).layer_pattern(0, 2)
-    assert strip not in kernel_names(local, (1, 256, 2, 64), block_q=16, block_k=16)
+    bf16 = dict(dtype=jnp.bfloat16, block_q=16)
+    assert strip not in kernel_names(local, (1, 256, 2, 64), block_k=16, **bf16)
     # When it applies, the whole backward of the local pattern is that one kernel.
-    assert kernel_names(local, (1, 256, 2, 64), block_q=16, block_k=16, strip_bwd=True) == {
+    assert kernel_names(local, (1, 256, 2, 64), block_k=16, strip_bwd=True, **bf16) == {
         "sparse_attn_fwd_v2", strip}
-    assert strip not in kernel_names(local, (1, 256, 2, 128), block_q=16, block_k=16, strip_bwd=True)
-    assert strip not in kernel_names(local, (1, 256, 2, 64), block_q=16, block_k=32, strip_bwd=True)
+    assert strip not in kernel_names(local, (1, 256, 2, 128), block_k=16, strip_bwd=True, **bf16)
+    assert strip not in kernel_names(local, (1, 256, 2, 64), block_k=32, strip_bwd=True, **bf16)
+    # float32 operands: unrolled IEEE float32 block matmuls would take ptxas minutes.
+    assert strip not in kernel_names(local, (1, 256, 2, 64), jnp.float32, block_q=16, block_k=16,
+                                     strip_bwd=True)
     # T=80: five tiles, strips of one, no longer than the band of 3 reaches back.
-    assert strip not in kernel_names(local, (1, 80, 2, 64), block_q=16, block_k=16, strip_bwd=True)
+    assert strip not in kernel_names(local, (1, 80, 2, 64), block_k=16, strip_bwd=True, **bf16)
     fixed = PatternSpec("fixed", 16, 4, combine="merged").layer_pattern(0, 2)  # gathered parts
-    assert strip not in kernel_names(fixed, (1, 256, 2, 64), block_q=16, block_k=16, strip_bwd=True)
+    assert strip not in kernel_names(fixed, (1, 256, 2, 64), block_k=16, strip_bwd=True, **bf16)
 
 
 def test_strip_backward_lowers_for_cuda_at_the_benchmark_shape():

@@ -33,7 +33,8 @@ from jax.experimental import pallas as pl
 
 from sparse_lm.attention import triton_atomic
 from sparse_lm.attention.layout import GroupLayout, Layout, MaskRule, PartLayout, build_layout
-from sparse_lm.attention.part_order import from_order, merge, part_keys, scatter_keys, to_order
+from sparse_lm.attention.part_order import (add_at_keys, from_order, merge, part_keys, scatter_keys,
+                                            to_order)
 from sparse_lm.attention.patterns import LayerPattern, PatternError
 
 LOG2E = math.log2(math.e)
@@ -917,21 +918,27 @@ def _three_grads_call(kernel, grid, in_specs, out_spec, shape, out_dtype, args,
 # every query tile of the band is a live float32 dq accumulator, so only bands of at
 # most STRIP_BWD_MAX_BAND tiles and head dims up to STRIP_BWD_MAX_HEAD_DIM qualify.
 # Query tiles per key tile: 3 for 64-row tiles and a window of 128 (T=16,384, l=128), 5
-# for a window of 256 (T=65,536, l=256), where dk, dv and five dq accumulators may no
-# longer fit in 4 warps' registers: to be settled on a GPU (docs/kernel_notes.md).
+# for a window of 256 (T=65,536, l=256). Measured slower than the split kernels on an
+# H200 at both (session 6: long serial programs, 8x fewer of them), so it is off by
+# default.
+# 16-bit operands only: the kernel's loops are unrolled, and with float32 operands every
+# block matmul becomes IEEE FMA code (no tensor cores), which ptxas did not finish
+# compiling in minutes on an H200 (session 6); float32 keeps the split kernels.
 STRIP_BWD_MAX_BAND = 5
 STRIP_BWD_MAX_HEAD_DIM = 64
 STRIP_BWD_MAX_TILES = 8  # key tiles per strip, at most (a power of two dividing T/bk)
 
 
-def _strip_schedule(part: PartLayout, t: int, d: int) -> tuple | None:
+def _strip_schedule(part: PartLayout, t: int, d: int, dtype) -> tuple | None:
     """(band, strip): ``band`` = ((offset, masked), ...), the query tiles ``j + offset``
     every key tile j visits (offset >= 0; the tiles past the sequence end excepted), and
     ``strip`` the key tiles per program; None when the part does not qualify (the split
     kernels then run), also when a strip would be no longer than the band reaches back:
-    then every pair off the diagonal is computed twice (4 + 3 matmuls, as split)."""
+    then every pair off the diagonal is computed twice (4 + 3 matmuls, as split), and
+    for float32 operands."""
     if (part.spec.order == "strided" or part.k_index is not None or part.k_pos.shape[0] != 1
-            or part.block_q != part.block_k or d > STRIP_BWD_MAX_HEAD_DIM):
+            or part.block_q != part.block_k or d > STRIP_BWD_MAX_HEAD_DIM
+            or jnp.dtype(dtype).itemsize > 2):
         return None
     n = t // part.block_k
     rows = [tuple((int(i) - j, m >= int(r[0])) for m, i in enumerate(r[2 : 2 + int(r[0] + r[1])]))
@@ -1113,7 +1120,8 @@ def _fused_bwd(group, cfg, res, do):
     # Each is (call, part, schedule), strips before columns.
     t, d = q.shape[1], q.shape[-1]
     one_kernel = []
-    for on, schedule_of, call in ((cfg.strip_bwd, _strip_schedule, _strip_bwd_call),
+    for on, schedule_of, call in ((cfg.strip_bwd, functools.partial(_strip_schedule, dtype=dtype),
+                                   _strip_bwd_call),
                                   (cfg.column_bwd, _column_schedule, _column_bwd_call)):
         if on and not gathered:
             one_kernel += [(call, p, sch) for p in group.parts if (sch := schedule_of(p, t, d))]
@@ -1139,14 +1147,19 @@ def _fused_bwd(group, cfg, res, do):
         out = dtype if n == len(one_kernel) - 1 else cfg.chain_dtype(dtype)
         dq, *dkv = call(q, k, v, do, lse, delta, init, part, cfg, out, schedule)
     if gathered:
-        # float32 sums of the own parts' dk, dv (bf16 under narrow_chain) and the gathered ones
-        dk, dv = ((x.astype(jnp.float32) for x in dkv) if dkv is not None
-                  else (jnp.zeros(k.shape, jnp.float32),) * 2)
+        # One gathered part (the fixed pattern): its float32 dk, dv rows are added to the
+        # own parts' dk, dv at those rows only (add_at_keys). Several: float32 sums of
+        # all, rounded once at the end.
+        row_add = len(gathered) == 1
+        if dkv is None:
+            dkv = (jnp.zeros(k.shape, dtype if row_add else jnp.float32),) * 2
+        dk, dv = dkv if row_add else (x.astype(jnp.float32) for x in dkv)
         if fuse_dq and dq is None:
             dq = jnp.zeros(q.shape, jnp.float32)
         # summary_dkv_block_q: the dK/dV kernel's own layout of the same parts (same
         # keys and key tiles, other query tiles).
         dkv_parts = dict(zip(map(id, group.parts), group.dkv_parts or group.parts))
+        add = add_at_keys if row_add else scatter_keys
         for part in gathered:
             part = dkv_parts[id(part)]
             kg, vg = part_keys(k, part), part_keys(v, part)
@@ -1155,8 +1168,7 @@ def _fused_bwd(group, cfg, res, do):
                                             jnp.float32, dq_acc=dq)
             else:
                 dkg, dvg = _dkv_call_v2(q, kg, vg, do, lse, delta, None, part, cfg, jnp.float32)
-            dk = scatter_keys(dk, dkg, part)
-            dv = scatter_keys(dv, dvg, part)
+            dk, dv = add(dk, dkg, part), add(dv, dvg, part)
         dkv = (dk.astype(dtype), dv.astype(dtype))
     return (dq.astype(dtype), *dkv)
 
@@ -1285,13 +1297,15 @@ def attention(
         pair inside a strip instead of 7; a pair reaching over a strip's edge costs 7
         as before, 4 in the strip of its key tile and 3 in that of its query tile),
         instead of a dQ and a dK/dV launch, in head groups without gathered parts.
-        Same results up to float rounding order. Off by default: not yet timed on a
-        GPU.
+        Same results up to float rounding order; 16-bit operands only (float32 keeps
+        the split kernels). Off by default: slower on an H200 (strided f+b 0.716 vs
+        0.517 ms at (2, 16384, 8, 64), 2.405 vs 1.326 ms at (1, 65536, 8, 64)).
       summary_dkv_block_q: v2: query tile rows of the gathered (summary) parts' dK/dV
         kernel, when it should differ from ``block_q`` (0: ``block_q``). A sweep on an
         H200 found that kernel alone faster with 128-row query tiles (763 vs 825 µs at
         (2, 16384, 8, 64)) while every other kernel prefers 64 (BENCHMARKS.md, session
-        3). Off by default: not yet timed as an option of its own.
+        3), but in the full chain 128 was slower: fixed f+b 2.065 vs 1.916 ms at D=64,
+        4.146 vs 3.379 ms at D=128 (BENCHMARKS.md, session 6). Off by default.
 
     Raises:
       PatternError (a ValueError) naming the constraint, for shapes, dtypes, block

@@ -1,0 +1,1 @@
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD || exit; nvidia-smi -L; timeout -s KILL 100 python3 .gpu_data/probe_s6g.py > $OUT/probe_s6g.log 2>&1; echo rc=$?; grep -E "^\||ALL OK|FAILED|Error" $OUT/probe_s6g.log
