@@ -28,7 +28,9 @@ separate kernels (``column_bwd=False``, rows ``_splitbwd``, strided; the default
 them in one kernel per column where it applies); ``--strip-bwd`` the local window's dq,
 dk, dv from one kernel per strip of key tiles (``strip_bwd=True``, rows ``_stripbwd``,
 strided and local); ``--summary-dkv-128`` the fixed pattern's summary dK/dV kernel at
-128-row query tiles (``summary_dkv_block_q=128``, rows ``_sdkv128``). ``--shapes
+128-row query tiles (``summary_dkv_block_q=128``, rows ``_sdkv128``);
+``--mosaic-summary-dkv`` the fixed pattern's summary dK/dV from the Mosaic GPU kernel
+(``mosaic_summary_dkv=True``, rows ``_mosaicdkv``; bf16 at D=64). ``--shapes
 1x65536x8x64,...`` picks shapes (B x T x H x D).
 """
 
@@ -70,7 +72,9 @@ ATOMIC_VARIANT = ("_atomicdq", {"atomic_dq": True})
 SPLIT_LAUNCH_VARIANT = ("_splitlaunch", {"colaunch": False})
 # The fixed pattern's summary dK/dV kernel at 128-row query tiles, the others at 64.
 SUMMARY_DKV_128_VARIANT = ("_sdkv128", {"summary_dkv_block_q": 128})
-FIXED_ONLY = {"_atomicdq", "_splitlaunch", "_sdkv128"}  # same kernels elsewhere
+# The fixed pattern's summary dK/dV from the Mosaic GPU kernel inside the Triton chain.
+MOSAIC_DKV_VARIANT = ("_mosaicdkv", {"mosaic_summary_dkv": True})
+FIXED_ONLY = {"_atomicdq", "_splitlaunch", "_sdkv128", "_mosaicdkv"}  # same kernels elsewhere
 # Partial results between launches in float32 (the default: the input dtype): patterns
 # of several parts only.
 WIDE_CHAIN_VARIANT = ("_f32chain", {"narrow_chain": False})
@@ -86,7 +90,8 @@ SHAPES = [(2, 16384, 8, 64), (1, 65536, 8, 64), (2, 16384, 8, 128)]
 EXTRA_VARIANTS = {"v1": [V1_VARIANT], "mosaic": [MOSAIC_VARIANT], "atomic_dq": [ATOMIC_VARIANT],
                   "split_launch": [SPLIT_LAUNCH_VARIANT], "wide_chain": [WIDE_CHAIN_VARIANT],
                   "split_bwd": [SPLIT_BWD_VARIANT], "strip_bwd": [STRIP_BWD_VARIANT],
-                  "summary_dkv_128": [SUMMARY_DKV_128_VARIANT]}
+                  "summary_dkv_128": [SUMMARY_DKV_128_VARIANT],
+                  "mosaic_summary_dkv": [MOSAIC_DKV_VARIANT]}
 
 
 def variants(extra: tuple[str, ...] = ()) -> list[tuple[str, dict]]:
@@ -141,8 +146,9 @@ def parse_shapes(text: str) -> list[tuple[int, int, int, int]]:
 
 @functools.lru_cache(maxsize=None)
 def kernels_run(spec: PatternSpec, shape: tuple, block_q: int | None = None,
-                block_k: int | None = None, **opts) -> set[str]:
-    """Names of the kernels a forward+backward launches here (traced, not run)."""
+                block_k: int | None = None, names: str = r"sparse_attn\w*", **opts) -> set[str]:
+    """Names of the kernels a forward+backward launches here (traced, not run; ``names``
+    the pattern of the names to find)."""
     pat = spec.layer_pattern(0, shape[2])
     x = jax.ShapeDtypeStruct(shape, jnp.bfloat16)
 
@@ -151,7 +157,7 @@ def kernels_run(spec: PatternSpec, shape: tuple, block_q: int | None = None,
             *a, pat, block_q=block_q, block_k=block_k, **opts), q, k, v)
         return o, vjp(o)
 
-    return set(re.findall(r"name=(sparse_attn\w*)", str(jax.make_jaxpr(f)(x, x, x))))
+    return set(re.findall(rf"name=({names})", str(jax.make_jaxpr(f)(x, x, x))))
 
 
 def fused_taken(spec: PatternSpec, shape: tuple, block_q: int | None = None,
@@ -168,6 +174,14 @@ def column_taken(spec: PatternSpec, shape: tuple, block_q: int | None = None,
     keep the split kernels)."""
     names = kernels_run(spec, shape, block_q, block_k)
     return "sparse_attn_bwd_column_v2" in names
+
+
+def mosaic_dkv_taken(spec: PatternSpec, shape: tuple, block_q: int | None = None,
+                     block_k: int | None = None) -> bool:
+    """Whether ``mosaic_summary_dkv=True`` really runs the Mosaic dK/dV kernel here (bf16
+    at head dim 64 only)."""
+    names = kernels_run(spec, shape, block_q, block_k, mosaic_summary_dkv=True, names=r"\w+")
+    return "mgpu_attn_dkv_summary" in names
 
 
 def strip_taken(spec: PatternSpec, shape: tuple, block_q: int | None = None,
@@ -305,6 +319,10 @@ def gpu_check(quick: bool, extra: tuple[str, ...] = ()) -> None:
                     row["strip_taken"] = strip_taken(spec, (b, t, h, d))
                     if d <= pallas_gpu.STRIP_BWD_MAX_HEAD_DIM:
                         row["ok"] = row["ok"] and row["strip_taken"]
+                if suffix == MOSAIC_DKV_VARIANT[0]:
+                    row["mosaic_dkv_taken"] = mosaic_dkv_taken(spec, (b, t, h, d))
+                    if d == 64 and dt == bf:
+                        row["ok"] = row["ok"] and row["mosaic_dkv_taken"]
             except Exception as e:  # keep going: the rest of the run still informs
                 row = dict(pattern=spec.name, combine=spec.combine, d=d,
                            dtype=jnp.dtype(dt).name, variant=suffix or "default",
@@ -469,6 +487,10 @@ def bench_shape(shape, quick: bool, sweep: bool, blocks: list[tuple[int, int]] |
                     meta = dict(strip_taken=guarded(
                         f"trace strip {name} {shape}",
                         lambda: strip_taken(spec, tuple(shape), bq, bk)))
+                elif suffix == MOSAIC_DKV_VARIANT[0]:  # False: the row timed the Triton kernel
+                    meta = dict(mosaic_dkv_taken=guarded(
+                        f"trace mosaic dkv {name} {shape}",
+                        lambda: mosaic_dkv_taken(spec, tuple(shape), bq, bk)))
                 r = guarded(f"ours{suffix} {name} {shape} {bq}x{bk}",
                             lambda: timed(ours_fn(spec, h, block_q=bq, block_k=bk, **opts)))
                 if r:
@@ -579,7 +601,8 @@ def extra_variants(args: argparse.Namespace) -> tuple[str, ...]:
     flags = {"v1": args.variants, "mosaic": args.mosaic, "atomic_dq": args.atomic_dq,
              "split_launch": args.split_launch, "wide_chain": args.wide_chain,
              "split_bwd": args.split_bwd, "strip_bwd": args.strip_bwd,
-             "summary_dkv_128": args.summary_dkv_128}
+             "summary_dkv_128": args.summary_dkv_128,
+             "mosaic_summary_dkv": args.mosaic_summary_dkv}
     return tuple(name for name in EXTRA_VARIANTS if flags[name])
 
 
@@ -609,6 +632,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--summary-dkv-128", action="store_true",
                     help="also check and time summary_dkv_block_q=128 (the summary dK/dV kernel at "
                          "128-row query tiles) for the fixed pattern")
+    ap.add_argument("--mosaic-summary-dkv", action="store_true",
+                    help="also check and time mosaic_summary_dkv=True (the summary dK/dV from the "
+                         "Mosaic GPU kernel; bf16 at D=64) for the fixed pattern")
     ap.add_argument("--wide-chain", action="store_true",
                     help="also check and time narrow_chain=False (float32 partial results) for strided and fixed")
     ap.add_argument("--shapes", type=parse_shapes, default=None,

@@ -31,8 +31,9 @@ import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 
-from sparse_lm.attention import triton_atomic
-from sparse_lm.attention.layout import GroupLayout, Layout, MaskRule, PartLayout, build_layout
+from sparse_lm.attention import mosaic_gpu, triton_atomic
+from sparse_lm.attention.layout import (PAD_POSITION, GroupLayout, Layout, MaskRule, PartLayout,
+                                        build_layout)
 from sparse_lm.attention.part_order import (add_at_keys, from_order, merge, part_keys, scatter_keys,
                                             to_order)
 from sparse_lm.attention.patterns import LayerPattern, PatternError
@@ -57,6 +58,7 @@ class KernelConfig:
     narrow_chain: bool = True  # v2: partial results between launches in the input dtype
     column_bwd: bool = True  # v2: a strided part's dq, dk, dv in one kernel (_column_bwd_call)
     strip_bwd: bool = False  # v2: a band part's dq, dk, dv in one kernel (_strip_bwd_call)
+    mosaic_summary_dkv: bool = False  # v2: gathered parts' dK/dV by Mosaic GPU (_mosaic_dkv_call)
 
     def chain_dtype(self, dtype):
         """dtype of the partial o, dq, dk, dv one launch hands the next (see attention())."""
@@ -921,24 +923,25 @@ def _three_grads_call(kernel, grid, in_specs, out_spec, shape, out_dtype, args,
 # for a window of 256 (T=65,536, l=256). Measured slower than the split kernels on an
 # H200 at both (session 6: long serial programs, 8x fewer of them), so it is off by
 # default.
-# 16-bit operands only: the kernel's loops are unrolled, and with float32 operands every
-# block matmul becomes IEEE FMA code (no tensor cores), which ptxas did not finish
-# compiling in minutes on an H200 (session 6); float32 keeps the split kernels.
+# 16-bit operands only on the GPU: the kernel's loops are unrolled, and with float32
+# operands every block matmul becomes IEEE FMA code (no tensor cores), which ptxas did
+# not finish compiling in minutes on an H200 (session 6); float32 keeps the split
+# kernels there. The interpreter takes float32 (the tests' sharp tolerance).
 STRIP_BWD_MAX_BAND = 5
 STRIP_BWD_MAX_HEAD_DIM = 64
 STRIP_BWD_MAX_TILES = 8  # key tiles per strip, at most (a power of two dividing T/bk)
 
 
-def _strip_schedule(part: PartLayout, t: int, d: int, dtype) -> tuple | None:
+def _strip_schedule(part: PartLayout, t: int, d: int, dtype, interpret: bool) -> tuple | None:
     """(band, strip): ``band`` = ((offset, masked), ...), the query tiles ``j + offset``
     every key tile j visits (offset >= 0; the tiles past the sequence end excepted), and
     ``strip`` the key tiles per program; None when the part does not qualify (the split
     kernels then run), also when a strip would be no longer than the band reaches back:
     then every pair off the diagonal is computed twice (4 + 3 matmuls, as split), and
-    for float32 operands."""
+    for float32 operands on the GPU (the interpreter takes them: the sharp test)."""
     if (part.spec.order == "strided" or part.k_index is not None or part.k_pos.shape[0] != 1
             or part.block_q != part.block_k or d > STRIP_BWD_MAX_HEAD_DIM
-            or jnp.dtype(dtype).itemsize > 2):
+            or (jnp.dtype(dtype).itemsize > 2 and not interpret)):
         return None
     n = t // part.block_k
     rows = [tuple((int(i) - j, m >= int(r[0])) for m, i in enumerate(r[2 : 2 + int(r[0] + r[1])]))
@@ -1055,6 +1058,37 @@ def _strip_bwd_call(q, k, v, do, lse, delta, init, part: PartLayout, cfg: Kernel
                              out_dtype, args, cfg, "sparse_attn_bwd_strip_v2")
 
 
+# mosaic_summary_dkv: the gathered (summary) parts' dK/dV from the Mosaic GPU kernel
+# (mosaic_gpu._dkv_part: TMA-streamed query blocks, wgmma, two compute warpgroups of 64
+# key rows), measured 632 vs 816 us against the Triton kernel of the time at
+# (2, 16384, 8, 64) fixed (BENCHMARKS.md, session 3), inside this chain, whose other
+# kernels stay. Its tiles: 64 query rows, 128 key rows (MOSAIC_DKV_TILES). wgmma takes
+# 16-bit operands, and at D=128 that kernel was the slower one (3,220 vs 2,573 us), so
+# it applies to bf16 at head dim 64 only (_mosaic_dkv_applies).
+MOSAIC_DKV_TILES = (64, 128)
+
+
+def _mosaic_dkv_applies(dtype, t: int, d: int, interpret: bool) -> bool:
+    bq, bk = MOSAIC_DKV_TILES
+    if not (jnp.dtype(dtype).itemsize == 2 and d == 64 and t % bk == 0 and t % bq == 0):
+        return False
+    if interpret:
+        return True
+    # wgmma and TMA need Hopper (compute capability 9.0) or newer; a host without a GPU
+    # lowering for one (tests, AOT) has no capability to read and is taken at its word.
+    cc = getattr(jax.devices()[0], "compute_capability", None)
+    return cc is None or float(cc) >= 9.0
+
+
+def _mosaic_dkv_call(q, k, v, do, lse, delta, part: PartLayout, cfg: KernelConfig):
+    """(dk, dv) float32 of a gathered part's keys (``part`` laid out at
+    MOSAIC_DKV_TILES); lse natural, +inf for empty rows; delta [B, Hg, T]."""
+    mcfg = mosaic_gpu.KernelConfig(interpret=cfg.interpret, compute_wgs=2,
+                                   max_concurrent_steps=2, pv_from_registers=not cfg.interpret)
+    ld = jnp.stack([lse * LOG2E, delta], axis=2)  # [B, Hg, 2, T]: the kernel's lse2, delta
+    return mosaic_gpu._dkv_part(q, k, v, do, ld, part, mcfg, jnp.float32)
+
+
 def _part_kv(k, v, part: PartLayout):
     """The part's keys and values: gathered summary rows, or k, v as they are."""
     if part.k_index is None:
@@ -1120,7 +1154,8 @@ def _fused_bwd(group, cfg, res, do):
     # Each is (call, part, schedule), strips before columns.
     t, d = q.shape[1], q.shape[-1]
     one_kernel = []
-    for on, schedule_of, call in ((cfg.strip_bwd, functools.partial(_strip_schedule, dtype=dtype),
+    for on, schedule_of, call in ((cfg.strip_bwd, functools.partial(_strip_schedule, dtype=dtype,
+                                                                 interpret=cfg.interpret),
                                    _strip_bwd_call),
                                   (cfg.column_bwd, _column_schedule, _column_bwd_call)):
         if on and not gathered:
@@ -1158,12 +1193,15 @@ def _fused_bwd(group, cfg, res, do):
             dq = jnp.zeros(q.shape, jnp.float32)
         # summary_dkv_block_q: the dK/dV kernel's own layout of the same parts (same
         # keys and key tiles, other query tiles).
+        # mosaic_summary_dkv: Mosaic GPU's dK/dV kernel at its own tiles, likewise.
         dkv_parts = dict(zip(map(id, group.parts), group.dkv_parts or group.parts))
         add = add_at_keys if row_add else scatter_keys
         for part in gathered:
             part = dkv_parts[id(part)]
             kg, vg = part_keys(k, part), part_keys(v, part)
-            if fuse_dq:
+            if cfg.mosaic_summary_dkv:
+                dkg, dvg = _mosaic_dkv_call(q, kg, vg, do, lse, delta, part, cfg)
+            elif fuse_dq:
                 dkg, dvg, dq = _dkv_call_v2(q, kg, vg, do, lse, delta, None, part, cfg,
                                             jnp.float32, dq_acc=dq)
             else:
@@ -1188,23 +1226,26 @@ def _group_attention_v2(q, k, v, group: GroupLayout, cfg: KernelConfig, out_dtyp
 
 
 @functools.lru_cache(maxsize=64)
-def _with_dkv_tiles(layout: Layout, pattern: LayerPattern, block_q: int) -> Layout:
+def _with_dkv_tiles(layout: Layout, pattern: LayerPattern, block_q: int,
+                    block_k: int = 0) -> Layout:
     """``layout`` whose groups with gathered parts also carry those parts laid out with
-    ``block_q``-row query tiles (``GroupLayout.dkv_parts``) for their dK/dV kernel.
-    Cached like ``build_layout`` (``layout`` is one of its cached objects)."""
+    ``block_q`` x ``block_k`` tiles (``GroupLayout.dkv_parts``; block_k 0: the layout's)
+    for their dK/dV kernel. Cached like ``build_layout`` (``layout`` is one of its
+    cached objects)."""
     t = layout.seq_len
     if block_q < 16 or block_q & (block_q - 1) or t % block_q:
         raise PatternError(f"summary_dkv_block_q={block_q} must be a power of two >= 16 "
                            f"dividing T={t}; 0 keeps block_q={layout.block_q}.")
-    other = build_layout(pattern, t, block_q, layout.block_k)
+    other = build_layout(pattern, t, block_q, block_k or layout.block_k)
     groups = []
     for group, kv_group in zip(layout.groups, other.groups, strict=True):
         assert group.heads == kv_group.heads and len(group.parts) == len(kv_group.parts)
         if any(p.k_index is not None for p in group.parts):
             for p, kp in zip(group.parts, kv_group.parts):
-                # The same gathered keys, padded alike: dk, dv scatter back the same way.
+                # The same gathered keys (padded to each layout's own key tiles).
                 assert (p.k_index is None) == (kp.k_index is None)
-                assert p.k_index is None or np.array_equal(p.k_index, kp.k_index)
+                assert p.k_index is None or np.array_equal(
+                    p.k_index[p.k_pos != PAD_POSITION], kp.k_index[kp.k_pos != PAD_POSITION])
             group = dataclasses.replace(group, dkv_parts=kv_group.parts)
         groups.append(group)
     return dataclasses.replace(layout, groups=tuple(groups))
@@ -1244,6 +1285,7 @@ def attention(
     column_bwd: bool = True,
     strip_bwd: bool = False,
     summary_dkv_block_q: int = 0,
+    mosaic_summary_dkv: bool = False,
 ) -> jax.Array:
     """Block-sparse causal attention. q, k, v: [B, T, H, D] -> [B, T, H, D].
 
@@ -1260,7 +1302,7 @@ def attention(
         Groups whose strided blocks do not divide T/l take the v1 path (False), which
         permutes q, k, v and merges the parts' outputs in XLA.
       heavy_first, atomic_dq, colaunch, narrow_chain, column_bwd, strip_bwd,
-        summary_dkv_block_q: options of the v2 path only;
+        summary_dkv_block_q, mosaic_summary_dkv: options of the v2 path only;
         groups that take the v1 path (``fuse_parts=False``, or strided blocks that do
         not divide T/l) run without them.
       heavy_first: v2 launch order: parts of uneven work per tile (summary columns)
@@ -1306,6 +1348,12 @@ def attention(
         (2, 16384, 8, 64)) while every other kernel prefers 64 (BENCHMARKS.md, session
         3), but in the full chain 128 was slower: fixed f+b 2.065 vs 1.916 ms at D=64,
         4.146 vs 3.379 ms at D=128 (BENCHMARKS.md, session 6). Off by default.
+      mosaic_summary_dkv: v2: the gathered (summary) parts' dK/dV from the Mosaic GPU
+        kernel (``mosaic_gpu``; wgmma, TMA) at its own 64 x 128 tiles, the rest of the
+        chain unchanged; bf16 at head dim 64 with T a multiple of 128, on Hopper or
+        newer, only (elsewhere the Triton kernel runs). Same results up to float rounding order. That kernel
+        alone was 23% faster than Triton's in session 3; off by default until timed
+        in the chain. Excludes ``summary_dkv_block_q`` and ``atomic_dq``.
 
     Raises:
       PatternError (a ValueError) naming the constraint, for shapes, dtypes, block
@@ -1333,6 +1381,17 @@ def attention(
         layout = _with_dkv_tiles(layout, pattern, summary_dkv_block_q)
     if interpret is None:
         interpret = jax.default_backend() != "gpu"
+    # Where it cannot apply (float32, D != 64, T not a multiple of its tiles, no gathered
+    # parts, a GPU older than Hopper) the Triton kernel runs, as column_bwd and
+    # strip_bwd do.
+    gathered = any(p.k_index is not None for g in layout.groups for p in g.parts)
+    mosaic_summary_dkv = (mosaic_summary_dkv and gathered and fuse_parts
+                          and _mosaic_dkv_applies(q.dtype, t, d, bool(interpret)))
+    if mosaic_summary_dkv and (summary_dkv_block_q or atomic_dq):
+        raise PatternError("mosaic_summary_dkv replaces the summary dK/dV kernel that "
+                           "summary_dkv_block_q and atomic_dq configure: set only one.")
+    if mosaic_summary_dkv:
+        layout = _with_dkv_tiles(layout, pattern, *MOSAIC_DKV_TILES)
     cfg = KernelConfig(
         interpret=bool(interpret),
         # 4 warps at every head dim: at D=128 8 warps measured 2.1x slower (fixed f+b
@@ -1346,6 +1405,7 @@ def attention(
         narrow_chain=narrow_chain,
         column_bwd=column_bwd,
         strip_bwd=strip_bwd,
+        mosaic_summary_dkv=mosaic_summary_dkv,
     )
     group_attention = _group_attention_v2 if fuse_parts else _group_attention
     everyone = tuple(range(h))
