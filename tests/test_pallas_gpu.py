@@ -302,6 +302,11 @@ def test_bench_script_variants_parse_and_take_the_fused_path_at_bench_shapes():
     assert bench.strip_taken(strided, (1, 16384, 2, 64), 64, 64)  # a band of 3 tiles (l=128)
     assert bench.strip_taken(PatternSpec("strided", 256, combine="merged"), (1, 65536, 2, 64), 64, 64)  # band of 5
     assert not bench.strip_taken(strided, (1, 16384, 2, 128), 64, 64)  # D=128
+    assert bench.extra_variants(bench.parse_args(["o.json", "--mosaic-summary-dkv"])) == ("mosaic_summary_dkv",)
+    assert bench.applies("_mosaicdkv", "fixed", jnp.bfloat16) and not bench.applies("_mosaicdkv", "local", jnp.bfloat16)
+    fixed = PatternSpec("fixed", 128, 32, combine="merged")
+    assert bench.mosaic_dkv_taken(fixed, (1, 16384, 2, 64), 64, 64)
+    assert not bench.mosaic_dkv_taken(fixed, (1, 16384, 2, 128), 64, 64)  # D=128: Triton's kernel
     assert bench.kernel_fn(bench.MOSAIC_VARIANT[1]).func.__module__ == "sparse_lm.attention.mosaic_gpu"
     assert bench.kernel_fn(bench.V1_VARIANT[1]).keywords == {"fuse_parts": False}
     assert args.shapes is None and args.blocks is None  # main(): the three shapes
