@@ -1191,9 +1191,9 @@ def _fused_bwd(group, cfg, res, do):
         dk, dv = dkv if row_add else (x.astype(jnp.float32) for x in dkv)
         if fuse_dq and dq is None:
             dq = jnp.zeros(q.shape, jnp.float32)
-        # summary_dkv_block_q: the dK/dV kernel's own layout of the same parts (same
-        # keys and key tiles, other query tiles).
-        # mosaic_summary_dkv: Mosaic GPU's dK/dV kernel at its own tiles, likewise.
+        # summary_dkv_block_q, mosaic_summary_dkv: the dK/dV kernel's own layout of the
+        # same parts (the same gathered keys at other tiles: 128-row query tiles, or
+        # Mosaic GPU's 64 x 128).
         dkv_parts = dict(zip(map(id, group.parts), group.dkv_parts or group.parts))
         add = add_at_keys if row_add else scatter_keys
         for part in gathered:
