@@ -193,6 +193,17 @@ def strip_taken(spec: PatternSpec, shape: tuple, block_q: int | None = None,
     return "sparse_attn_bwd_strip_v2" in names
 
 
+# Variants whose option runs its own kernel only where it can: (the row's key, whether
+# it ran here, whether it must run for a check case of head dim d and dtype dt). A check
+# case that should have taken it but did not fails: it checked the kernels it replaces.
+OPTION_KERNELS = {
+    STRIP_BWD_VARIANT[0]: ("strip_taken", strip_taken,
+                           lambda d, dt: d <= pallas_gpu.STRIP_BWD_MAX_HEAD_DIM),
+    MOSAIC_DKV_VARIANT[0]: ("mosaic_dkv_taken", mosaic_dkv_taken,
+                            lambda d, dt: d == 64 and dt == jnp.bfloat16),
+}
+
+
 def log(*a) -> None:
     print(*a, flush=True)
 
@@ -315,14 +326,11 @@ def gpu_check(quick: bool, extra: tuple[str, ...] = ()) -> None:
                     row["column_taken"] = column_taken(spec, (b, t, h, d))
                     if d <= pallas_gpu.COLUMN_BWD_MAX_HEAD_DIM:
                         row["ok"] = row["ok"] and row["column_taken"]
-                if suffix == STRIP_BWD_VARIANT[0]:
-                    row["strip_taken"] = strip_taken(spec, (b, t, h, d))
-                    if d <= pallas_gpu.STRIP_BWD_MAX_HEAD_DIM:
-                        row["ok"] = row["ok"] and row["strip_taken"]
-                if suffix == MOSAIC_DKV_VARIANT[0]:
-                    row["mosaic_dkv_taken"] = mosaic_dkv_taken(spec, (b, t, h, d))
-                    if d == 64 and dt == bf:
-                        row["ok"] = row["ok"] and row["mosaic_dkv_taken"]
+                if suffix in OPTION_KERNELS:
+                    key, taken, required = OPTION_KERNELS[suffix]
+                    row[key] = taken(spec, (b, t, h, d))
+                    if required(d, dt):
+                        row["ok"] = row["ok"] and row[key]
             except Exception as e:  # keep going: the rest of the run still informs
                 row = dict(pattern=spec.name, combine=spec.combine, d=d,
                            dtype=jnp.dtype(dt).name, variant=suffix or "default",
@@ -483,14 +491,10 @@ def bench_shape(shape, quick: bool, sweep: bool, blocks: list[tuple[int, int]] |
                         meta["column_taken"] = guarded(
                             f"trace column {name} {shape}",
                             lambda: column_taken(spec, tuple(shape), bq, bk))
-                elif suffix == STRIP_BWD_VARIANT[0]:  # False: the row timed the split kernels
-                    meta = dict(strip_taken=guarded(
-                        f"trace strip {name} {shape}",
-                        lambda: strip_taken(spec, tuple(shape), bq, bk)))
-                elif suffix == MOSAIC_DKV_VARIANT[0]:  # False: the row timed the Triton kernel
-                    meta = dict(mosaic_dkv_taken=guarded(
-                        f"trace mosaic dkv {name} {shape}",
-                        lambda: mosaic_dkv_taken(spec, tuple(shape), bq, bk)))
+                elif suffix in OPTION_KERNELS:  # False: the row timed the kernels it replaces
+                    key, taken, _ = OPTION_KERNELS[suffix]
+                    meta = {key: guarded(f"trace {key} {name} {shape}",
+                                         lambda: taken(spec, tuple(shape), bq, bk))}
                 r = guarded(f"ours{suffix} {name} {shape} {bq}x{bk}",
                             lambda: timed(ours_fn(spec, h, block_q=bq, block_k=bk, **opts)))
                 if r:
@@ -598,12 +602,8 @@ def table() -> str:
 
 def extra_variants(args: argparse.Namespace) -> tuple[str, ...]:
     """The EXTRA_VARIANTS the flags ask for (--variants is the v1 path)."""
-    flags = {"v1": args.variants, "mosaic": args.mosaic, "atomic_dq": args.atomic_dq,
-             "split_launch": args.split_launch, "wide_chain": args.wide_chain,
-             "split_bwd": args.split_bwd, "strip_bwd": args.strip_bwd,
-             "summary_dkv_128": args.summary_dkv_128,
-             "mosaic_summary_dkv": args.mosaic_summary_dkv}
-    return tuple(name for name in EXTRA_VARIANTS if flags[name])
+    return tuple(name for name in EXTRA_VARIANTS
+                 if getattr(args, "variants" if name == "v1" else name))
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -1377,8 +1377,6 @@ def attention(
     block_k = block_k or dk_
     pattern = tuple(tuple(hp) for hp in pattern)
     layout: Layout = build_layout(pattern, t, block_q, block_k)
-    if summary_dkv_block_q and summary_dkv_block_q != block_q:
-        layout = _with_dkv_tiles(layout, pattern, summary_dkv_block_q)
     if interpret is None:
         interpret = jax.default_backend() != "gpu"
     # Where it cannot apply (float32, D != 64, T not a multiple of its tiles, no gathered
@@ -1390,8 +1388,11 @@ def attention(
     if mosaic_summary_dkv and (summary_dkv_block_q or atomic_dq):
         raise PatternError("mosaic_summary_dkv replaces the summary dK/dV kernel that "
                            "summary_dkv_block_q and atomic_dq configure: set only one.")
+    # The gathered parts' dK/dV kernel at its own tiles, where it wants other ones.
     if mosaic_summary_dkv:
         layout = _with_dkv_tiles(layout, pattern, *MOSAIC_DKV_TILES)
+    elif summary_dkv_block_q and summary_dkv_block_q != block_q:
+        layout = _with_dkv_tiles(layout, pattern, summary_dkv_block_q)
     cfg = KernelConfig(
         interpret=bool(interpret),
         # 4 warps at every head dim: at D=128 8 warps measured 2.1x slower (fixed f+b
