@@ -30,8 +30,12 @@ dk, dv from one kernel per strip of key tiles (``strip_bwd=True``, rows ``_strip
 strided and local); ``--summary-dkv-128`` the fixed pattern's summary dK/dV kernel at
 128-row query tiles (``summary_dkv_block_q=128``, rows ``_sdkv128``);
 ``--mosaic-summary-dkv`` the fixed pattern's summary dK/dV from the Mosaic GPU kernel
-(``mosaic_summary_dkv=True``, rows ``_mosaicdkv``; bf16 at D=64). ``--shapes
-1x65536x8x64,...`` picks shapes (B x T x H x D).
+(``mosaic_summary_dkv=True, mosaic_summary_dq=False``, rows ``_mosaicdkv``; bf16 at
+D=64); ``--mosaic-summary-dq`` that kernel also emitting dq for every head group
+(``mosaic_summary_dq=True``, rows ``_mosaicdq``; the default does so for merged groups
+only); ``--no-mosaic-dq`` the summary dK/dV and dq from Triton's kernels
+(``mosaic_summary_dq=False``, rows ``_nomdq``: the default before session 7, with
+reproducible dq). ``--shapes 1x65536x8x64,...`` picks shapes (B x T x H x D).
 """
 
 from __future__ import annotations
@@ -72,9 +76,16 @@ ATOMIC_VARIANT = ("_atomicdq", {"atomic_dq": True})
 SPLIT_LAUNCH_VARIANT = ("_splitlaunch", {"colaunch": False})
 # The fixed pattern's summary dK/dV kernel at 128-row query tiles, the others at 64.
 SUMMARY_DKV_128_VARIANT = ("_sdkv128", {"summary_dkv_block_q": 128})
-# The fixed pattern's summary dK/dV from the Mosaic GPU kernel inside the Triton chain.
-MOSAIC_DKV_VARIANT = ("_mosaicdkv", {"mosaic_summary_dkv": True})
-FIXED_ONLY = {"_atomicdq", "_splitlaunch", "_sdkv128", "_mosaicdkv"}  # same kernels elsewhere
+# The fixed pattern's summary dK/dV from the Mosaic GPU kernel inside the Triton chain
+# (its dq from Triton's dQ kernel).
+MOSAIC_DKV_VARIANT = ("_mosaicdkv", {"mosaic_summary_dkv": True, "mosaic_summary_dq": False})
+# ... and the summary part's dq from that kernel too, by TMA bulk-add reductions, for
+# every head group (the default: merged groups only).
+MOSAIC_DQ_VARIANT = ("_mosaicdq", {"mosaic_summary_dq": True})
+# The summary part's dK/dV and dq from Triton's kernels (reproducible dq; the default
+# before session 7).
+NO_MOSAIC_DQ_VARIANT = ("_nomdq", {"mosaic_summary_dq": False})
+FIXED_ONLY = {"_atomicdq", "_splitlaunch", "_sdkv128", "_mosaicdkv", "_mosaicdq", "_nomdq"}  # same kernels elsewhere
 # Partial results between launches in float32 (the default: the input dtype): patterns
 # of several parts only.
 WIDE_CHAIN_VARIANT = ("_f32chain", {"narrow_chain": False})
@@ -91,7 +102,9 @@ EXTRA_VARIANTS = {"v1": [V1_VARIANT], "mosaic": [MOSAIC_VARIANT], "atomic_dq": [
                   "split_launch": [SPLIT_LAUNCH_VARIANT], "wide_chain": [WIDE_CHAIN_VARIANT],
                   "split_bwd": [SPLIT_BWD_VARIANT], "strip_bwd": [STRIP_BWD_VARIANT],
                   "summary_dkv_128": [SUMMARY_DKV_128_VARIANT],
-                  "mosaic_summary_dkv": [MOSAIC_DKV_VARIANT]}
+                  "mosaic_summary_dkv": [MOSAIC_DKV_VARIANT],
+                  "mosaic_summary_dq": [MOSAIC_DQ_VARIANT],
+                  "no_mosaic_dq": [NO_MOSAIC_DQ_VARIANT]}
 
 
 def variants(extra: tuple[str, ...] = ()) -> list[tuple[str, dict]]:
@@ -146,10 +159,11 @@ def parse_shapes(text: str) -> list[tuple[int, int, int, int]]:
 
 @functools.lru_cache(maxsize=None)
 def kernels_run(spec: PatternSpec, shape: tuple, block_q: int | None = None,
-                block_k: int | None = None, names: str = r"sparse_attn\w*", **opts) -> set[str]:
-    """Names of the kernels a forward+backward launches here (traced, not run; ``names``
-    the pattern of the names to find)."""
-    pat = spec.layer_pattern(0, shape[2])
+                block_k: int | None = None, names: str = r"sparse_attn\w*", layer: int = 0,
+                **opts) -> set[str]:
+    """Names of the kernels a forward+backward of ``layer`` launches here (traced, not
+    run; ``names`` the pattern of the names to find)."""
+    pat = spec.layer_pattern(layer, shape[2])
     x = jax.ShapeDtypeStruct(shape, jnp.bfloat16)
 
     def f(q, k, v):
@@ -157,7 +171,8 @@ def kernels_run(spec: PatternSpec, shape: tuple, block_q: int | None = None,
             *a, pat, block_q=block_q, block_k=block_k, **opts), q, k, v)
         return o, vjp(o)
 
-    return set(re.findall(rf"name=({names})", str(jax.make_jaxpr(f)(x, x, x))))
+    # (name=... of pallas_call; kernel_name='...' of a Mosaic core_map)
+    return set(re.findall(rf"name='?({names})", str(jax.make_jaxpr(f)(x, x, x))))
 
 
 def fused_taken(spec: PatternSpec, shape: tuple, block_q: int | None = None,
@@ -167,40 +182,61 @@ def fused_taken(spec: PatternSpec, shape: tuple, block_q: int | None = None,
     return bool(names) and all(n.endswith("_v2") for n in names)
 
 
-def column_taken(spec: PatternSpec, shape: tuple, block_q: int | None = None,
+def column_taken(spec: PatternSpec, shape: tuple, block_q: int | None = None, layer: int = 0,
                  block_k: int | None = None) -> bool:
     """Whether the default path runs the column kernel here (``column_bwd``: columns of
     more tiles than COLUMN_BWD_MAX_TILES, or head dims above COLUMN_BWD_MAX_HEAD_DIM,
     keep the split kernels)."""
-    names = kernels_run(spec, shape, block_q, block_k)
+    names = kernels_run(spec, shape, block_q, block_k, layer=layer)
     return "sparse_attn_bwd_column_v2" in names
 
 
-def mosaic_dkv_taken(spec: PatternSpec, shape: tuple, block_q: int | None = None,
+def mosaic_dkv_taken(spec: PatternSpec, shape: tuple, block_q: int | None = None, layer: int = 0,
                      block_k: int | None = None) -> bool:
     """Whether ``mosaic_summary_dkv=True`` really runs the Mosaic dK/dV kernel here (bf16
     at head dim 64 only)."""
-    names = kernels_run(spec, shape, block_q, block_k, mosaic_summary_dkv=True, names=r"\w+")
+    names = kernels_run(spec, shape, block_q, block_k, mosaic_summary_dkv=True,
+                        mosaic_summary_dq=False, names=r"\w+", layer=layer)
     return "mgpu_attn_dkv_summary" in names
 
 
-def strip_taken(spec: PatternSpec, shape: tuple, block_q: int | None = None,
+def mosaic_dq_taken(spec: PatternSpec, shape: tuple, block_q: int | None = None, layer: int = 0,
+                    block_k: int | None = None) -> bool:
+    """Whether ``mosaic_summary_dq=True`` really runs the Mosaic dK/dV kernel that also
+    emits dq (where ``mosaic_summary_dkv`` applies)."""
+    names = kernels_run(spec, shape, block_q, block_k, mosaic_summary_dq=True, names=r"\w+",
+                        layer=layer)
+    return "mgpu_attn_dkvdq_summary" in names
+
+
+def strip_taken(spec: PatternSpec, shape: tuple, block_q: int | None = None, layer: int = 0,
                 block_k: int | None = None) -> bool:
     """Whether ``strip_bwd=True`` really runs the strip kernel here (bands wider than
     STRIP_BWD_MAX_BAND tiles, or head dims above STRIP_BWD_MAX_HEAD_DIM, keep the split
     kernels)."""
-    names = kernels_run(spec, shape, block_q, block_k, strip_bwd=True)
+    names = kernels_run(spec, shape, block_q, block_k, strip_bwd=True, layer=layer)
     return "sparse_attn_bwd_strip_v2" in names
 
 
+def has_summary(pattern) -> bool:
+    """Whether a layer's pattern has summary columns (gathered keys)."""
+    return any(c.kind == "summary" for head in pattern for c in head)
+
+
+def mosaic_required(pattern, d: int, dt) -> bool:
+    """Where the Mosaic summary kernels must run: bf16 at D=64, layers with summaries."""
+    return d == 64 and dt == jnp.bfloat16 and has_summary(pattern)
+
+
 # Variants whose option runs its own kernel only where it can: (the row's key, whether
-# it ran here, whether it must run for a check case of head dim d and dtype dt). A check
-# case that should have taken it but did not fails: it checked the kernels it replaces.
+# it ran here, whether it must run for a check case of that layer pattern, head dim d and
+# dtype dt). A check case that should have taken it but did not fails: it checked the
+# kernels it replaces.
 OPTION_KERNELS = {
     STRIP_BWD_VARIANT[0]: ("strip_taken", strip_taken,
-                           lambda d, dt: d <= pallas_gpu.STRIP_BWD_MAX_HEAD_DIM),
-    MOSAIC_DKV_VARIANT[0]: ("mosaic_dkv_taken", mosaic_dkv_taken,
-                            lambda d, dt: d == 64 and dt == jnp.bfloat16),
+                           lambda pattern, d, dt: d <= pallas_gpu.STRIP_BWD_MAX_HEAD_DIM),
+    MOSAIC_DKV_VARIANT[0]: ("mosaic_dkv_taken", mosaic_dkv_taken, mosaic_required),
+    MOSAIC_DQ_VARIANT[0]: ("mosaic_dq_taken", mosaic_dq_taken, mosaic_required),
 }
 
 
@@ -323,14 +359,15 @@ def gpu_check(quick: bool, extra: tuple[str, ...] = ()) -> None:
                 if not suffix and spec.name == "strided":
                     # Where the column kernel applies (D <= 64), a check of the split
                     # kernels is no check of the default path.
-                    row["column_taken"] = column_taken(spec, (b, t, h, d))
+                    row["column_taken"] = column_taken(spec, (b, t, h, d), layer=layer)
                     if d <= pallas_gpu.COLUMN_BWD_MAX_HEAD_DIM:
                         row["ok"] = row["ok"] and row["column_taken"]
                 if suffix in OPTION_KERNELS:
-                    key, taken, required = OPTION_KERNELS[suffix]
-                    row[key] = taken(spec, (b, t, h, d))
-                    if required(d, dt):
-                        row["ok"] = row["ok"] and row[key]
+                    # (not `key`: that name holds the PRNG key of the next case)
+                    taken_key, taken, required = OPTION_KERNELS[suffix]
+                    row[taken_key] = taken(spec, (b, t, h, d), layer=layer)
+                    if required(pat, d, dt):
+                        row["ok"] = row["ok"] and row[taken_key]
             except Exception as e:  # keep going: the rest of the run still informs
                 row = dict(pattern=spec.name, combine=spec.combine, d=d,
                            dtype=jnp.dtype(dt).name, variant=suffix or "default",
@@ -635,6 +672,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--mosaic-summary-dkv", action="store_true",
                     help="also check and time mosaic_summary_dkv=True (the summary dK/dV from the "
                          "Mosaic GPU kernel; bf16 at D=64) for the fixed pattern")
+    ap.add_argument("--mosaic-summary-dq", action="store_true",
+                    help="also check and time mosaic_summary_dq=True (the summary dK/dV and dq from "
+                         "the Mosaic GPU kernel, dq by TMA reductions; bf16 at D=64) for the fixed pattern")
+    ap.add_argument("--no-mosaic-dq", action="store_true",
+                    help="also check and time mosaic_summary_dq=False (the summary dK/dV and dq "
+                         "from Triton's kernels, reproducible dq) for the fixed pattern")
     ap.add_argument("--wide-chain", action="store_true",
                     help="also check and time narrow_chain=False (float32 partial results) for strided and fixed")
     ap.add_argument("--shapes", type=parse_shapes, default=None,

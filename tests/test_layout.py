@@ -212,3 +212,19 @@ def test_adding_gathered_key_grads_in_place_equals_the_float32_scatter(spec):
         keys, real = np.asarray(part_keys(dx, part), np.float32), part.k_pos != PAD_POSITION
         for h in range(heads):
             np.testing.assert_array_equal(keys[:, real[h], h], np.asarray(dx, np.float32)[:, part.k_index[h][real[h]], h])
+
+
+def test_head_ranges_slice_consecutive_head_groups_and_refuse_others():
+    from sparse_lm.attention.layout import GroupLayout, head_ranges
+
+    def groups(*heads):
+        return [GroupLayout(heads=h, parts=()) for h in heads]
+
+    # multihead: local heads first, summary heads after; any group order is kept
+    assert head_ranges(groups((0, 1), (2, 3)), 4) == [slice(0, 2), slice(2, 4)]
+    assert head_ranges(groups((2, 3), (0, 1)), 4) == [slice(2, 4), slice(0, 2)]
+    assert head_ranges(groups((0, 2), (1, 3)), 4) is None  # interleaved heads: gather
+    assert head_ranges(groups((0, 1)), 4) is None  # heads 2, 3 in no group
+    layout = build_layout(tuple(tuple(h) for h in PatternSpec("fixed", 16, 4, combine="multihead")
+                                .layer_pattern(0, 8)), 64, 16, 16)
+    assert head_ranges(layout.groups, 8) == [slice(0, 4), slice(4, 8)]

@@ -453,6 +453,19 @@ def test_gpu_kernel_options_reach_the_kernel_and_change_no_result():
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), opt_grads, base_grads)
 
 
+def test_mosaic_summary_dq_left_unset_keeps_the_kernel_default():
+    """Unset (the config's default) it is not passed, so the kernel decides (on for
+    merged fixed heads where it applies); False is passed, for reproducible gradients."""
+    from sparse_lm.config import base_config
+    from sparse_lm.model import gpu_kernel_options
+
+    cfg = base_config()
+    assert cfg.attention.mosaic_summary_dq is None
+    assert "mosaic_summary_dq" not in dict(gpu_kernel_options(cfg.attention))
+    cfg.attention.mosaic_summary_dq = False
+    assert dict(gpu_kernel_options(cfg.attention))["mosaic_summary_dq"] is False
+
+
 def test_gpu_kernel_options_are_ignored_by_other_impls():
     cfg = tiny_config("fixed", "merged")
     cfg.attention.update(colaunch=True, atomic_dq=True)  # impl "reference"

@@ -397,13 +397,14 @@ def test_atomic_dq_matches_reference_and_the_split_kernels(spec, layer, shape, d
 
 def assert_matches_default_launches(pattern, shape, dtype, **opts):
     """Output and gradients with ``opts`` equal the plainest v2 arrangement's (16x16 tiles,
-    one launch per part, float32 partials, split backward kernels) within float rounding:
-    the options regroup the same arithmetic, they do not change it."""
+    one launch per part, float32 partials, split backward kernels, Triton's kernels only)
+    within float rounding: the options regroup the same arithmetic, they do not change it."""
     q, k, v, g = fresh_inputs(shape, dtype)
     got = output_and_grads(lambda *x: pallas_gpu.attention(*x, pattern, **opts), q, k, v, g)
     want = output_and_grads(lambda *x: pallas_gpu.attention(*x, pattern, block_q=16, block_k=16,
                                                             colaunch=False, narrow_chain=False,
-                                                            column_bwd=False),
+                                                            column_bwd=False,
+                                                            mosaic_summary_dq=False),
                             q, k, v, g)
     tol = 1e-2 if dtype == jnp.bfloat16 else 1e-5
     for what, x, y in zip(("out", "dq", "dk", "dv"), got, want):
@@ -533,11 +534,14 @@ def test_narrow_chain_hands_bf16_partials_between_launches_within_bf16_error(nam
     def result_dtypes(dtype, **kw):
         """dtypes of the kernels' full-length results: o, dq, dk, dv and the partial ones
         handed between launches (views included; not lse, not the gathered summary
-        columns' dk, dv, which are float32 by design and scatter-added in float32)."""
+        columns' dk, dv, which are float32 by design and scatter-added in float32).
+        Triton's kernels only: the Mosaic summary kernel adds into a float32 dq by
+        design (mosaic_summary_dq)."""
         q = jnp.zeros(shape, dtype)
 
         def f(q, k, v):
-            o, vjp = jax.vjp(lambda *a: pallas_gpu.attention(*a, pattern, block_q=16, block_k=16, **kw),
+            o, vjp = jax.vjp(lambda *a: pallas_gpu.attention(*a, pattern, block_q=16, block_k=16,
+                                                             mosaic_summary_dq=False, **kw),
                              q, k, v)
             return o, vjp(o)
 
@@ -636,6 +640,36 @@ def test_bench_attention_writes_its_json_when_stopped_inside_the_check(monkeypat
     saved = json.loads(out.read_text())
     assert saved["check"] == [{"pattern": "strided", "ok": True}]
     assert saved["errors"][0]["what"] == "interrupted" and saved["timings"] == []
+
+
+def test_bench_attention_gpu_check_runs_every_option_case(monkeypatch):
+    """The GPU check's own logic, on the CPU: its kernels and the reference replaced by
+    the identity (output q, gradients q, k, v). Every case of the default path and of
+    two options runs, and each row is within tolerance. Whether the Mosaic kernel ran is
+    traced for real, layer by layer: an interleaved layer of block heads only has no
+    summary keys, so it need not (and does not) run it."""
+    import importlib.util
+
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "bench_attention.py"
+    mod_spec = importlib.util.spec_from_file_location("bench_attention_check", path)
+    bench = importlib.util.module_from_spec(mod_spec)
+    mod_spec.loader.exec_module(bench)
+    monkeypatch.setattr(bench, "value_and_grads", lambda fn: lambda q, k, v, g: (q, (q, k, v)))
+    monkeypatch.setattr(bench, "column_taken", lambda *a, **k: True)
+    strip_key, _, strip_required = bench.OPTION_KERNELS["_stripbwd"]
+    monkeypatch.setitem(bench.OPTION_KERNELS, "_stripbwd", (strip_key, lambda *a, **k: True, strip_required))
+    bench.gpu_check(quick=True, extra=("mosaic_summary_dkv", "strip_bwd"))
+    rows = bench.RESULTS["check"]
+    assert [r for r in rows if not r["ok"]] == []
+    assert {r["variant"] for r in rows} == {"default", "_mosaicdkv", "_stripbwd"}
+    assert all(r["strip_taken"] for r in rows if r["variant"] == "_stripbwd")
+    mosaic = {(r["combine"], r["layer"], r["d"], r["dtype"]): r["mosaic_dkv_taken"]
+              for r in rows if r["variant"] == "_mosaicdkv"}
+    assert mosaic[("merged", 0, 64, "bfloat16")] and mosaic[("interleaved", 1, 64, "bfloat16")]
+    assert not mosaic[("interleaved", 0, 64, "bfloat16")]  # block heads only
+    assert not mosaic[("merged", 0, 128, "float32")]  # Triton's kernel there
 
 
 COLUMN_BWD_CASES = [
@@ -792,26 +826,35 @@ MOSAIC_DKV_CASES = [
 ]
 
 
-def mosaic_dkv_runs(pattern, shape, dtype, **opts) -> bool:
-    """Whether a forward+backward with mosaic_summary_dkv=True launches the Mosaic kernel."""
+def mosaic_kernels(pattern, shape, dtype=jnp.bfloat16, **opts) -> set[str]:
+    """The Mosaic GPU kernels a forward+backward launches: mgpu_attn_dkv_summary (dK/dV),
+    mgpu_attn_dkvdq_summary (dK/dV and dq by reductions; a core_map: kernel_name='...')."""
     import re
 
     q = jnp.zeros(shape, dtype)
     jaxpr = jax.make_jaxpr(lambda q: jax.vjp(
-        lambda x: pallas_gpu.attention(x, x, x, pattern, mosaic_summary_dkv=True, **opts), q)[1](q))(q)
-    return "mgpu_attn_dkv_summary" in re.findall(r"name=(\w+)", str(jaxpr))
+        lambda x: pallas_gpu.attention(x, x, x, pattern, **opts), q)[1](q))(q)
+    return set(re.findall(r"name='?(mgpu_attn_\w+)", str(jaxpr)))
+
+
+def mosaic_dkv_runs(pattern, shape, dtype, **opts) -> bool:
+    """Whether a forward+backward with mosaic_summary_dkv=True (and its dq from Triton)
+    launches the Mosaic dK/dV kernel."""
+    opts = dict(mosaic_summary_dkv=True, mosaic_summary_dq=False) | opts
+    return "mgpu_attn_dkv_summary" in mosaic_kernels(pattern, shape, dtype, **opts)
 
 
 @pytest.mark.parametrize("spec,layer", MOSAIC_DKV_CASES, ids=["merged", "multihead-distinct-summaries", "summary-only-layer"])
 def test_mosaic_summary_dkv_matches_reference_and_the_triton_kernel(spec, layer):
     shape = (1, 256, 4 if spec.combine == "multihead" else 2, 64)  # multihead: two summary heads
     pattern = spec.layer_pattern(layer, shape[2])
+    opts = dict(mosaic_summary_dkv=True, mosaic_summary_dq=False)
     assert mosaic_dkv_runs(pattern, shape, jnp.bfloat16)
     # Triton's dK/dV kernel runs for the block parts only (none in the summary-only layer).
-    names = kernel_names(pattern, shape, jnp.bfloat16, mosaic_summary_dkv=True)
+    names = kernel_names(pattern, shape, jnp.bfloat16, **opts)
     assert ("sparse_attn_bwd_dkv_v2" in names) == (spec.combine != "interleaved")
-    assert_matches_reference(spec, layer, shape, jnp.bfloat16, mosaic_summary_dkv=True)
-    assert_matches_default_launches(pattern, shape, jnp.bfloat16, mosaic_summary_dkv=True)
+    assert_matches_reference(spec, layer, shape, jnp.bfloat16, **opts)
+    assert_matches_default_launches(pattern, shape, jnp.bfloat16, **opts)
 
 
 def test_mosaic_summary_dkv_applies_only_where_it_can():
@@ -834,5 +877,98 @@ def test_mosaic_summary_dkv_applies_only_where_it_can():
 def test_mosaic_summary_dkv_lowers_for_cuda_at_the_benchmark_shape():
     """Fixed l=128 c=32: the Mosaic kernel (register-operand wgmma, as on the GPU)
     inside the Triton chain, lowered through both compilers' front ends."""
-    text = lowered_for_cuda(PatternSpec("fixed", 128, 32, combine="merged"), mosaic_summary_dkv=True)
+    text = lowered_for_cuda(PatternSpec("fixed", 128, 32, combine="merged"), mosaic_summary_dkv=True,
+                            mosaic_summary_dq=False)
     assert "mgpu_attn_dkv_summary" in text and "sparse_attn_bwd_dq_v2" in text
+
+
+# mosaic_summary_dq: the Mosaic dK/dV kernel also emits the summary part's dq, by TMA
+# bulk-add reductions on the GPU; in the interpreter by a read-add-write of dq, one
+# compute warpgroup per step in turn (the same order the GPU uses for its reductions).
+@pytest.mark.parametrize("spec,layer", [MOSAIC_DKV_CASES[0], MOSAIC_DKV_CASES[2]], ids=["merged", "summary-only-layer"])
+def test_mosaic_summary_dq_matches_reference_and_the_triton_kernels(spec, layer):
+    # (the multihead layout: the jitted test below)
+    shape = (1, 256, 2, 64)
+    pattern = spec.layer_pattern(layer, shape[2])
+    assert mosaic_kernels(pattern, shape, mosaic_summary_dq=True) == {"mgpu_attn_dkvdq_summary"}
+    assert_matches_reference(spec, layer, shape, jnp.bfloat16, mosaic_summary_dq=True)
+    assert_matches_default_launches(pattern, shape, jnp.bfloat16, mosaic_summary_dq=True)
+
+
+def test_mosaic_summary_dq_under_jit_with_two_head_groups():
+    """Two groups' kernels in one jitted program (a multihead layer with per-head summary
+    columns): each runs to completion and their dq are right."""
+    spec = PatternSpec("fixed", 64, 16, combine="multihead", distinct_summaries=True)
+    shape = (1, 256, 4, 64)
+    pattern = spec.layer_pattern(0, 4)
+    q, k, v, g = fresh_inputs(shape, jnp.bfloat16)
+    got = jax.jit(lambda *a: output_and_grads(
+        lambda *x: pallas_gpu.attention(*x, pattern, mosaic_summary_dq=True), *a))(q, k, v, g)
+    with jax.default_matmul_precision("highest"):
+        want = output_and_grads(lambda *a: reference_attention(*a, pattern),
+                                *(x.astype(jnp.float32) for x in (q, k, v, g)))
+    for name, x, ref in zip(("out", "dq", "dk", "dv"), got, want):
+        assert rel_err(x, ref) < TOL[jnp.bfloat16], name
+
+
+def test_mosaic_summary_dq_is_on_by_default_for_merged_summary_heads_only():
+    """Measured on an H200 (BENCHMARKS.md, session 7): faster for merged fixed heads,
+    slower for a group of summary heads alone (multihead, or a summary-only layer)."""
+    shape = (1, 256, 4, 64)
+    merged = PatternSpec("fixed", 64, 16, combine="merged").layer_pattern(0, 4)
+    multihead = PatternSpec("fixed", 64, 16, combine="multihead").layer_pattern(0, 4)
+    summary_only = PatternSpec("fixed", 64, 16, combine="interleaved").layer_pattern(1, 4)
+    dq_kernel = {"mgpu_attn_dkvdq_summary"}
+    assert mosaic_kernels(merged, shape) == dq_kernel
+    assert mosaic_kernels(multihead, shape) == set()
+    assert mosaic_kernels(summary_only, shape) == set()
+    assert mosaic_kernels(multihead, shape, mosaic_summary_dq=True) == dq_kernel
+    assert mosaic_kernels(summary_only, shape, mosaic_summary_dq=True) == dq_kernel
+    assert mosaic_kernels(merged, shape, mosaic_summary_dq=False) == set()  # reproducible dq
+    # Where the Mosaic kernel cannot run, Triton's kernels do.
+    assert mosaic_kernels(merged, shape, jnp.float32) == set()
+    assert mosaic_kernels(merged, (1, 256, 4, 128)) == set()
+    # The options that configure Triton's summary dK/dV kernel turn the default off...
+    assert mosaic_kernels(merged, shape, atomic_dq=True) == set()
+    assert mosaic_kernels(merged, shape, summary_dkv_block_q=128) == set()
+    # ... and asking for both is an error that names the fix.
+    x = jnp.zeros(shape, jnp.bfloat16)
+    with pytest.raises(PatternError, match="set only one.*mosaic_summary_dq=False"):
+        pallas_gpu.attention(x, x, x, merged, mosaic_summary_dq=True, atomic_dq=True)
+    # mosaic_summary_dkv with the default: merged groups still get dq from Mosaic.
+    assert mosaic_kernels(merged, shape, mosaic_summary_dkv=True) == dq_kernel
+    assert mosaic_kernels(multihead, shape, mosaic_summary_dkv=True) == {"mgpu_attn_dkv_summary"}
+
+
+def test_mosaic_summary_dq_lowers_for_cuda_with_dq_updated_in_place():
+    """The default at the benchmark shape: the Mosaic kernel takes the block part's dq
+    and adds into that buffer (an aliased operand), lowered for an H100."""
+    text = lowered_for_cuda(PatternSpec("fixed", 128, 32, combine="merged"))
+    assert "stablehlo.custom_call @mosaic_gpu_v2" in text and "output_operand_aliases" in text
+    assert "sparse_attn_bwd_dq_v2" in text
+
+
+def test_head_groups_of_consecutive_heads_are_sliced_not_gathered():
+    """multihead: heads 0..H/2-1 are one group, the rest another. Gathers and scatters of
+    those heads cost 2.9 of 4.7 ms per layer at the enwik8 shape on an H200."""
+    pattern = PatternSpec("fixed", 16, 4, combine="multihead").layer_pattern(0, 4)
+    q = jnp.zeros((1, 64, 4, 64), jnp.float32)
+    jaxpr = str(jax.make_jaxpr(lambda q: jax.vjp(
+        lambda x: pallas_gpu.attention(x, x, x, pattern, block_q=16, block_k=16), q)[1](q))(q))
+    assert "gather" not in jaxpr and "scatter" not in jaxpr
+    assert_matches_reference(PatternSpec("fixed", 16, 4, combine="multihead"), 0, (1, 64, 4, 64),
+                             jnp.float32, block_q=16, block_k=16)
+
+
+def test_mosaic_dkv_scheduling_knobs_keep_the_gradients(monkeypatch):
+    """overlap_wgmma (S^T and dP^T issued together; on the GPU dV, dK and dq too) and
+    max_registers change when the matmuls run, not what they compute. The interpreter
+    runs wgmma synchronously: this checks the arithmetic and the barriers; the GPU form
+    (register operands in one accumulator scope) is lowered for CUDA."""
+    monkeypatch.setattr(pallas_gpu, "MOSAIC_DKV_OPTIONS", dict(overlap_wgmma=True, max_registers=True))
+    spec = PatternSpec("fixed", 64, 16, combine="merged")
+    assert_matches_reference(spec, 0, (1, 256, 2, 64), jnp.bfloat16)  # dK/dV and dq
+    assert_matches_reference(spec, 0, (1, 256, 2, 64), jnp.bfloat16, mosaic_summary_dkv=True,
+                             mosaic_summary_dq=False)  # dK/dV only
+    text = lowered_for_cuda(PatternSpec("fixed", 128, 32, combine="merged"))
+    assert "stablehlo.custom_call @mosaic_gpu_v2" in text

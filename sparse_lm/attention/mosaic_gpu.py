@@ -62,6 +62,7 @@ from sparse_lm.attention.layout import (
     GroupLayout,
     PartLayout,
     build_layout,
+    head_ranges,
 )
 from sparse_lm.attention.part_order import from_order, merge, part_keys, scatter_keys, to_order
 from sparse_lm.attention.patterns import LayerPattern, PatternError
@@ -85,6 +86,15 @@ class KernelConfig:
     max_concurrent_steps: int
     pv_from_registers: bool
     interpret_params: object = None  # a plgpu.InterpretGPUParams, or None for defaults
+    # dK/dV kernel (_dkv_part), untimed (session 7): every read of a wgmma accumulator
+    # waits for all the warpgroup's wgmmas, so a step's five matmuls ran one by one.
+    # overlap_wgmma: S^T and dP^T issued together, the exponentials computed while dP^T
+    # is in flight; on the GPU dV, dK (and the designated warpgroup's dq) issued
+    # together too: three waits per step instead of five.
+    overlap_wgmma: bool = False
+    # max_registers: compute warpgroups raise their register limit to 232, the memory
+    # warpgroup lowers its own to 40 (setmaxnreg, as JAX's FA3 kernel does).
+    max_registers: bool = False
 
 
 # ---------------------------------------------------------------- positions of rows
@@ -195,6 +205,21 @@ def _wgmma_value(plgpu, shape, a, b):
     return pl.run_scoped(body, plgpu.ACC(shape, jnp.float32))
 
 
+def _wgmma_pair(plgpu, shape, first, second, between):
+    """``first`` and ``second`` ((a, b) pairs, SMEM operands): a @ b of each, issued back
+    to back; ``between`` runs on the first product while the second is in flight.
+    Returns (between(first product), second product)."""
+
+    def body(r1, r2):
+        plgpu.wgmma(r1, *first)
+        plgpu.wgmma(r2, *second)
+        # wgmma groups complete in order: wait_n=1 waits for the first only.
+        y = between(plgpu.wgmma_accumulator_load(r1, wait_n=1))
+        return y, r2[...]
+
+    return pl.run_scoped(body, plgpu.ACC(shape, jnp.float32), plgpu.ACC(shape, jnp.float32))
+
+
 def _accumulate(plgpu, acc, a, a_smem, b, in_place: bool):
     """acc + a @ b. ``in_place`` (GPU only): wgmma with a from registers into acc itself
     (``run_state``, as FA3); else a is stored to ``a_smem`` and added in registers."""
@@ -215,7 +240,8 @@ def _program(tab_ref, tile_axis: str):
 
 
 def _name(kind: str, part: PartLayout) -> str:
-    """mgpu_attn_<fwd|dq|dkv>_<summary|strided|natural>: the kernel's name in profiles."""
+    """mgpu_attn_<fwd|dq|dkv|dkvdq>_<summary|strided|natural>: the kernel's name in
+    profiles (dkvdq: the dK/dV kernel that also emits dq)."""
     return f"mgpu_attn_{kind}_{'summary' if part.spec.summary else part.spec.order}"
 
 
@@ -230,6 +256,23 @@ def _launch(plgpu, entry, out_type, grid, grid_names, wgs, cfg, args, name: str)
         params["compiler_params"] = plgpu.CompilerParams(approx_math=True)
     return plgpu.kernel(entry, out_type=out_type, grid=grid, grid_names=grid_names,
                         num_threads=wgs + 1, thread_name="wg", **params)(*args)
+
+
+def _launch_in_place(plgpu, entry, args, state, grid, grid_names, wgs, cfg, name: str):
+    """``entry(*args, *state_refs)`` on the mesh; returns the final ``state`` arrays."""
+    mesh = plgpu.Mesh(grid=grid, grid_names=grid_names, num_threads=wgs + 1,
+                      thread_name="wg", kernel_name=name)
+    if cfg.interpret:
+        params = dict(interpret=cfg.interpret_params or plgpu.InterpretGPUParams())
+    else:
+        params = dict(compiler_params=plgpu.CompilerParams(approx_math=True))
+
+    def body(refs):
+        @pl.core_map(mesh, **params)
+        def _():
+            entry(*refs)
+
+    return pl.run_state(body)((*args, *state))[len(args):]
 
 
 def _part_forward(q, k, v, part: PartLayout, cfg: KernelConfig, out_dtype):
@@ -522,10 +565,27 @@ def _dq_part(q, k, v, do, ld, part: PartLayout, cfg: KernelConfig, out_dtype):
                    (jnp.asarray(part.fwd), jnp.asarray(lo), q, k, v, do, ld), _name("dq", part))
 
 
-def _dkv_part(q, k, v, do, ld, part: PartLayout, cfg: KernelConfig, out_dtype):
+def _dkv_part(q, k, v, do, ld, part: PartLayout, cfg: KernelConfig, out_dtype, dq0=None):
     """(dk, dv) [B, Tk, H, D] of one part, in part key order (gathered rows for a summary
     part). ``part`` is the backward layout's: key tiles of ``block_k`` rows split over
-    the compute warpgroups, query blocks of ``block_q`` rows streamed from ``part.bwd``."""
+    the compute warpgroups, query blocks of ``block_q`` rows streamed from ``part.bwd``.
+
+    With ``dq0`` (float32 [B, T, H, D], the other parts' dq) it returns (dk, dv, dq):
+    each step also computes its query block's dq from this key tile, dS K, and adds
+    it to dq0 in place by a TMA bulk reduction (``cp.reduce.async.bulk ... add``) from
+    shared memory, so S and dP are computed once for dq, dk and dv (5 block matmuls per
+    pair instead of the split kernels' 7), FlashAttention-3's scheme. Float additions
+    in arrival order: dq is not bitwise reproducible run to run.
+
+    The compute warpgroups stage their dS^T in shared memory and one of them, in turn
+    (step t: warpgroup t % wgs), computes the key tile's sum_w dS_w K_w and reduces it:
+    one reduction of [block_q, D] float32 per step. Two barriers per warpgroup order
+    the turns: ``dq_staged[w]`` (the others' dS^T is in place for w's turn) and
+    ``dq_read[w]`` (w's matmul has read them: they may be overwritten). The turns also
+    order the additions, which the interpreter needs: it has no TMA reduction, and a
+    read-add-write of dq stands in. (Measured on an H200: the same speed as one
+    reduction per warpgroup, whose read-add-writes race in the interpreter; with the
+    reductions dropped the kernel was only 3% faster: they are not its bottleneck.)"""
     plgpu = _plgpu()
     b, t, h, d = q.shape
     tk = k.shape[1]
@@ -540,14 +600,18 @@ def _dkv_part(q, k, v, do, ld, part: PartLayout, cfg: KernelConfig, out_dtype):
     scale = d**-0.5
     scale2 = scale * LOG2E
     in_place = cfg.pv_from_registers
+    with_dq = dq0 is not None
 
-    def kernel(tab_ref, lo_ref, q_ref, k_ref, v_ref, do_ref, ld_ref, dk_ref, dv_ref, scoped):
-        (k_smem, v_smem, q_smem, do_smem, ld_smem, t_smem, out_smem), bars = scoped
-        q_ready, do_ready, ld_ready, k_ready, v_ready, free = bars
+    def kernel(tab_ref, lo_ref, q_ref, k_ref, v_ref, do_ref, ld_ref, dk_ref, dv_ref, dq_ref,
+               scoped):
+        (k_smem, v_smem, q_smem, do_smem, ld_smem, t_smem, out_smem, dq_smem), bars = scoped
+        q_ready, do_ready, ld_ready, k_ready, v_ready, free, dq_staged, dq_read = bars
         hi, ki, bi, wg, n_full, steps = _program(tab_ref, "k_seq")
 
         @pl.when(wg < wgs)
         def _compute():
+            if cfg.max_registers and not cfg.interpret:
+                plgpu.set_max_registers(232, action="increase")
             row0 = ki * bk + wg * rows
             ks, vs = k_smem.at[wg], v_smem.at[wg]
             src = (bi, pl.ds(row0, rows), hi)
@@ -561,27 +625,119 @@ def _dkv_part(q, k, v, do, ld, part: PartLayout, cfg: KernelConfig, out_dtype):
             k_rows = plgpu.broadcasted_iota(jnp.int32, (rows, bq), 0, layout=wgmma_layout)
             q_cols = plgpu.broadcasted_iota(jnp.int32, (rows, bq), 1, layout=wgmma_layout)
             k_pos = pos.k(k_rows + row0, lo_h)
-            ts = None if in_place else t_smem.at[wg]
+            ts = None if t_smem is None else t_smem.at[wg]
+
+            def reduce_dq(t_, share):
+                """Adds ``share`` ([bq, D] float32, unscaled) to the query block's dq."""
+                stage = dq_smem.at[wg]
+                rows_q = (bi, pl.ds(tab_ref[ki, 2 + t_] * bq, bq), hi)
+                if cfg.interpret:  # no TMA reduction in the interpreter
+                    stage[...] = share * scale
+                    dq_ref[rows_q] = dq_ref[rows_q] + stage[...]
+                else:
+                    plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # its last copy read it
+                    stage[...] = share * scale
+                    plgpu.commit_smem()
+                    plgpu.copy_smem_to_gmem(stage, dq_ref.at[rows_q], reduction_op="add")
+
+            def wait_ts_free(t_):
+                """Before this step's first write to ts: the last step's designated
+                warpgroup has read it (its dq matmul)."""
+                if with_dq and wgs > 1:
+                    prev = lax.rem(t_ + wgs - 1, wgs)
+
+                    @pl.when((t_ > 0) & (wg != prev))
+                    def _wait_read():
+                        plgpu.barrier_wait(dq_read.at[prev])
+
+            def stage_ds(t_, dst):
+                """dS^T into ts, announced to step t_'s designated warpgroup."""
+                if in_place:  # else the dV step has written ts already, after the wait
+                    wait_ts_free(t_)
+                ts[...] = dst.astype(dtype)
+                plgpu.commit_smem()
+                turn = lax.rem(t_, wgs)
+                if wgs > 1:
+                    @pl.when(wg != turn)
+                    def _staged():
+                        plgpu.barrier_arrive(dq_staged.at[turn])
+
+            def reduce_turn(t_):
+                """Step t_'s designated warpgroup: sum_w dS_w K_w, reduced into dq."""
+                turn = lax.rem(t_, wgs)
+
+                @pl.when(wg == turn)
+                def _reduce():
+                    if wgs > 1:
+                        plgpu.barrier_wait(dq_staged.at[turn])
+
+                    def body(acc_ref):
+                        for w in range(wgs):  # dS_w K_w over warpgroup w's key rows
+                            plgpu.wgmma(acc_ref, t_smem.at[w].transpose((1, 0)), k_smem.at[w])
+                        return acc_ref[...]
+
+                    share = pl.run_scoped(body, plgpu.ACC((bq, d), jnp.float32))
+                    if wgs > 1:
+                        plgpu.barrier_arrive(dq_read.at[turn])  # the wgmma completed: all read
+                    reduce_dq(t_, share)
+
+            def add_dq(t_, dst):
+                stage_ds(t_, dst)
+                reduce_turn(t_)
 
             def step(t_, carry, masked: bool):
                 dk, dv = carry
                 slot = lax.rem(t_, n_slots)
+
+                def probabilities(st):
+                    plgpu.barrier_wait(ld_ready.at[slot])
+                    lse2 = plgpu.load(ld_smem.at[slot, 0], layout=col_layout)
+                    pt = jnp.exp2(st * scale2 - lax.broadcast_in_dim(lse2, st.shape, [1]))
+                    if masked:
+                        qb = tab_ref[ki, 2 + t_]
+                        q_pos = pos.q(q_cols + qb * bq)
+                        pt = jnp.where(rule.in_kernel(q_pos, k_pos), pt, 0.0)
+                    return pt
+
                 plgpu.barrier_wait(q_ready.at[slot])
-                st = _wgmma_value(plgpu, (rows, bq), ks, q_smem.at[slot].T)
-                plgpu.barrier_wait(ld_ready.at[slot])
-                lse2 = plgpu.load(ld_smem.at[slot, 0], layout=col_layout)
+                if cfg.overlap_wgmma:  # S^T and dP^T together; exp2 while dP^T runs
+                    plgpu.barrier_wait(do_ready.at[slot])
+                    pt, dpt = _wgmma_pair(plgpu, (rows, bq), (ks, q_smem.at[slot].T),
+                                          (vs, do_smem.at[slot].T), probabilities)
+                else:
+                    pt = probabilities(_wgmma_value(plgpu, (rows, bq), ks, q_smem.at[slot].T))
+                    plgpu.barrier_wait(do_ready.at[slot])
                 delta = plgpu.load(ld_smem.at[slot, 1], layout=col_layout)
-                pt = jnp.exp2(st * scale2 - lax.broadcast_in_dim(lse2, st.shape, [1]))
-                if masked:
-                    qb = tab_ref[ki, 2 + t_]
-                    q_pos = pos.q(q_cols + qb * bq)
-                    pt = jnp.where(rule.in_kernel(q_pos, k_pos), pt, 0.0)
-                plgpu.barrier_wait(do_ready.at[slot])
+                if cfg.overlap_wgmma and in_place:
+                    # dV, dK and the designated warpgroup's dq in one accumulator scope:
+                    # one wait for the three.
+                    dst = pt * (dpt - lax.broadcast_in_dim(delta, dpt.shape, [1]))
+                    if with_dq:
+                        stage_ds(t_, dst)
+
+                    def matmuls(refs):
+                        dv_ref_, dk_ref_ = refs
+                        plgpu.wgmma(dv_ref_, pt.astype(dtype), do_smem.at[slot])
+                        plgpu.wgmma(dk_ref_, dst.astype(dtype), q_smem.at[slot])
+                        if with_dq:
+                            reduce_turn(t_)
+
+                    dv, dk = pl.run_state(matmuls)((plgpu.ACC.init(dv), plgpu.ACC.init(dk)))
+                    plgpu.barrier_arrive(free.at[slot])
+                    return dk, dv
+                if with_dq and not in_place:
+                    wait_ts_free(t_)  # the dV step stages P^T in ts
                 dv = _accumulate(plgpu, dv, pt.astype(dtype), ts, do_smem.at[slot], in_place)
-                dpt = _wgmma_value(plgpu, (rows, bq), vs, do_smem.at[slot].T)
+                if not cfg.overlap_wgmma:
+                    dpt = _wgmma_value(plgpu, (rows, bq), vs, do_smem.at[slot].T)
                 dst = pt * (dpt - lax.broadcast_in_dim(delta, dpt.shape, [1]))
-                # ts is free again: the dV wgmma that read it has completed.
-                dk = _accumulate(plgpu, dk, dst.astype(dtype), ts, q_smem.at[slot], in_place)
+                if with_dq:  # before dK: it stages dS^T in ts
+                    add_dq(t_, dst)
+                if with_dq and not in_place:  # dK from the staged dS^T: no second store
+                    # (the designated warpgroup may be reading it)
+                    dk = dk + _wgmma_value(plgpu, dk.shape, ts, q_smem.at[slot])
+                else:  # ts is free again: the dV wgmma that read it has completed.
+                    dk = _accumulate(plgpu, dk, dst.astype(dtype), ts, q_smem.at[slot], in_place)
                 plgpu.barrier_arrive(free.at[slot])
                 return dk, dv
 
@@ -590,6 +746,14 @@ def _dkv_part(q, k, v, do, ld, part: PartLayout, cfg: KernelConfig, out_dtype):
                                   (zero, zero))
             dk, dv = lax.fori_loop(n_full, steps, functools.partial(step, masked=True),
                                    carry)
+            if with_dq and not cfg.interpret:
+                plgpu.wait_smem_to_gmem(0)  # the last reductions, before the program ends
+            if with_dq and wgs > 1:
+                last = lax.rem(steps + wgs - 1, wgs)  # the last step's designated warpgroup
+
+                @pl.when((steps > 0) & (wg != last))
+                def _drain_read():  # before the K tile is overwritten or freed
+                    plgpu.barrier_wait(dq_read.at[last])
             if out_smem is None:  # the K and V tiles are free: stage in place
                 ks[...] = (dk * scale).astype(out_dtype)
                 vs[...] = dv.astype(out_dtype)
@@ -610,6 +774,9 @@ def _dkv_part(q, k, v, do, ld, part: PartLayout, cfg: KernelConfig, out_dtype):
 
         @pl.when(wg == wgs)
         def _memory():
+            if cfg.max_registers and not cfg.interpret:
+                plgpu.set_max_registers(40, action="decrease")
+
             def fetch(t_, slot):
                 start = tab_ref[ki, 2 + t_] * bq
                 src = (bi, pl.ds(start, bq), hi)
@@ -620,7 +787,7 @@ def _dkv_part(q, k, v, do, ld, part: PartLayout, cfg: KernelConfig, out_dtype):
 
             _stream(steps, n_slots, fetch, (free,))
 
-    def entry(tab_ref, lo_ref, q_ref, k_ref, v_ref, do_ref, ld_ref, dk_ref, dv_ref):
+    def entry(tab_ref, lo_ref, q_ref, k_ref, v_ref, do_ref, ld_ref, dk_ref, dv_ref, dq_ref=None):
         tr = _smem_transforms(dtype, d)
         smem = (
             plgpu.SMEM((wgs, rows, d), dtype, transforms=tr),  # K tile
@@ -628,10 +795,11 @@ def _dkv_part(q, k, v, do, ld, part: PartLayout, cfg: KernelConfig, out_dtype):
             plgpu.SMEM((n_slots, bq, d), dtype, transforms=tr),  # Q blocks
             plgpu.SMEM((n_slots, bq, d), dtype, transforms=tr),  # dO blocks
             plgpu.SMEM((n_slots, 2, bq), jnp.float32),  # lse2, delta blocks
-            None if in_place
+            None if in_place and not with_dq
             else plgpu.SMEM((wgs, rows, bq), dtype, transforms=_smem_transforms(dtype, bq)),
             None if jnp.dtype(out_dtype) == jnp.dtype(dtype)
             else plgpu.SMEM((wgs, rows, d), out_dtype),
+            plgpu.SMEM((wgs, bq, d), jnp.float32) if with_dq else None,  # dq share staging
         )
         bars = (
             plgpu.Barrier(num_barriers=n_slots),  # Q landed
@@ -640,16 +808,32 @@ def _dkv_part(q, k, v, do, ld, part: PartLayout, cfg: KernelConfig, out_dtype):
             plgpu.Barrier(num_barriers=wgs),  # K tile landed
             plgpu.Barrier(num_barriers=wgs),  # V tile landed
             plgpu.Barrier(num_arrivals=wgs, num_barriers=n_slots),  # slot free
+            # with dq, [w]: the others' dS^T is staged for warpgroup w's turn; w's dq
+            # matmul has read them
+            plgpu.Barrier(num_arrivals=wgs - 1, num_barriers=wgs) if with_dq and wgs > 1 else None,
+            plgpu.Barrier(num_barriers=wgs) if with_dq and wgs > 1 else None,
         )
         pl.run_scoped(
             lambda *scoped: kernel(tab_ref, lo_ref, q_ref, k_ref, v_ref, do_ref, ld_ref,
-                                   dk_ref, dv_ref, scoped),
+                                   dk_ref, dv_ref, dq_ref, scoped),
             smem, bars, collective_axes="wg")
 
     out = jax.ShapeDtypeStruct((b, tk, h, d), out_dtype)
-    return _launch(plgpu, entry, (out, out), (h, tk // bk, b), ("heads", "k_seq", "batch"),
-                   wgs, cfg, (jnp.asarray(part.bwd), jnp.asarray(lo), q, k, v, do, ld),
-                   _name("dkv", part))
+    args = (jnp.asarray(part.bwd), jnp.asarray(lo), q, k, v, do, ld)
+    grid, grid_names = (h, tk // bk, b), ("heads", "k_seq", "batch")
+    if not with_dq:
+        return _launch(plgpu, entry, (out, out), grid, grid_names, wgs, cfg, args,
+                       _name("dkv", part))
+    # dq0 must be updated in place: plgpu.kernel cannot alias an input to an output, so
+    # the kernel runs as a core_map over a mesh inside run_state, whose state (dk, dv
+    # and dq here) starts from the given arrays and is returned.
+    # dk, dv: every row is written, so any start will do, but constants that differ
+    # from each other and from a zero dq0: one buffer passed as two states (XLA merges
+    # equal constants) deadlocked the interpreter under jit.
+    state = (jnp.full(out.shape, 1.0, out.dtype), jnp.full(out.shape, 2.0, out.dtype),
+             dq0.astype(jnp.float32))
+    return _launch_in_place(plgpu, entry, args, state, grid, grid_names, wgs, cfg,
+                            _name("dkvdq", part))
 
 
 def bwd_smem_bytes(d: int, dtype, dq_part: PartLayout, kv_part: PartLayout,
@@ -858,8 +1042,15 @@ def attention(
     everyone = tuple(range(h))
     groups = list(zip(layout.groups, kv_layout.groups))
     assert all(g.heads == kg.heads for g, kg in groups)
+    groups.sort(key=lambda gs: gs[0].heads[0])
+    ranges = head_ranges([g for g, _ in groups], h)
     if len(groups) == 1 and layout.groups[0].heads == everyone:
         out, lse = _group_attention(q, k, v, *groups[0], cfg)
+    elif ranges is not None:  # consecutive heads: slices in, one concatenate out
+        outs = [_group_attention(*(x[:, :, r] for x in (q, k, v)), g, kg, cfg)
+                for (g, kg), r in zip(groups, ranges)]
+        out = jnp.concatenate([o for o, _ in outs], axis=2)
+        lse = jnp.concatenate([ls for _, ls in outs], axis=1)
     else:
         out = jnp.zeros_like(q)
         lse = jnp.zeros((q.shape[0], h, t), jnp.float32)

@@ -33,7 +33,7 @@ from jax.experimental import pallas as pl
 
 from sparse_lm.attention import mosaic_gpu, triton_atomic
 from sparse_lm.attention.layout import (PAD_POSITION, GroupLayout, Layout, MaskRule, PartLayout,
-                                        build_layout)
+                                        build_layout, head_ranges)
 from sparse_lm.attention.part_order import (add_at_keys, from_order, merge, part_keys, scatter_keys,
                                             to_order)
 from sparse_lm.attention.patterns import LayerPattern, PatternError
@@ -59,6 +59,15 @@ class KernelConfig:
     column_bwd: bool = True  # v2: a strided part's dq, dk, dv in one kernel (_column_bwd_call)
     strip_bwd: bool = False  # v2: a band part's dq, dk, dv in one kernel (_strip_bwd_call)
     mosaic_summary_dkv: bool = False  # v2: gathered parts' dK/dV by Mosaic GPU (_mosaic_dkv_call)
+    # v2: ... and their dq too, by TMA reductions (_fused_bwd): "off", "merged" (groups
+    # whose summary part shares its softmax with an own part) or "all"
+    mosaic_summary_dq: str = "off"
+
+    def mosaic_dq(self, group: GroupLayout) -> bool:
+        """Whether ``group``'s gathered parts get dK/dV and dq from the Mosaic kernel."""
+        if self.mosaic_summary_dq == "all":
+            return True
+        return self.mosaic_summary_dq == "merged" and any(p.k_index is None for p in group.parts)
 
     def chain_dtype(self, dtype):
         """dtype of the partial o, dq, dk, dv one launch hands the next (see attention())."""
@@ -1064,8 +1073,12 @@ def _strip_bwd_call(q, k, v, do, lse, delta, init, part: PartLayout, cfg: Kernel
 # (2, 16384, 8, 64) fixed (BENCHMARKS.md, session 3), inside this chain, whose other
 # kernels stay. Its tiles: 64 query rows, 128 key rows (MOSAIC_DKV_TILES). wgmma takes
 # 16-bit operands, and at D=128 that kernel was the slower one (3,220 vs 2,573 us), so
-# it applies to bf16 at head dim 64 only (_mosaic_dkv_applies).
+# it applies to bf16 at head dim 64 only (_mosaic_dkv_applies). mosaic_summary_dq (the
+# default for merged heads) is the same kernel also emitting the part's dq.
 MOSAIC_DKV_TILES = (64, 128)
+# mosaic_gpu.KernelConfig's scheduling knobs for that kernel (see there); both written
+# and CPU-tested in session 7, not yet timed on a GPU, so off.
+MOSAIC_DKV_OPTIONS = dict(overlap_wgmma=False, max_registers=False)
 
 
 def _mosaic_dkv_applies(dtype, t: int, d: int, interpret: bool) -> bool:
@@ -1080,13 +1093,15 @@ def _mosaic_dkv_applies(dtype, t: int, d: int, interpret: bool) -> bool:
     return cc is None or float(cc) >= 9.0
 
 
-def _mosaic_dkv_call(q, k, v, do, lse, delta, part: PartLayout, cfg: KernelConfig):
+def _mosaic_dkv_call(q, k, v, do, lse, delta, part: PartLayout, cfg: KernelConfig, dq0=None):
     """(dk, dv) float32 of a gathered part's keys (``part`` laid out at
-    MOSAIC_DKV_TILES); lse natural, +inf for empty rows; delta [B, Hg, T]."""
+    MOSAIC_DKV_TILES); lse natural, +inf for empty rows; delta [B, Hg, T]. With ``dq0``
+    (float32 [B, T, Hg, D]) also dq0 plus the part's dq (``mosaic_summary_dq``)."""
     mcfg = mosaic_gpu.KernelConfig(interpret=cfg.interpret, compute_wgs=2,
-                                   max_concurrent_steps=2, pv_from_registers=not cfg.interpret)
+                                   max_concurrent_steps=2, pv_from_registers=not cfg.interpret,
+                                   **MOSAIC_DKV_OPTIONS)
     ld = jnp.stack([lse * LOG2E, delta], axis=2)  # [B, Hg, 2, T]: the kernel's lse2, delta
-    return mosaic_gpu._dkv_part(q, k, v, do, ld, part, mcfg, jnp.float32)
+    return mosaic_gpu._dkv_part(q, k, v, do, ld, part, mcfg, jnp.float32, dq0=dq0)
 
 
 def _part_kv(k, v, part: PartLayout):
@@ -1146,8 +1161,10 @@ def _fused_bwd(group, cfg, res, do):
     # atomic_dq: the gathered (summary) parts, compute-bound, get their dq from their
     # dK/dV kernel (one S and dP per block instead of two); the other parts keep the
     # dQ kernel. Float32 atomics add in arrival order: dq is then not bitwise
-    # reproducible from run to run, hence an option.
-    fuse_dq = cfg.atomic_dq and bool(gathered)
+    # reproducible from run to run, hence an option. mosaic_summary_dq: the same from
+    # the Mosaic GPU dK/dV kernel, by TMA bulk reductions of whole tiles.
+    mosaic_dq = cfg.mosaic_dq(group) and bool(gathered)
+    fuse_dq = (cfg.atomic_dq or mosaic_dq) and bool(gathered)
     # column_bwd: strided parts whose columns qualify get dq, dk, dv from one kernel,
     # run after the other parts (chained sums: the order does not matter).
     # strip_bwd: band parts (the local window) likewise, in strips of key tiles.
@@ -1199,7 +1216,9 @@ def _fused_bwd(group, cfg, res, do):
         for part in gathered:
             part = dkv_parts[id(part)]
             kg, vg = part_keys(k, part), part_keys(v, part)
-            if cfg.mosaic_summary_dkv:
+            if mosaic_dq:
+                dkg, dvg, dq = _mosaic_dkv_call(q, kg, vg, do, lse, delta, part, cfg, dq0=dq)
+            elif cfg.mosaic_summary_dkv:
                 dkg, dvg = _mosaic_dkv_call(q, kg, vg, do, lse, delta, part, cfg)
             elif fuse_dq:
                 dkg, dvg, dq = _dkv_call_v2(q, kg, vg, do, lse, delta, None, part, cfg,
@@ -1227,11 +1246,12 @@ def _group_attention_v2(q, k, v, group: GroupLayout, cfg: KernelConfig, out_dtyp
 
 @functools.lru_cache(maxsize=64)
 def _with_dkv_tiles(layout: Layout, pattern: LayerPattern, block_q: int,
-                    block_k: int = 0) -> Layout:
+                    block_k: int = 0, merged_only: bool = False) -> Layout:
     """``layout`` whose groups with gathered parts also carry those parts laid out with
     ``block_q`` x ``block_k`` tiles (``GroupLayout.dkv_parts``; block_k 0: the layout's)
-    for their dK/dV kernel. Cached like ``build_layout`` (``layout`` is one of its
-    cached objects)."""
+    for their dK/dV kernel; ``merged_only``: only groups that also have own parts
+    (``KernelConfig.mosaic_dq``'s "merged"). Cached like ``build_layout`` (``layout`` is
+    one of its cached objects)."""
     t = layout.seq_len
     if block_q < 16 or block_q & (block_q - 1) or t % block_q:
         raise PatternError(f"summary_dkv_block_q={block_q} must be a power of two >= 16 "
@@ -1240,7 +1260,8 @@ def _with_dkv_tiles(layout: Layout, pattern: LayerPattern, block_q: int,
     groups = []
     for group, kv_group in zip(layout.groups, other.groups, strict=True):
         assert group.heads == kv_group.heads and len(group.parts) == len(kv_group.parts)
-        if any(p.k_index is not None for p in group.parts):
+        own = any(p.k_index is None for p in group.parts)
+        if any(p.k_index is not None for p in group.parts) and (own or not merged_only):
             for p, kp in zip(group.parts, kv_group.parts):
                 # The same gathered keys (padded to each layout's own key tiles).
                 assert (p.k_index is None) == (kp.k_index is None)
@@ -1286,6 +1307,7 @@ def attention(
     strip_bwd: bool = False,
     summary_dkv_block_q: int = 0,
     mosaic_summary_dkv: bool = False,
+    mosaic_summary_dq: bool | None = None,
 ) -> jax.Array:
     """Block-sparse causal attention. q, k, v: [B, T, H, D] -> [B, T, H, D].
 
@@ -1302,7 +1324,8 @@ def attention(
         Groups whose strided blocks do not divide T/l take the v1 path (False), which
         permutes q, k, v and merges the parts' outputs in XLA.
       heavy_first, atomic_dq, colaunch, narrow_chain, column_bwd, strip_bwd,
-        summary_dkv_block_q, mosaic_summary_dkv: options of the v2 path only;
+        summary_dkv_block_q, mosaic_summary_dkv, mosaic_summary_dq: options of the v2
+        path only;
         groups that take the v1 path (``fuse_parts=False``, or strided blocks that do
         not divide T/l) run without them.
       heavy_first: v2 launch order: parts of uneven work per tile (summary columns)
@@ -1351,9 +1374,26 @@ def attention(
       mosaic_summary_dkv: v2: the gathered (summary) parts' dK/dV from the Mosaic GPU
         kernel (``mosaic_gpu``; wgmma, TMA) at its own 64 x 128 tiles, the rest of the
         chain unchanged; bf16 at head dim 64 with T a multiple of 128, on Hopper or
-        newer, only (elsewhere the Triton kernel runs). Same results up to float rounding order. That kernel
-        alone was 23% faster than Triton's in session 3; off by default until timed
-        in the chain. Excludes ``summary_dkv_block_q`` and ``atomic_dq``.
+        newer, only (elsewhere the Triton kernel runs). Same results up to float
+        rounding order. In the chain (H200, fixed merged f+b, dq from Triton): 1.764 vs
+        1.850 ms at (2, 16384, 8, 64), but for summary heads alone (multihead) 1.871 vs
+        1.819 ms, and ``mosaic_summary_dq`` (which includes it) is faster still for
+        merged heads; off by default. Excludes ``summary_dkv_block_q`` and
+        ``atomic_dq``.
+      mosaic_summary_dq: v2: the Mosaic GPU dK/dV kernel of ``mosaic_summary_dkv`` that
+        also computes the gathered parts' dq (5 block matmuls per pair instead of 7),
+        adding each step's [64, D] tile into a float32 dq by a TMA bulk reduction,
+        FlashAttention-3's scheme; the dQ launch then covers the other parts only.
+        Additions in arrival order: dq is not bitwise reproducible run to run (False
+        gives reproducible gradients). None (the default): on for head groups whose
+        summary part shares one softmax with the block part (``combine="merged"``),
+        where the Mosaic kernel applies (as ``mosaic_summary_dkv``) and neither
+        ``summary_dkv_block_q`` nor ``atomic_dq`` is set. Measured on an H200, fixed
+        l=128 c=32 merged f+b: 1.76 vs 1.85 ms at (2, 16384, 8, 64), 3.90 vs 4.55 ms at
+        (8, 12288, 8, 64); for a group of summary heads alone (multihead) it was slower
+        (1.95 vs 1.82 ms), hence "merged" only (BENCHMARKS.md, session 7). True: every
+        group with summary parts, where the Mosaic kernel applies (elsewhere, as for
+        None, Triton's kernels run).
 
     Raises:
       PatternError (a ValueError) naming the constraint, for shapes, dtypes, block
@@ -1383,14 +1423,23 @@ def attention(
     # parts, a GPU older than Hopper) the Triton kernel runs, as column_bwd and
     # strip_bwd do.
     gathered = any(p.k_index is not None for g in layout.groups for p in g.parts)
-    mosaic_summary_dkv = (mosaic_summary_dkv and gathered and fuse_parts
-                          and _mosaic_dkv_applies(q.dtype, t, d, bool(interpret)))
-    if mosaic_summary_dkv and (summary_dkv_block_q or atomic_dq):
-        raise PatternError("mosaic_summary_dkv replaces the summary dK/dV kernel that "
-                           "summary_dkv_block_q and atomic_dq configure: set only one.")
+    mosaic = gathered and fuse_parts and _mosaic_dkv_applies(q.dtype, t, d, bool(interpret))
+    if mosaic and (mosaic_summary_dkv or mosaic_summary_dq) and (summary_dkv_block_q or atomic_dq):
+        raise PatternError("mosaic_summary_dkv and mosaic_summary_dq replace the summary "
+                           "dK/dV kernel that summary_dkv_block_q and atomic_dq configure: "
+                           "set only one (mosaic_summary_dq=False turns the default off).")
+    if not mosaic or mosaic_summary_dq is False:
+        dq_mode = "off"
+    elif mosaic_summary_dq:
+        dq_mode = "all"
+    else:  # None: the default, unless another option configures that kernel
+        dq_mode = "off" if summary_dkv_block_q or atomic_dq else "merged"
+    mosaic_summary_dkv = mosaic and mosaic_summary_dkv
     # The gathered parts' dK/dV kernel at its own tiles, where it wants other ones.
-    if mosaic_summary_dkv:
+    if mosaic_summary_dkv or dq_mode == "all":
         layout = _with_dkv_tiles(layout, pattern, *MOSAIC_DKV_TILES)
+    elif dq_mode == "merged":
+        layout = _with_dkv_tiles(layout, pattern, *MOSAIC_DKV_TILES, merged_only=True)
     elif summary_dkv_block_q and summary_dkv_block_q != block_q:
         layout = _with_dkv_tiles(layout, pattern, summary_dkv_block_q)
     cfg = KernelConfig(
@@ -1407,11 +1456,17 @@ def attention(
         column_bwd=column_bwd,
         strip_bwd=strip_bwd,
         mosaic_summary_dkv=mosaic_summary_dkv,
+        mosaic_summary_dq=dq_mode,
     )
     group_attention = _group_attention_v2 if fuse_parts else _group_attention
     everyone = tuple(range(h))
     if len(layout.groups) == 1 and layout.groups[0].heads == everyone:
         return group_attention(q, k, v, layout.groups[0], cfg, q.dtype)
+    groups = sorted(layout.groups, key=lambda g: g.heads[0])
+    ranges = head_ranges(groups, h)
+    if ranges is not None:  # consecutive heads: slices in, one concatenate out
+        return jnp.concatenate([group_attention(*(x[:, :, r] for x in (q, k, v)), g, cfg, q.dtype)
+                                for g, r in zip(groups, ranges)], axis=2)
     out = jnp.zeros_like(q)
     for group in layout.groups:
         idx = np.asarray(group.heads)
