@@ -182,8 +182,8 @@ def fused_taken(spec: PatternSpec, shape: tuple, block_q: int | None = None,
     return bool(names) and all(n.endswith("_v2") for n in names)
 
 
-def column_taken(spec: PatternSpec, shape: tuple, block_q: int | None = None, layer: int = 0,
-                 block_k: int | None = None) -> bool:
+def column_taken(spec: PatternSpec, shape: tuple, block_q: int | None = None,
+                 block_k: int | None = None, *, layer: int = 0) -> bool:
     """Whether the default path runs the column kernel here (``column_bwd``: columns of
     more tiles than COLUMN_BWD_MAX_TILES, or head dims above COLUMN_BWD_MAX_HEAD_DIM,
     keep the split kernels)."""
@@ -191,8 +191,8 @@ def column_taken(spec: PatternSpec, shape: tuple, block_q: int | None = None, la
     return "sparse_attn_bwd_column_v2" in names
 
 
-def mosaic_dkv_taken(spec: PatternSpec, shape: tuple, block_q: int | None = None, layer: int = 0,
-                     block_k: int | None = None) -> bool:
+def mosaic_dkv_taken(spec: PatternSpec, shape: tuple, block_q: int | None = None,
+                     block_k: int | None = None, *, layer: int = 0) -> bool:
     """Whether ``mosaic_summary_dkv=True`` really runs the Mosaic dK/dV kernel here (bf16
     at head dim 64 only)."""
     names = kernels_run(spec, shape, block_q, block_k, mosaic_summary_dkv=True,
@@ -200,8 +200,8 @@ def mosaic_dkv_taken(spec: PatternSpec, shape: tuple, block_q: int | None = None
     return "mgpu_attn_dkv_summary" in names
 
 
-def mosaic_dq_taken(spec: PatternSpec, shape: tuple, block_q: int | None = None, layer: int = 0,
-                    block_k: int | None = None) -> bool:
+def mosaic_dq_taken(spec: PatternSpec, shape: tuple, block_q: int | None = None,
+                    block_k: int | None = None, *, layer: int = 0) -> bool:
     """Whether ``mosaic_summary_dq=True`` really runs the Mosaic dK/dV kernel that also
     emits dq (where ``mosaic_summary_dkv`` applies)."""
     names = kernels_run(spec, shape, block_q, block_k, mosaic_summary_dq=True, names=r"\w+",
@@ -209,8 +209,8 @@ def mosaic_dq_taken(spec: PatternSpec, shape: tuple, block_q: int | None = None,
     return "mgpu_attn_dkvdq_summary" in names
 
 
-def strip_taken(spec: PatternSpec, shape: tuple, block_q: int | None = None, layer: int = 0,
-                block_k: int | None = None) -> bool:
+def strip_taken(spec: PatternSpec, shape: tuple, block_q: int | None = None,
+                block_k: int | None = None, *, layer: int = 0) -> bool:
     """Whether ``strip_bwd=True`` really runs the strip kernel here (bands wider than
     STRIP_BWD_MAX_BAND tiles, or head dims above STRIP_BWD_MAX_HEAD_DIM, keep the split
     kernels)."""

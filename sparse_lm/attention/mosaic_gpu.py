@@ -245,30 +245,28 @@ def _name(kind: str, part: PartLayout) -> str:
     return f"mgpu_attn_{kind}_{'summary' if part.spec.summary else part.spec.order}"
 
 
+def _launch_params(plgpu, cfg: KernelConfig) -> dict:
+    """The interpreter's parameters, or the compiler's."""
+    if cfg.interpret:
+        return dict(interpret=cfg.interpret_params or plgpu.InterpretGPUParams())
+    return dict(compiler_params=plgpu.CompilerParams(approx_math=True))
+
+
 def _launch(plgpu, entry, out_type, grid, grid_names, wgs, cfg, args, name: str):
     # The kernel's name in profiles is taken from the body's: one per kernel kind and
     # part kind, so a trace tells the forward, dQ and dK/dV of each part apart.
     entry.__name__ = entry.__qualname__ = name
-    params = {}
-    if cfg.interpret:
-        params["interpret"] = cfg.interpret_params or plgpu.InterpretGPUParams()
-    else:
-        params["compiler_params"] = plgpu.CompilerParams(approx_math=True)
     return plgpu.kernel(entry, out_type=out_type, grid=grid, grid_names=grid_names,
-                        num_threads=wgs + 1, thread_name="wg", **params)(*args)
+                        num_threads=wgs + 1, thread_name="wg", **_launch_params(plgpu, cfg))(*args)
 
 
 def _launch_in_place(plgpu, entry, args, state, grid, grid_names, wgs, cfg, name: str):
     """``entry(*args, *state_refs)`` on the mesh; returns the final ``state`` arrays."""
     mesh = plgpu.Mesh(grid=grid, grid_names=grid_names, num_threads=wgs + 1,
                       thread_name="wg", kernel_name=name)
-    if cfg.interpret:
-        params = dict(interpret=cfg.interpret_params or plgpu.InterpretGPUParams())
-    else:
-        params = dict(compiler_params=plgpu.CompilerParams(approx_math=True))
 
     def body(refs):
-        @pl.core_map(mesh, **params)
+        @pl.core_map(mesh, **_launch_params(plgpu, cfg))
         def _():
             entry(*refs)
 

@@ -1163,8 +1163,8 @@ def _fused_bwd(group, cfg, res, do):
     # dQ kernel. Float32 atomics add in arrival order: dq is then not bitwise
     # reproducible from run to run, hence an option. mosaic_summary_dq: the same from
     # the Mosaic GPU dK/dV kernel, by TMA bulk reductions of whole tiles.
-    mosaic_dq = cfg.mosaic_dq(group) and bool(gathered)
-    fuse_dq = (cfg.atomic_dq or mosaic_dq) and bool(gathered)
+    mosaic_dq = bool(gathered) and cfg.mosaic_dq(group)
+    fuse_dq = mosaic_dq or (cfg.atomic_dq and bool(gathered))
     # column_bwd: strided parts whose columns qualify get dq, dk, dv from one kernel,
     # run after the other parts (chained sums: the order does not matter).
     # strip_bwd: band parts (the local window) likewise, in strips of key tiles.
