@@ -403,7 +403,7 @@ def assert_matches_default_launches(pattern, shape, dtype, **opts):
     got = output_and_grads(lambda *x: pallas_gpu.attention(*x, pattern, **opts), q, k, v, g)
     want = output_and_grads(lambda *x: pallas_gpu.attention(*x, pattern, block_q=16, block_k=16,
                                                             colaunch=False, narrow_chain=False,
-                                                            column_bwd=False,
+                                                            column_bwd=False, diag_bwd=False,
                                                             mosaic_summary_dq=False),
                             q, k, v, g)
     tol = 1e-2 if dtype == jnp.bfloat16 else 1e-5
@@ -422,9 +422,10 @@ def test_atomic_dq_leaves_patterns_without_summary_columns_unchanged():
 
 
 @pytest.mark.parametrize("name,opts", [("strided", {}), ("fixed", {}), ("fixed", {"atomic_dq": True}),
+                                       ("fixed", {"diag_bwd": False, "mosaic_summary_dq": False}),
                                        ("fixed", {"colaunch": False, "narrow_chain": False}),
                                        ("strided", {"narrow_chain": False})],
-                         ids=["strided", "fixed", "fixed-atomic-dq", "fixed-split-launch-f32-chain",
+                         ids=["strided", "fixed", "fixed-atomic-dq", "fixed-split-bwd", "fixed-split-launch-f32-chain",
                               "strided-f32-chain"])
 def test_kernels_lower_for_cuda_at_the_benchmark_shape(name, opts):
     """The real Triton lowering (not the interpreter) on a CPU machine: an abstract H100
@@ -445,6 +446,12 @@ def test_kernels_lower_for_cuda_at_the_benchmark_shape(name, opts):
     import re
 
     kernels = set(re.findall(r"sparse_attn_\w+?_v2\b", text))
+    if name == "fixed" and opts.get("diag_bwd", True) and not opts.get("atomic_dq"):
+        # The default for merged fixed heads: the Mosaic summary dK/dV+dq kernel, then
+        # the block part's dq, dk, dv in one diagonal-block launch.
+        assert kernels == {"sparse_attn_fwd_v2", "sparse_attn_bwd_diag_v2"}, kernels
+        assert "mosaic_gpu" in text
+        return
     want = {"sparse_attn_fwd_v2", "sparse_attn_bwd_dkv_v2"}
     want.add("sparse_attn_bwd_dkv_dq_v2" if opts.get("atomic_dq") else "sparse_attn_bwd_dq_v2")
     assert want <= kernels, kernels
@@ -802,7 +809,8 @@ def test_summary_dkv_tiles_change_only_the_summary_dkv_kernel(combine, monkeypat
         return real(q, k, v, do, lse, delta, dkv0, part, *a, **kw)
 
     monkeypatch.setattr(pallas_gpu, "_dkv_call_v2", spy)
-    opts = dict(block_q=16, block_k=16, summary_dkv_block_q=32)
+    # diag_bwd off: the block parts keep the split dK/dV kernel this test watches.
+    opts = dict(block_q=16, block_k=16, summary_dkv_block_q=32, diag_bwd=False)
     assert_matches_reference(spec, 0, shape, jnp.float32, **opts)
     assert_matches_default_launches(pattern, shape, jnp.bfloat16, **opts)
     assert (32, True) in seen and (16, False) in seen and (32, False) not in seen
@@ -850,9 +858,11 @@ def test_mosaic_summary_dkv_matches_reference_and_the_triton_kernel(spec, layer)
     pattern = spec.layer_pattern(layer, shape[2])
     opts = dict(mosaic_summary_dkv=True, mosaic_summary_dq=False)
     assert mosaic_dkv_runs(pattern, shape, jnp.bfloat16)
-    # Triton's dK/dV kernel runs for the block parts only (none in the summary-only layer).
+    # Triton's dK/dV kernel runs for the merged block part only: multihead's block heads
+    # take the one-launch diag_bwd kernel, the summary-only layer has no block part.
     names = kernel_names(pattern, shape, jnp.bfloat16, **opts)
-    assert ("sparse_attn_bwd_dkv_v2" in names) == (spec.combine != "interleaved")
+    assert ("sparse_attn_bwd_dkv_v2" in names) == (spec.combine == "merged")
+    assert ("sparse_attn_bwd_diag_v2" in names) == (spec.combine == "multihead")
     assert_matches_reference(spec, layer, shape, jnp.bfloat16, **opts)
     assert_matches_default_launches(pattern, shape, jnp.bfloat16, **opts)
 
@@ -941,11 +951,15 @@ def test_mosaic_summary_dq_is_on_by_default_for_merged_summary_heads_only():
 
 
 def test_mosaic_summary_dq_lowers_for_cuda_with_dq_updated_in_place():
-    """The default at the benchmark shape: the Mosaic kernel takes the block part's dq
-    and adds into that buffer (an aliased operand), lowered for an H100."""
+    """The default at the benchmark shape: the Mosaic kernel adds into a zero float32 dq
+    (an aliased operand), which the block part's diag_bwd kernel then finishes; with
+    diag_bwd=False it adds into the block part's dq from the dQ kernel. Lowered for an
+    H100."""
     text = lowered_for_cuda(PatternSpec("fixed", 128, 32, combine="merged"))
     assert "stablehlo.custom_call @mosaic_gpu_v2" in text and "output_operand_aliases" in text
-    assert "sparse_attn_bwd_dq_v2" in text
+    assert "sparse_attn_bwd_diag_v2" in text and "sparse_attn_bwd_dq_v2" not in text
+    text = lowered_for_cuda(PatternSpec("fixed", 128, 32, combine="merged"), diag_bwd=False)
+    assert "output_operand_aliases" in text and "sparse_attn_bwd_dq_v2" in text
 
 
 def test_head_groups_of_consecutive_heads_are_sliced_not_gathered():
@@ -960,15 +974,90 @@ def test_head_groups_of_consecutive_heads_are_sliced_not_gathered():
                              jnp.float32, block_q=16, block_k=16)
 
 
-def test_mosaic_dkv_scheduling_knobs_keep_the_gradients(monkeypatch):
+def test_mosaic_dkv_scheduling_knobs_off_keep_the_gradients(monkeypatch):
     """overlap_wgmma (S^T and dP^T issued together; on the GPU dV, dK and dq too) and
-    max_registers change when the matmuls run, not what they compute. The interpreter
-    runs wgmma synchronously: this checks the arithmetic and the barriers; the GPU form
-    (register operands in one accumulator scope) is lowered for CUDA."""
-    monkeypatch.setattr(pallas_gpu, "MOSAIC_DKV_OPTIONS", dict(overlap_wgmma=True, max_registers=True))
+    max_registers (both on by default, measured faster) change when the matmuls run, not
+    what they compute: with them off (every other test runs them on) the gradients are
+    the same. The interpreter runs wgmma synchronously: this checks the arithmetic and
+    the barriers; the GPU form (one wgmma at a time) is lowered for CUDA."""
+    assert pallas_gpu.MOSAIC_DKV_OPTIONS == dict(overlap_wgmma=True, max_registers=True)
+    monkeypatch.setattr(pallas_gpu, "MOSAIC_DKV_OPTIONS", dict(overlap_wgmma=False, max_registers=False))
     spec = PatternSpec("fixed", 64, 16, combine="merged")
     assert_matches_reference(spec, 0, (1, 256, 2, 64), jnp.bfloat16)  # dK/dV and dq
     assert_matches_reference(spec, 0, (1, 256, 2, 64), jnp.bfloat16, mosaic_summary_dkv=True,
                              mosaic_summary_dq=False)  # dK/dV only
     text = lowered_for_cuda(PatternSpec("fixed", 128, 32, combine="merged"))
     assert "stablehlo.custom_call @mosaic_gpu_v2" in text
+
+
+# diag_bwd: a part that stays inside diagonal blocks (the fixed pattern's block part)
+# gets dq, dk, dv from one program per block; in merged fixed heads that program also
+# adds the Mosaic kernel's summary dq, dk, dv and writes the input dtype.
+DIAG_BWD_CASES = [
+    # (spec, layer, shape, dtype, opts)
+    # merged, Mosaic summary first: l=64, c=16 -> key tiles of 32, 16 and 16 rows (cut at
+    # the summary columns 48..63), two 32-row query tiles
+    (PatternSpec("fixed", 64, 16, combine="merged"), 0, (2, 256, 2, 64), jnp.bfloat16, dict(block_q=32)),
+    # the block heads of a multihead layer (no summary part in their group), float32
+    (PatternSpec("fixed", 32, 8, combine="multihead"), 0, (1, 128, 4, 64), jnp.float32,
+     dict(block_q=16, block_k=16)),
+    # the block layer of an interleaved pair, one 32-row query tile per block
+    (PatternSpec("fixed", 32, 8, combine="interleaved"), 0, (1, 128, 2, 64), jnp.float32, {}),
+]
+
+
+@pytest.mark.parametrize("spec,layer,shape,dtype,opts", DIAG_BWD_CASES,
+                         ids=["merged-mosaic-bf16", "multihead-block-heads-f32", "block-layer-f32"])
+def test_diag_backward_matches_reference_and_the_split_kernels(spec, layer, shape, dtype, opts):
+    pattern = spec.layer_pattern(layer, shape[2])
+    names = kernel_names(pattern, shape, dtype, **opts)
+    assert "sparse_attn_bwd_diag_v2" in names  # the default
+    if spec.combine != "multihead":  # (multihead's summary heads keep their dQ launch)
+        assert "sparse_attn_bwd_dq_v2" not in names and "sparse_attn_bwd_dkv_v2" not in names
+    assert_matches_reference(spec, layer, shape, dtype, **opts)
+    assert_matches_default_launches(pattern, shape, dtype, **opts)
+    assert "sparse_attn_bwd_diag_v2" not in kernel_names(pattern, shape, dtype, diag_bwd=False, **opts)
+
+
+def test_diag_schedule_cuts_key_tiles_at_the_summary_columns():
+    """l=128, c=32 (the benchmark's fixed pattern), 64-row query tiles: key tiles of 64,
+    32 and 32 rows, so the summary columns 96..127 are whole tiles; each key tile lists
+    the query tiles that see it, masked where the causal edge crosses the pair."""
+    spec = PatternSpec("fixed", 128, 32, combine="merged")
+    t = 512
+    layout = build_layout(tuple(map(tuple, spec.layer_pattern(0, 2))), t, 64, 64)
+    block = next(p for p in layout.groups[0].parts if p.k_index is None)
+    big, bq, schedule = pallas_gpu._diag_schedule(block, t, 64, summary=(128, 96, 32))
+    assert (big, bq) == (128, 64)
+    assert schedule == ((0, 64, ((0, True), (1, False))), (64, 32, ((1, True),)), (96, 32, ((1, True),)))
+    # Without summary rows to add: two 64-row key tiles.
+    assert [(a, n) for a, n, _ in pallas_gpu._diag_schedule(block, t, 64)[2]] == [(0, 64), (64, 64)]
+    # Where it does not apply: head dim over the limit, summary columns of another l, a
+    # tile under 16 rows, a block of more than two query tiles, a part of another rule.
+    assert pallas_gpu._diag_schedule(block, t, 128) is None
+    assert pallas_gpu._diag_schedule(block, t, 64, summary=(64, 48, 16)) is None
+    assert pallas_gpu._diag_schedule(block, t, 64, summary=(128, 120, 8)) is None
+    small = build_layout(tuple(map(tuple, spec.layer_pattern(0, 2))), t, 32, 32)
+    assert pallas_gpu._diag_schedule(small.groups[0].parts[0], t, 64) is None
+    strided = build_layout(tuple(map(tuple, PatternSpec("strided", 16).layer_pattern(0, 2))), 256, 16, 16)
+    assert all(pallas_gpu._diag_schedule(p, 256, 64) is None for g in strided.groups for p in g.parts)
+
+
+def test_pow2_pieces_are_aligned_powers_of_two_covering_the_range():
+    assert pallas_gpu._pow2_pieces(0, 128, 64) == [(0, 64), (64, 64)]
+    assert pallas_gpu._pow2_pieces(0, 48, 64) == [(0, 32), (32, 16)]
+    assert pallas_gpu._pow2_pieces(48, 64, 64) == [(48, 16)]
+    assert pallas_gpu._pow2_pieces(96, 128, 64) == [(96, 32)]
+
+
+def test_mosaic_fills_depend_on_the_cotangent():
+    """The Mosaic dK/dV+dq kernel's starting buffers are tied to do: a constant fill has
+    no operand and XLA scheduled all 30 layers' fills early (+7 GiB peak in the enwik8
+    train step on an H200, session 8). Same values as a plain fill."""
+    from sparse_lm.attention import mosaic_gpu
+
+    x = jnp.arange(6.0).reshape(2, 3)
+    got = mosaic_gpu.filled_after(x, (4, 5), 2.0, jnp.bfloat16)
+    assert got.dtype == jnp.bfloat16 and bool((got == 2).all()) and got.shape == (4, 5)
+    jaxpr = jax.make_jaxpr(lambda x: mosaic_gpu.filled_after(x, (4, 5), 0.0))(x).jaxpr
+    assert any(v is jaxpr.invars[0] for eqn in jaxpr.eqns for v in eqn.invars)

@@ -260,6 +260,18 @@ def _launch(plgpu, entry, out_type, grid, grid_names, wgs, cfg, args, name: str)
                         num_threads=wgs + 1, thread_name="wg", **_launch_params(plgpu, cfg))(*args)
 
 
+def filled_after(x: jax.Array, shape, value: float, dtype=jnp.float32) -> jax.Array:
+    """An array of ``shape`` filled with ``value`` that XLA cannot compute before ``x``.
+
+    A broadcast of a constant has no operand, so XLA's scheduler may run it early: in
+    the 30-layer enwik8 train step the zero dq buffers of the Mosaic dK/dV+dq kernel
+    (200 MB per layer) were all alive at once, 36.8 -> 42.2 GiB peak (H200, session 8).
+    Adding x's first element times zero ties the fill to x (XLA does not fold float
+    x * 0, which is NaN for x = inf or NaN; the gradient would then be lost anyway)."""
+    tie = (x.reshape(-1)[:1] * 0).astype(dtype).reshape((1,) * len(shape))
+    return jnp.full(shape, value, dtype) + tie
+
+
 def _launch_in_place(plgpu, entry, args, state, grid, grid_names, wgs, cfg, name: str):
     """``entry(*args, *state_refs)`` on the mesh; returns the final ``state`` arrays."""
     mesh = plgpu.Mesh(grid=grid, grid_names=grid_names, num_threads=wgs + 1,
@@ -828,7 +840,7 @@ def _dkv_part(q, k, v, do, ld, part: PartLayout, cfg: KernelConfig, out_dtype, d
     # dk, dv: every row is written, so any start will do, but constants that differ
     # from each other and from a zero dq0: one buffer passed as two states (XLA merges
     # equal constants) deadlocked the interpreter under jit.
-    state = (jnp.full(out.shape, 1.0, out.dtype), jnp.full(out.shape, 2.0, out.dtype),
+    state = (filled_after(do, out.shape, 1.0, out.dtype), filled_after(do, out.shape, 2.0, out.dtype),
              dq0.astype(jnp.float32))
     return _launch_in_place(plgpu, entry, args, state, grid, grid_names, wgs, cfg,
                             _name("dkvdq", part))

@@ -35,7 +35,7 @@ from sparse_lm.attention import mosaic_gpu, triton_atomic
 from sparse_lm.attention.layout import (PAD_POSITION, GroupLayout, Layout, MaskRule, PartLayout,
                                         build_layout, head_ranges)
 from sparse_lm.attention.part_order import (add_at_keys, from_order, merge, part_keys, scatter_keys,
-                                            to_order)
+                                            summary_slice, to_order)
 from sparse_lm.attention.patterns import LayerPattern, PatternError
 
 LOG2E = math.log2(math.e)
@@ -58,6 +58,7 @@ class KernelConfig:
     narrow_chain: bool = True  # v2: partial results between launches in the input dtype
     column_bwd: bool = True  # v2: a strided part's dq, dk, dv in one kernel (_column_bwd_call)
     strip_bwd: bool = False  # v2: a band part's dq, dk, dv in one kernel (_strip_bwd_call)
+    diag_bwd: bool = True  # v2: a diagonal-block part's dq, dk, dv in one kernel (_diag_bwd_call)
     mosaic_summary_dkv: bool = False  # v2: gathered parts' dK/dV by Mosaic GPU (_mosaic_dkv_call)
     # v2: ... and their dq too, by TMA reductions (_fused_bwd): "off", "merged" (groups
     # whose summary part shares its softmax with an own part) or "all"
@@ -1067,6 +1068,191 @@ def _strip_bwd_call(q, k, v, do, lse, delta, init, part: PartLayout, cfg: Kernel
                              out_dtype, args, cfg, "sparse_attn_bwd_strip_v2")
 
 
+# A natural-order part that never leaves its diagonal block of L rows (the fixed
+# pattern's own-block part: rule ``same_block`` with g = L) has no pair between two
+# blocks, so one program per block can compute that block's dq, dk and dv together
+# (v2 ``diag_bwd``): S, P and dP once per pair (5 block matmuls instead of the split
+# kernels' 7), one read of q, k, v, do, no atomics, one launch instead of two. The same
+# program finishes the gradients of a merged fixed head (``_fused_bwd``): it adds the
+# summary part's float32 dq (from the Mosaic dK/dV kernel) and the summary columns'
+# dk, dv to its own and writes the input dtype, so the XLA passes that did that (a
+# float32 -> bf16 convert of dq, a concatenating row add of dk and dv: 0.07 of the
+# 1.69 ms at (2, 16384, 8, 64) on an H200) go away. Registers bound it like the column
+# kernel: every query tile of the block keeps a float32 dq (DIAG_BWD_MAX_TILES tiles,
+# head dims up to DIAG_BWD_MAX_HEAD_DIM).
+DIAG_BWD_MAX_TILES = 2
+DIAG_BWD_MAX_HEAD_DIM = 64
+# Launch parameters of that kernel: query tile rows (None: the part's block_q), the
+# largest key tile (key tiles are cut only where the summary rows begin and end, so a
+# block of 128 with c = 32 has key tiles of 64, 32 and 32 rows), warps (None: the
+# config's).
+DIAG_BWD_TILES = dict(block_q=None, max_block_k=64, num_warps=None)
+
+
+def _pow2_pieces(start: int, stop: int, largest: int) -> list[tuple[int, int]]:
+    """[start, stop) as (start, size) pieces of powers of two, each aligned to its size
+    and at most ``largest``: Triton tiles are powers of two."""
+    pieces = []
+    while start < stop:
+        size = largest
+        while size > 1 and (start % size or start + size > stop):
+            size //= 2
+        pieces.append((start, size))
+        start += size
+    return pieces
+
+
+def _diag_schedule(part: PartLayout, t: int, d: int, summary: tuple | None = None):
+    """(L, block_q, schedule) of a part confined to diagonal blocks of L rows,
+    ``schedule`` = ((key row, key rows, ((query tile, masked), ...)), ...) per key tile
+    of a block; None when the part is not such a part (natural order, own keys at their
+    positions, rule ``same_block``), the block holds more than DIAG_BWD_MAX_TILES query
+    tiles, the head dim exceeds DIAG_BWD_MAX_HEAD_DIM, or a tile would have fewer than
+    16 rows.
+
+    ``summary`` = (l, lo, c): the summary columns whose dk, dv the kernel adds
+    (``part_order.summary_slice``): the block's rows [lo, lo + c), so key tiles are cut
+    at lo and lo + c.
+    """
+    rule = part.spec.rule
+    if (part.spec.order != "natural" or part.k_index is not None or rule.group != "same_block"
+            or d > DIAG_BWD_MAX_HEAD_DIM or part.k_pos.shape[0] != 1):
+        return None
+    big = rule.g
+    if t % big or not (np.array_equal(part.q_pos, np.arange(t))
+                       and np.array_equal(part.k_pos[0], np.arange(t))):
+        return None
+    bq = min(DIAG_BWD_TILES["block_q"] or part.block_q, big)
+    if big % bq or big // bq > DIAG_BWD_MAX_TILES or bq < 16:
+        return None
+    cuts = {0, big}
+    if summary is not None:
+        l, lo, c = summary  # noqa: E741
+        if l != big:
+            return None
+        cuts |= {lo, lo + c}
+    cuts = sorted(cuts)
+    keys = [piece for a, b in zip(cuts, cuts[1:])
+            for piece in _pow2_pieces(a, b, DIAG_BWD_TILES["max_block_k"])]
+    # 16-bit operands take tiles of 16 rows or more (tensor cores); so does float32 here.
+    if min(size for _, size in keys) < 16:
+        return None
+    pos = np.arange(big)
+    allowed = rule.allowed(pos[:, None], pos[None, :])  # [query, key] within one block
+    schedule = []
+    for start, size in keys:
+        pairs = []
+        for i in range(big // bq):
+            tile = allowed[i * bq : (i + 1) * bq, start : start + size]
+            if tile.any():
+                pairs.append((i, not bool(tile.all())))
+        schedule.append((start, size, tuple(pairs)))
+    return big, bq, tuple(schedule)
+
+
+def _diag_bwd_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, schedule: tuple,
+                     rule: MaskRule, big: int, block_q: int, scale: float,
+                     has_dq0: bool, has_dkv0: bool, summary: tuple | None):
+    """dq, dk, dv of one diagonal block of ``big`` rows (q, k, v, do: [big, D]; lse,
+    delta: [big]). ``has_dq0``: a dq0 ref (any dtype) follows, added to dq;
+    ``has_dkv0``: then dk0, dv0 refs, added to dk, dv. ``summary`` (lo, c): refs of the
+    summary columns' float32 dk, dv ([c, D]) follow, added to the block's rows
+    [lo, lo + c). Then the outputs dq, dk, dv."""
+    refs = list(refs)
+    dq0_ref = refs.pop(0) if has_dq0 else None
+    dk0_ref, dv0_ref = (refs.pop(0), refs.pop(0)) if has_dkv0 else (None, None)
+    sk_ref, sv_ref = (refs.pop(0), refs.pop(0)) if summary is not None else (None, None)
+    dq_ref, dk_ref, dv_ref = refs
+    prec = _precision(q_ref.dtype)
+    qk_scale = scale * LOG2E
+    d = q_ref.shape[-1]
+    base = pl.program_id(0) * big  # positions of this block's first row
+    last_use = {i: j for j, (_, _, pairs) in enumerate(schedule) for i, _ in pairs}
+
+    def finish_dq(i, x):
+        qs = pl.ds(i * block_q, block_q)
+        if dq0_ref is not None:
+            x = x + dq0_ref[qs, :].astype(jnp.float32)
+        dq_ref[qs, :] = x.astype(dq_ref.dtype)
+
+    dq: dict[int, jax.Array] = {}
+    for j, (start, size, pairs) in enumerate(schedule):
+        ks = pl.ds(start, size)
+        k, v = k_ref[ks, :], v_ref[ks, :]
+        kpos = base + start + lax.broadcasted_iota(jnp.int32, (size,), 0)
+        dk = jnp.zeros((size, d), jnp.float32)
+        dv = jnp.zeros((size, d), jnp.float32)
+        for i, masked in pairs:
+            qs = pl.ds(i * block_q, block_q)
+            q, do = q_ref[qs, :], do_ref[qs, :]
+            qpos = (base + i * block_q + lax.broadcasted_iota(jnp.int32, (block_q,), 0)
+                    if masked else None)
+            pt, dst = _pair_grads(k, v, kpos, q, do, lse_ref[qs] * LOG2E, delta_ref[qs], qpos,
+                                  rule=rule, qk_scale=qk_scale, prec=prec)
+            dv = dv + _dot(pt.astype(do.dtype), do, prec)
+            dk = dk + _dot(dst.astype(q.dtype), q, prec)
+            share = _dq_share(dst, k, prec)
+            dq[i] = dq[i] + share if i in dq else share
+            if last_use[i] == j:  # no later key tile reaches query tile i: store, free
+                finish_dq(i, dq.pop(i) * scale)
+        dk = dk * scale
+        if dk0_ref is not None:
+            dk = dk + dk0_ref[ks, :].astype(jnp.float32)
+            dv = dv + dv0_ref[ks, :].astype(jnp.float32)
+        if summary is not None and summary[0] <= start < summary[0] + summary[1]:
+            rows = pl.ds(start - summary[0], size)  # the cuts keep the tile inside them
+            dk = dk + sk_ref[rows, :]
+            dv = dv + sv_ref[rows, :]
+        dk_ref[ks, :] = dk.astype(dk_ref.dtype)
+        dv_ref[ks, :] = dv.astype(dv_ref.dtype)
+    for i in range(big // block_q):
+        if i not in last_use:  # a query tile no key of this block reaches
+            finish_dq(i, jnp.zeros((block_q, d), jnp.float32))
+
+
+def _diag_bwd_call(q, k, v, do, lse, delta, part: PartLayout, cfg: KernelConfig, out_dtype,
+                   schedule: tuple, dq0=None, dkv0=None, summary=None):
+    """(dq, dk, dv) [B, T, H, D] of a part confined to diagonal blocks, one program per
+    block, ``schedule`` from ``_diag_schedule``. ``dq0`` and ``dkv0`` = (dk0, dv0): the
+    other parts' dq and dk, dv (any dtype, [B, T, H, D]), added. ``summary`` = (dk_g, dv_g, lo, c): the gathered summary
+    columns' float32 dk, dv ([B, Tk, H, D], c rows per block in block order, then
+    padding), added at the block rows [lo, lo + c)."""
+    big, bq, sched = schedule
+    b, t, h, d = q.shape
+    blk = pl.BlockSpec((None, big, None, d), lambda i, j, n: (j, i, n, 0))
+    lblk = pl.BlockSpec((None, None, big), lambda i, j, n: (j, n, i))
+    in_specs = [blk] * 4 + [lblk] * 2
+    args = [q, k, v, do, lse, delta]
+    if dq0 is not None:
+        in_specs.append(blk)
+        args.append(dq0)
+    if dkv0 is not None:
+        in_specs += [blk, blk]
+        args += list(dkv0)
+    if summary is not None:
+        dkg, dvg, lo, c = summary
+        rows = pl.BlockSpec((None, c, None, d), lambda i, j, n: (j, i, n, 0))
+        in_specs += [rows, rows]
+        args += [dkg, dvg]
+        summary = (lo, c)
+    kernel = functools.partial(_diag_bwd_kernel, schedule=sched, rule=part.spec.rule, big=big,
+                               block_q=bq, scale=d**-0.5, has_dq0=dq0 is not None,
+                               has_dkv0=dkv0 is not None, summary=summary)
+    if DIAG_BWD_TILES["num_warps"]:
+        cfg = dataclasses.replace(cfg, num_warps=DIAG_BWD_TILES["num_warps"])
+    return _three_grads_call(kernel, (t // big, b, h), in_specs, blk, q.shape, out_dtype, args,
+                             cfg, "sparse_attn_bwd_diag_v2")
+
+
+def _diag_bwd_chained(q, k, v, do, lse, delta, init, part: PartLayout, cfg: KernelConfig,
+                      out_dtype, schedule: tuple):
+    """``_diag_bwd_call`` as a one-kernel backward of ``_fused_bwd`` (``init``: the
+    previous parts' (dq, dk, dv) or None)."""
+    dq0, dkv0 = (None, None) if init is None else (init[0], init[1:])
+    return _diag_bwd_call(q, k, v, do, lse, delta, part, cfg, out_dtype, schedule, dq0=dq0,
+                          dkv0=dkv0)
+
+
 # mosaic_summary_dkv: the gathered (summary) parts' dK/dV from the Mosaic GPU kernel
 # (mosaic_gpu._dkv_part: TMA-streamed query blocks, wgmma, two compute warpgroups of 64
 # key rows), measured 632 vs 816 us against the Triton kernel of the time at
@@ -1076,9 +1262,12 @@ def _strip_bwd_call(q, k, v, do, lse, delta, init, part: PartLayout, cfg: Kernel
 # it applies to bf16 at head dim 64 only (_mosaic_dkv_applies). mosaic_summary_dq (the
 # default for merged heads) is the same kernel also emitting the part's dq.
 MOSAIC_DKV_TILES = (64, 128)
-# mosaic_gpu.KernelConfig's scheduling knobs for that kernel (see there); both written
-# and CPU-tested in session 7, not yet timed on a GPU, so off.
-MOSAIC_DKV_OPTIONS = dict(overlap_wgmma=False, max_registers=False)
+# mosaic_gpu.KernelConfig's scheduling knobs for that kernel (see there). Both on: on an
+# H200, fixed merged f+b at (2, 16384, 8, 64) 1.761 ms with both off, 1.697 with
+# max_registers alone, 1.769 with overlap_wgmma alone, 1.687 with both (the kernel
+# 1.027 -> 0.943 ms); at (8, 12288, 8, 64) 3.868 / 3.745 / 3.904 / 3.727 ms
+# (BENCHMARKS.md, session 8).
+MOSAIC_DKV_OPTIONS = dict(overlap_wgmma=True, max_registers=True)
 
 
 def _mosaic_dkv_applies(dtype, t: int, d: int, interpret: bool) -> bool:
@@ -1170,7 +1359,28 @@ def _fused_bwd(group, cfg, res, do):
     # strip_bwd: band parts (the local window) likewise, in strips of key tiles.
     # Each is (call, part, schedule), strips before columns.
     t, d = q.shape[1], q.shape[-1]
+    # summary_dkv_block_q, mosaic_summary_dkv: the dK/dV kernel's own layout of the
+    # same parts (the same gathered keys at other tiles: 128-row query tiles, or
+    # Mosaic GPU's 64 x 128).
+    dkv_parts = dict(zip(map(id, group.parts), group.dkv_parts or group.parts))
+    if mosaic_dq and cfg.diag_bwd and len(own) == 1 and len(gathered) == 1:
+        # The merged fixed head: the Mosaic kernel first (summary dk, dv and dq, the
+        # latter into zeros), then one diag_bwd program per block adds the block part's
+        # gradients to them and writes the input dtype: no dQ launch, no XLA convert or
+        # row add.
+        summary = dkv_parts[id(gathered[0])]
+        sl = summary_slice(summary)
+        schedule = None if sl is None else _diag_schedule(own[0], t, d, summary=sl)
+        if schedule is not None:
+            kg, vg = part_keys(k, summary), part_keys(v, summary)
+            dkg, dvg, dq = _mosaic_dkv_call(q, kg, vg, do, lse, delta, summary, cfg,
+                                            dq0=mosaic_gpu.filled_after(do, q.shape, 0.0))
+            return _diag_bwd_call(q, k, v, do, lse, delta, own[0], cfg, dtype, schedule, dq0=dq,
+                                  summary=(dkg, dvg, sl[1], sl[2]))
     one_kernel = []
+    if cfg.diag_bwd and not gathered:
+        one_kernel += [(_diag_bwd_chained, p, sch) for p in group.parts
+                       if (sch := _diag_schedule(p, t, d))]
     for on, schedule_of, call in ((cfg.strip_bwd, functools.partial(_strip_schedule, dtype=dtype,
                                                                  interpret=cfg.interpret),
                                    _strip_bwd_call),
@@ -1208,10 +1418,6 @@ def _fused_bwd(group, cfg, res, do):
         dk, dv = dkv if row_add else (x.astype(jnp.float32) for x in dkv)
         if fuse_dq and dq is None:
             dq = jnp.zeros(q.shape, jnp.float32)
-        # summary_dkv_block_q, mosaic_summary_dkv: the dK/dV kernel's own layout of the
-        # same parts (the same gathered keys at other tiles: 128-row query tiles, or
-        # Mosaic GPU's 64 x 128).
-        dkv_parts = dict(zip(map(id, group.parts), group.dkv_parts or group.parts))
         add = add_at_keys if row_add else scatter_keys
         for part in gathered:
             part = dkv_parts[id(part)]
@@ -1305,6 +1511,7 @@ def attention(
     narrow_chain: bool = True,
     column_bwd: bool = True,
     strip_bwd: bool = False,
+    diag_bwd: bool = True,
     summary_dkv_block_q: int = 0,
     mosaic_summary_dkv: bool = False,
     mosaic_summary_dq: bool | None = None,
@@ -1323,7 +1530,7 @@ def attention(
         chained in one online-softmax state, no log-sum-exp merge forward or backward.
         Groups whose strided blocks do not divide T/l take the v1 path (False), which
         permutes q, k, v and merges the parts' outputs in XLA.
-      heavy_first, atomic_dq, colaunch, narrow_chain, column_bwd, strip_bwd,
+      heavy_first, atomic_dq, colaunch, narrow_chain, column_bwd, strip_bwd, diag_bwd,
         summary_dkv_block_q, mosaic_summary_dkv, mosaic_summary_dq: options of the v2
         path only;
         groups that take the v1 path (``fuse_parts=False``, or strided blocks that do
@@ -1365,6 +1572,16 @@ def attention(
         Same results up to float rounding order; 16-bit operands only (float32 keeps
         the split kernels). Off by default: slower on an H200 (strided f+b 0.716 vs
         0.517 ms at (2, 16384, 8, 64), 2.405 vs 1.326 ms at (1, 65536, 8, 64)).
+      diag_bwd: v2: a part that stays inside diagonal blocks of L rows (the fixed
+        pattern's own-block part, L = l) gets dq, dk and dv from one kernel, one program
+        per block (5 block matmuls per pair instead of 7, no atomics), when a block
+        holds at most ``DIAG_BWD_MAX_TILES`` query tiles and the head dim is at most
+        ``DIAG_BWD_MAX_HEAD_DIM``: in head groups without gathered parts (the block
+        heads of multihead and interleaved layers), and in merged fixed heads where
+        ``mosaic_summary_dq`` applies, where the same program also adds the summary
+        part's dq, dk and dv (from the Mosaic kernel, run first) and writes the input
+        dtype, replacing a dQ launch, a dK/dV launch and two XLA passes. Same results
+        up to float rounding order. On by default; False keeps the split kernels.
       summary_dkv_block_q: v2: query tile rows of the gathered (summary) parts' dK/dV
         kernel, when it should differ from ``block_q`` (0: ``block_q``). A sweep on an
         H200 found that kernel alone faster with 128-row query tiles (763 vs 825 µs at
@@ -1455,6 +1672,7 @@ def attention(
         narrow_chain=narrow_chain,
         column_bwd=column_bwd,
         strip_bwd=strip_bwd,
+        diag_bwd=diag_bwd,
         mosaic_summary_dkv=mosaic_summary_dkv,
         mosaic_summary_dq=dq_mode,
     )
