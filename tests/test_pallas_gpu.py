@@ -1019,6 +1019,37 @@ def test_diag_backward_matches_reference_and_the_split_kernels(spec, layer, shap
     assert "sparse_attn_bwd_diag_v2" not in kernel_names(pattern, shape, dtype, diag_bwd=False, **opts)
 
 
+def test_diag_backward_and_strip_backward_never_both_take_a_part():
+    """64-row tiles over l=32 blocks: the block part is also a one-tile band to
+    strip_bwd; it must run once (twice would double dq, dk and dv)."""
+    spec = PatternSpec("fixed", 32, 8, combine="interleaved")
+    shape, opts = (1, 128, 2, 64), dict(strip_bwd=True)
+    names = kernel_names(spec.layer_pattern(0, 2), shape, **opts)
+    assert "sparse_attn_bwd_diag_v2" in names and "sparse_attn_bwd_strip_v2" not in names
+    assert_matches_reference(spec, 0, shape, jnp.float32, **opts)
+
+
+def test_diag_backward_adds_the_previous_parts_gradients():
+    """The chained form (``init``: earlier parts' dq, dk, dv, any dtype) adds them to the
+    block's own: the same as adding afterwards, in float32."""
+    spec = PatternSpec("fixed", 32, 8, combine="interleaved")
+    t, d = 128, 64
+    layout = build_layout(tuple(map(tuple, spec.layer_pattern(0, 2))), t, 32, 32)
+    part = layout.groups[0].parts[0]
+    schedule = pallas_gpu._diag_schedule(part, t, d)
+    q, k, v, do = fresh_inputs((1, t, 2, d), jnp.float32)
+    lse = jax.random.normal(jax.random.PRNGKey(3), (1, 2, t)) + 5.0
+    delta = jax.random.normal(jax.random.PRNGKey(4), (1, 2, t))
+    cfg = pallas_gpu.KernelConfig(interpret=True, num_warps=4, num_stages=2, out_dtype=jnp.float32)
+    init = [x.astype(jnp.bfloat16) for x in fresh_inputs((1, t, 2, d), jnp.float32)[:3]]
+    alone = pallas_gpu._diag_bwd_call(q, k, v, do, lse, delta, part, cfg, jnp.float32, schedule)
+    chained = pallas_gpu._diag_bwd_chained(q, k, v, do, lse, delta, init, part, cfg, jnp.float32,
+                                           schedule)
+    for name, a, x0, c in zip(("dq", "dk", "dv"), alone, init, chained):
+        assert bool(jnp.isfinite(c).all()), name
+        np.testing.assert_allclose(c, a + x0.astype(jnp.float32), rtol=1e-6, atol=1e-6, err_msg=name)
+
+
 def test_diag_schedule_cuts_key_tiles_at_the_summary_columns():
     """l=128, c=32 (the benchmark's fixed pattern), 64-row query tiles: key tiles of 64,
     32 and 32 rows, so the summary columns 96..127 are whole tiles; each key tile lists

@@ -1386,8 +1386,12 @@ def _fused_bwd(group, cfg, res, do):
                                    _strip_bwd_call),
                                   (cfg.column_bwd, _column_schedule, _column_bwd_call)):
         if on and not gathered:
-            one_kernel += [(call, p, sch) for p in group.parts if (sch := schedule_of(p, t, d))]
-    in_one = {id(p) for _, p, _ in one_kernel}  # identity: layouts hold arrays, no ==
+            # A part runs in one such kernel at most: a block part whose tiles span its
+            # whole l-block is also a band of one tile to strip_bwd.
+            taken = {id(p) for _, p, _ in one_kernel}  # identity: layouts hold arrays, no ==
+            one_kernel += [(call, p, sch) for p in group.parts
+                           if id(p) not in taken and (sch := schedule_of(p, t, d))]
+    in_one = {id(p) for _, p, _ in one_kernel}
     dq_parts = [p for p in (own if fuse_dq else group.parts) if id(p) not in in_one]
     dq = None
     launches = _launch_groups(dq_parts, cfg.colaunch)
