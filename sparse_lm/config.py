@@ -70,6 +70,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.attention.column_bwd = True  # a strided part's dq, dk, dv in one kernel per column (head dim <= 64)
     c.attention.strip_bwd = False  # the local window's dq, dk, dv in one kernel per strip (slower on an H200)
     c.attention.diag_bwd = True  # the fixed pattern's own-block dq, dk, dv in one kernel per block
+    c.attention.mosaic_forward = False  # merged fixed heads' forward by Mosaic GPU (bf16; untimed)
     c.attention.mosaic_summary_dkv = False  # the fixed pattern's summary dK/dV by Mosaic GPU (bf16, D=64)
     # ... and its dq too, by TMA reductions. Unset: the kernel's default, on for merged
     # fixed heads where it applies (faster; dq not bitwise reproducible run to run);

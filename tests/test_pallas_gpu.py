@@ -1050,6 +1050,60 @@ def test_diag_backward_adds_the_previous_parts_gradients():
         np.testing.assert_allclose(c, a + x0.astype(jnp.float32), rtol=1e-6, atol=1e-6, err_msg=name)
 
 
+# mosaic_forward: merged fixed heads' forward from one Mosaic GPU kernel (block and
+# summary parts in one online softmax, 128-row query tiles, two compute warpgroups).
+@pytest.mark.parametrize("spec,shape", [
+    (PatternSpec("fixed", 64, 16, combine="merged", distinct_summaries=True), (1, 512, 4, 64)),
+    (PatternSpec("fixed", 128, 32, combine="merged"), (2, 256, 2, 128)),
+], ids=["l64-distinct-summaries-D64", "l128-D128-B2"])
+def test_mosaic_forward_matches_reference_and_the_triton_forward(spec, shape):
+    # l=64: a 128-row query tile spans two blocks, so the block part's key tile is masked
+    # across two blocks; distinct summaries: a summary start per head.
+    pattern = spec.layer_pattern(0, shape[2])
+    assert "mgpu_attn_fwd_merged" in mosaic_kernels(pattern, shape, mosaic_forward=True)
+    assert_matches_reference(spec, 0, shape, jnp.bfloat16, mosaic_forward=True)
+    assert_matches_default_launches(pattern, shape, jnp.bfloat16, mosaic_forward=True)
+
+
+def test_mosaic_forward_applies_only_to_merged_heads_where_it_can():
+    merged = PatternSpec("fixed", 64, 16, combine="merged").layer_pattern(0, 2)
+    fwd = "mgpu_attn_fwd_merged"
+    assert fwd not in mosaic_kernels(merged, (1, 256, 2, 64))  # off by default (untimed)
+    assert fwd in mosaic_kernels(merged, (1, 256, 2, 64), mosaic_forward=True)
+    assert fwd not in mosaic_kernels(merged, (1, 256, 2, 64), jnp.float32, mosaic_forward=True)
+    assert fwd not in mosaic_kernels(merged, (1, 192, 2, 64), mosaic_forward=True)  # T % 128
+    for other in (PatternSpec("fixed", 64, 16, combine="multihead").layer_pattern(0, 4),
+                  PatternSpec("fixed", 64, 16, combine="interleaved").layer_pattern(1, 4),
+                  PatternSpec("strided", 16, combine="merged").layer_pattern(0, 4)):
+        assert fwd not in mosaic_kernels(other, (1, 256, 4, 64), mosaic_forward=True)
+
+
+def test_mosaic_forward_lowers_for_cuda_with_the_warpgroups_taking_turns():
+    """The GPU form (turns through a shared barrier, P from registers) lowered for an
+    H100 at the benchmark shape; the interpreter runs the turns' arithmetic only."""
+    text = lowered_for_cuda(PatternSpec("fixed", 128, 32, combine="merged"), mosaic_forward=True)
+    assert "mgpu_attn_fwd_merged" in text and "sparse_attn_fwd_v2" not in text
+
+
+def test_mosaic_kernels_raise_and_lower_registers_in_pairs(monkeypatch):
+    """setmaxnreg.inc waits for registers the memory warpgroup must give back: a kernel
+    that raises the compute warpgroups' limit without lowering the memory warpgroup's
+    hangs on the GPU (merged_forward's first version did, session 8)."""
+    from sparse_lm.attention import mosaic_gpu
+
+    plgpu = mosaic_gpu._plgpu()
+    real, calls = plgpu.set_max_registers, []
+
+    def spy(n, *, action):
+        calls.append(action)
+        return real(n, action=action)
+
+    monkeypatch.setattr(plgpu, "set_max_registers", spy)
+    lowered_for_cuda(PatternSpec("fixed", 128, 32, combine="merged"), mosaic_forward=True)
+    # Two kernels (the merged forward, the dK/dV+dq kernel), each traced once.
+    assert calls.count("increase") == calls.count("decrease") == 2, calls
+
+
 def test_diag_schedule_cuts_key_tiles_at_the_summary_columns():
     """l=128, c=32 (the benchmark's fixed pattern), 64-row query tiles: key tiles of 64,
     32 and 32 rows, so the summary columns 96..127 are whole tiles; each key tile lists

@@ -196,11 +196,13 @@ class GroupLayout:
 
     ``dkv_parts``: the same parts laid out with other query tiles for a dK/dV kernel
     that prefers them (``pallas_gpu``'s ``summary_dkv_block_q``), or None.
+    ``fwd_parts``: likewise for a forward kernel (``pallas_gpu``'s ``mosaic_forward``).
     """
 
     heads: tuple[int, ...]
     parts: tuple[PartLayout, ...]
     dkv_parts: tuple[PartLayout, ...] | None = None
+    fwd_parts: tuple[PartLayout, ...] | None = None
 
 
 def head_ranges(groups: tuple[GroupLayout, ...] | list, num_heads: int) -> list[slice] | None:

@@ -230,6 +230,86 @@ def _accumulate(plgpu, acc, a, a_smem, b, in_place: bool):
     return acc + _wgmma_value(plgpu, acc.shape, a_smem, b)
 
 
+def _forward_scratch(plgpu, cfg: KernelConfig, dtype, out_dtype, rows: int, bk: int, d: int):
+    """A forward's shared memory (q per warpgroup, K and V slots, P per warpgroup unless
+    P goes from registers, o per warpgroup when its dtype differs from q's (else o is
+    staged in q's buffer), lse per warpgroup) and its barriers (K, V landed; Q landed;
+    K, V slot free)."""
+    wgs, n_slots = cfg.compute_wgs, cfg.max_concurrent_steps
+    qkv_tr = _smem_transforms(dtype, d)
+    smem = (
+        plgpu.SMEM((wgs, rows, d), dtype, transforms=qkv_tr),
+        plgpu.SMEM((n_slots, bk, d), dtype, transforms=qkv_tr),
+        plgpu.SMEM((n_slots, bk, d), dtype, transforms=qkv_tr),
+        None if cfg.pv_from_registers
+        else plgpu.SMEM((wgs, rows, bk), dtype, transforms=_smem_transforms(dtype, bk)),
+        None if jnp.dtype(out_dtype) == jnp.dtype(dtype) else plgpu.SMEM((wgs, rows, d), out_dtype),
+        plgpu.SMEM((wgs, rows), jnp.float32),
+    )
+    bars = (
+        plgpu.Barrier(num_barriers=n_slots),  # K landed
+        plgpu.Barrier(num_barriers=n_slots),  # V landed
+        plgpu.Barrier(num_barriers=wgs),  # Q landed
+        plgpu.Barrier(num_arrivals=wgs, num_barriers=n_slots),  # K slot free
+        plgpu.Barrier(num_arrivals=wgs, num_barriers=n_slots),  # V slot free
+    )
+    return smem, bars
+
+
+def _load_query_rows(plgpu, src, q_smem, bar, bk: int):
+    """A forward's compute warpgroup: its query rows from ``src`` into ``q_smem``, and
+    the (row, key column) index grids of its [rows, bk] score tiles."""
+    plgpu.copy_gmem_to_smem(src, q_smem, bar)
+    plgpu.barrier_wait(bar)
+    rows = q_smem.shape[0]
+    return tuple(plgpu.broadcasted_iota(jnp.int32, (rows, bk), axis, layout=plgpu.Layout.WGMMA)
+                 for axis in (0, 1))
+
+
+def _softmax_start(plgpu, rows: int, d: int):
+    """The online softmax's starting (acc, m, l) in wgmma layouts."""
+    layout = plgpu.Layout.WGMMA
+    return (plgpu.layout_cast(jnp.zeros((rows, d), jnp.float32), layout),
+            plgpu.layout_cast(jnp.full((rows,), -jnp.inf, jnp.float32), layout.reduce(1)),
+            plgpu.layout_cast(jnp.zeros((rows,), jnp.float32), layout.reduce(1)))
+
+
+def _softmax_step(s, acc, m_prev, l_prev):
+    """One online-softmax step of base-2 scores ``s`` [rows, keys]: (p, acc rescaled,
+    m, l). A row with no allowed key so far has max -inf: it is shifted by 0 instead."""
+    m_next = jnp.maximum(m_prev, s.max(axis=1))
+    m_shift = jnp.where(m_next == -jnp.inf, 0.0, m_next)
+    alpha = jnp.exp2(m_prev - m_shift)
+    p = jnp.exp2(s - lax.broadcast_in_dim(m_shift, s.shape, [0]))
+    l_next = alpha * l_prev + p.sum(axis=1)
+    return p, acc * lax.broadcast_in_dim(alpha, acc.shape, [0]), m_next, l_next
+
+
+def _write_rows(plgpu, acc, m, l, o_smem, lse_smem, o_dst, lse_dst, out_dtype):  # noqa: E741
+    """A forward's last step: o = acc / l (0 for an empty row) and its natural lse (-inf
+    for an empty row), staged in shared memory and copied to ``o_dst``, ``lse_dst``."""
+    empty = l == 0.0
+    l_safe = jnp.where(empty, 1.0, l)
+    o_smem[...] = (acc / lax.broadcast_in_dim(l_safe, acc.shape, [0])).astype(out_dtype)
+    lse_smem[...] = jnp.where(empty, -jnp.inf, (m + jnp.log2(l_safe)) * LN2)
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(o_smem, o_dst)
+    plgpu.copy_smem_to_gmem(lse_smem, lse_dst)
+    plgpu.wait_smem_to_gmem(0)
+
+
+def _set_registers(plgpu, cfg: KernelConfig, compute: bool) -> None:
+    """``max_registers``: the compute warpgroups raise their limit to 232, the memory
+    warpgroup lowers its own to 40. Both or neither: setmaxnreg.inc waits until the
+    block's register pool has room, so raising without the matching decrease hangs
+    (it did, session 8, in merged_forward's first version on an H200)."""
+    if cfg.max_registers and not cfg.interpret:
+        if compute:
+            plgpu.set_max_registers(232, action="increase")
+        else:
+            plgpu.set_max_registers(40, action="decrease")
+
+
 def _program(tab_ref, tile_axis: str):
     """This program's (head, tile, batch, warpgroup) indices, and from its row of the
     block table the number of full (unmasked) steps and of all steps."""
@@ -311,12 +391,9 @@ def _part_forward(q, k, v, part: PartLayout, cfg: KernelConfig, out_dtype):
         def _compute():
             row0 = qi * bq + wg * rows
             qs = q_smem.at[wg]
-            plgpu.copy_gmem_to_smem(q_ref.at[bi, pl.ds(row0, rows), hi], qs, q_ready.at[wg])
-            plgpu.barrier_wait(q_ready.at[wg])
+            q_rows, k_cols = _load_query_rows(plgpu, q_ref.at[bi, pl.ds(row0, rows), hi], qs,
+                                              q_ready.at[wg], bk)
             lo_h = lo_ref[hi] if per_head_lo else lo_ref[0]
-            wgmma_layout = plgpu.Layout.WGMMA
-            q_rows = plgpu.broadcasted_iota(jnp.int32, (rows, bk), 0, layout=wgmma_layout)
-            k_cols = plgpu.broadcasted_iota(jnp.int32, (rows, bk), 1, layout=wgmma_layout)
             q_pos = pos.q(q_rows + row0)
 
             def step(t_, carry, masked: bool):
@@ -330,13 +407,7 @@ def _part_forward(q, k, v, part: PartLayout, cfg: KernelConfig, out_dtype):
                     kb = tab_ref[qi, 2 + t_]
                     k_pos = pos.k(k_cols + kb * bk, lo_h)
                     s = jnp.where(rule.in_kernel(q_pos, k_pos), s, -jnp.inf)
-                m_next = jnp.maximum(m_prev, s.max(axis=1))
-                # A row with no allowed key so far has max -inf: shift by 0 instead.
-                m_shift = jnp.where(m_next == -jnp.inf, 0.0, m_next)
-                alpha = jnp.exp2(m_prev - m_shift)
-                p = jnp.exp2(s - lax.broadcast_in_dim(m_shift, s.shape, [0]))
-                l_next = alpha * l_prev + p.sum(axis=1)
-                acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+                p, acc, m_next, l_next = _softmax_step(s, acc, m_prev, l_prev)
                 plgpu.barrier_wait(v_ready.at[slot])
                 # FA3 (pv_from_registers, GPU only): P from registers into acc in place.
                 acc = _accumulate(plgpu, acc, p.astype(dtype),
@@ -345,25 +416,13 @@ def _part_forward(q, k, v, part: PartLayout, cfg: KernelConfig, out_dtype):
                 plgpu.barrier_arrive(v_free.at[slot])
                 return acc, m_next, l_next
 
-            carry = (
-                plgpu.layout_cast(jnp.zeros((rows, d), jnp.float32), wgmma_layout),
-                plgpu.layout_cast(jnp.full((rows,), -jnp.inf, jnp.float32),
-                                  wgmma_layout.reduce(1)),
-                plgpu.layout_cast(jnp.zeros((rows,), jnp.float32), wgmma_layout.reduce(1)),
-            )
+            carry = _softmax_start(plgpu, rows, d)
             carry = lax.fori_loop(0, n_full, functools.partial(step, masked=False), carry)
             acc, m, l = lax.fori_loop(n_full, steps, functools.partial(step, masked=True),
                                       carry)
-            empty = l == 0.0
-            l_safe = jnp.where(empty, 1.0, l)
-            out = acc / lax.broadcast_in_dim(l_safe, acc.shape, [0])
-            os_ = o_smem.at[wg] if o_smem is not None else qs
-            os_[...] = out.astype(out_dtype)
-            lse_smem.at[wg][...] = jnp.where(empty, -jnp.inf, (m + jnp.log2(l_safe)) * LN2)
-            plgpu.commit_smem()
-            plgpu.copy_smem_to_gmem(os_, o_ref.at[bi, pl.ds(row0, rows), hi])
-            plgpu.copy_smem_to_gmem(lse_smem.at[wg], lse_ref.at[bi, hi, pl.ds(row0, rows)])
-            plgpu.wait_smem_to_gmem(0)
+            _write_rows(plgpu, acc, m, l, o_smem.at[wg] if o_smem is not None else qs,
+                        lse_smem.at[wg], o_ref.at[bi, pl.ds(row0, rows), hi],
+                        lse_ref.at[bi, hi, pl.ds(row0, rows)], out_dtype)
 
         @pl.when(wg == wgs)
         def _memory():
@@ -376,24 +435,7 @@ def _part_forward(q, k, v, part: PartLayout, cfg: KernelConfig, out_dtype):
             _stream(steps, n_slots, fetch, (k_free, v_free))
 
     def entry(tab_ref, lo_ref, q_ref, k_ref, v_ref, o_ref, lse_ref):
-        qkv_tr = _smem_transforms(dtype, d)
-        smem = (
-            plgpu.SMEM((wgs, rows, d), dtype, transforms=qkv_tr),
-            plgpu.SMEM((n_slots, bk, d), dtype, transforms=qkv_tr),
-            plgpu.SMEM((n_slots, bk, d), dtype, transforms=qkv_tr),
-            None if cfg.pv_from_registers
-            else plgpu.SMEM((wgs, rows, bk), dtype, transforms=_smem_transforms(dtype, bk)),
-            None if jnp.dtype(out_dtype) == jnp.dtype(dtype)
-            else plgpu.SMEM((wgs, rows, d), out_dtype),
-            plgpu.SMEM((wgs, rows), jnp.float32),
-        )
-        bars = (
-            plgpu.Barrier(num_barriers=n_slots),  # K landed
-            plgpu.Barrier(num_barriers=n_slots),  # V landed
-            plgpu.Barrier(num_barriers=wgs),  # Q landed
-            plgpu.Barrier(num_arrivals=wgs, num_barriers=n_slots),  # K slot free
-            plgpu.Barrier(num_arrivals=wgs, num_barriers=n_slots),  # V slot free
-        )
+        smem, bars = _forward_scratch(plgpu, cfg, dtype, out_dtype, rows, bk, d)
         pl.run_scoped(
             lambda *scoped: kernel(tab_ref, lo_ref, q_ref, k_ref, v_ref, o_ref, lse_ref,
                                    scoped),
@@ -404,6 +446,146 @@ def _part_forward(q, k, v, part: PartLayout, cfg: KernelConfig, out_dtype):
                 jax.ShapeDtypeStruct((b, h, t), jnp.float32))
     return _launch(plgpu, entry, out_type, (h, t // bq, b), ("heads", "q_seq", "batch"), wgs,
                    cfg, (jnp.asarray(part.fwd), jnp.asarray(lo), q, k, v), _name("fwd", part))
+
+
+def merged_forward(q, k, v, kg, vg, own: PartLayout, summary: PartLayout, cfg: KernelConfig,
+                   out_dtype, pingpong: bool = True):
+    """(o [B, T, H, D] out_dtype, lse [B, H, T] float32) of a head group whose softmax
+    runs over two parts at once (the fixed pattern's merged heads): ``own`` (keys k, v
+    at their positions: the block part) and ``summary`` (gathered keys kg, vg), both in
+    natural query order with the same query and key tiles. Each program's steps visit
+    the own part's key blocks, then the summary part's, in one online softmax, which the
+    memory warpgroup streams from the two sources in that order.
+
+    ``pingpong`` (GPU only; the interpreter runs one thread at a time): the two compute
+    warpgroups take turns on the tensor cores through a shared barrier, so that one's
+    softmax runs while the other's matmuls do (FlashAttention-3's schedule; both have
+    the same steps, so the turns pair up)."""
+    plgpu = _plgpu()
+    b, t, h, d = q.shape
+    dtype = q.dtype
+    bq, bk = own.block_q, own.block_k
+    if (summary.block_q, summary.block_k) != (bq, bk) or own.spec.order != "natural" \
+            or summary.spec.order != "natural" or own.k_index is not None:
+        raise ValueError("merged_forward takes an own part and a gathered part in natural "
+                         "order with the same tiles")
+    wgs = cfg.compute_wgs
+    rows = bq // wgs
+    n_slots = cfg.max_concurrent_steps
+    own_pos, _ = _positions(own)
+    sum_pos, lo = _positions(summary)
+    per_head_lo = lo.shape[0] > 1
+    scale2 = d**-0.5 * LOG2E
+    turns = pingpong and not cfg.interpret and wgs == 2
+
+    def kernel(own_tab, sum_tab, lo_ref, q_ref, k_ref, v_ref, kg_ref, vg_ref, o_ref, lse_ref,
+               scoped):
+        (q_smem, k_smem, v_smem, p_smem, _, lse_smem), bars = scoped  # o staged in q_smem
+        k_ready, v_ready, q_ready, k_free, v_free, turn = bars
+        hi, qi, bi, wg = (lax.axis_index("heads"), lax.axis_index("q_seq"),
+                          lax.axis_index("batch"), lax.axis_index("wg"))
+        n_own = own_tab[qi, 0] + own_tab[qi, 1]
+        n_sum_full = sum_tab[qi, 0]
+        steps = n_own + n_sum_full + sum_tab[qi, 1]
+
+        def take_turn():
+            if turns:
+                plgpu.barrier_arrive(turn)
+                plgpu.barrier_wait(turn)
+
+        @pl.when(wg < wgs)
+        def _compute():
+            _set_registers(plgpu, cfg, compute=True)
+            row0 = qi * bq + wg * rows
+            qs = q_smem.at[wg]
+            q_rows, k_cols = _load_query_rows(plgpu, q_ref.at[bi, pl.ds(row0, rows), hi], qs,
+                                              q_ready.at[wg], bk)
+            lo_h = lo_ref[hi] if per_head_lo else lo_ref[0]
+            q_pos = q_rows + row0  # natural order
+
+            def step(t_, carry, mask):
+                acc, m_prev, l_prev = carry
+                slot = lax.rem(t_, n_slots)
+                plgpu.barrier_wait(k_ready.at[slot])
+
+                def scores(acc_ref):
+                    plgpu.wgmma(acc_ref, qs, k_smem.at[slot].T)
+                    take_turn()  # the other warpgroup's softmax ends as this matmul runs
+                    return acc_ref[...]
+
+                s = pl.run_scoped(scores, plgpu.ACC((rows, bk), jnp.float32))
+                plgpu.barrier_arrive(k_free.at[slot])
+                s = s * scale2
+                if mask is not None:
+                    s = jnp.where(mask(t_), s, -jnp.inf)
+                p, acc, m_next, l_next = _softmax_step(s, acc, m_prev, l_prev)
+                p16 = p.astype(dtype)
+                if turns:
+                    acc, l_next, m_next, p16 = lax.optimization_barrier((acc, l_next, m_next, p16))
+                    plgpu.barrier_arrive(turn)  # softmax done
+                plgpu.barrier_wait(v_ready.at[slot])
+                if turns:
+                    plgpu.barrier_wait(turn)  # the tensor cores are this warpgroup's again
+                # FA3 (pv_from_registers, GPU only): P from registers into acc in place.
+                acc = _accumulate(plgpu, acc, p16, None if p_smem is None else p_smem.at[wg],
+                                  v_smem.at[slot], cfg.pv_from_registers)
+                plgpu.barrier_arrive(v_free.at[slot])
+                return acc, m_next, l_next
+
+            def own_mask(t_):
+                k_pos = own_pos.k(k_cols + own_tab[qi, 2 + t_] * bk, 0)
+                return own.spec.rule.in_kernel(q_pos, k_pos)
+
+            def sum_mask(t_):
+                k_pos = sum_pos.k(k_cols + sum_tab[qi, 2 + t_ - n_own] * bk, lo_h)
+                return summary.spec.rule.in_kernel(q_pos, k_pos)
+
+            carry = _softmax_start(plgpu, rows, d)
+            if turns:
+                pl.when(wg == 1)(take_turn)  # offset the two warpgroups by half a step
+            # The own part's blocks are few (the diagonal): always masked.
+            carry = lax.fori_loop(0, n_own, functools.partial(step, mask=own_mask), carry)
+            carry = lax.fori_loop(n_own, n_own + n_sum_full,
+                                  functools.partial(step, mask=None), carry)
+            acc, m, l = lax.fori_loop(n_own + n_sum_full, steps,
+                                      functools.partial(step, mask=sum_mask), carry)
+            if turns:
+                pl.when(wg == 0)(take_turn)
+            _write_rows(plgpu, acc, m, l, qs, lse_smem.at[wg],
+                        o_ref.at[bi, pl.ds(row0, rows), hi],
+                        lse_ref.at[bi, hi, pl.ds(row0, rows)], out_dtype)
+
+        @pl.when(wg == wgs)
+        def _memory():
+            _set_registers(plgpu, cfg, compute=False)
+
+            def fetch(t_, slot):
+                def copy(kr, vr, kb):
+                    src = (bi, pl.ds(kb * bk, bk), hi)
+                    plgpu.copy_gmem_to_smem(kr.at[src], k_smem.at[slot], k_ready.at[slot])
+                    plgpu.copy_gmem_to_smem(vr.at[src], v_smem.at[slot], v_ready.at[slot])
+
+                pl.when(t_ < n_own)(lambda: copy(k_ref, v_ref, own_tab[qi, 2 + t_]))
+                pl.when(t_ >= n_own)(lambda: copy(kg_ref, vg_ref, sum_tab[qi, 2 + t_ - n_own]))
+
+            _stream(steps, n_slots, fetch, (k_free, v_free))
+
+    def entry(own_tab, sum_tab, lo_ref, q_ref, k_ref, v_ref, kg_ref, vg_ref, o_ref, lse_ref):
+        smem, bars = _forward_scratch(plgpu, cfg, dtype, out_dtype, rows, bk, d)
+        bars += (plgpu.Barrier(num_arrivals=wgs),)  # the turns (pingpong)
+        pl.run_scoped(
+            lambda *scoped: kernel(own_tab, sum_tab, lo_ref, q_ref, k_ref, v_ref, kg_ref,
+                                   vg_ref, o_ref, lse_ref, scoped),
+            smem, bars, collective_axes="wg",
+        )
+
+    if jnp.dtype(out_dtype) != jnp.dtype(dtype):
+        raise ValueError("merged_forward writes o in the input dtype")
+    out_type = (jax.ShapeDtypeStruct((b, t, h, d), out_dtype),
+                jax.ShapeDtypeStruct((b, h, t), jnp.float32))
+    args = (jnp.asarray(own.fwd), jnp.asarray(summary.fwd), jnp.asarray(lo), q, k, v, kg, vg)
+    return _launch(plgpu, entry, out_type, (h, t // bq, b), ("heads", "q_seq", "batch"), wgs,
+                   cfg, args, "mgpu_attn_fwd_merged")
 
 
 # Shared memory per block on H100/H200 (227 KiB, what Mosaic GPU checks against when
@@ -620,8 +802,7 @@ def _dkv_part(q, k, v, do, ld, part: PartLayout, cfg: KernelConfig, out_dtype, d
 
         @pl.when(wg < wgs)
         def _compute():
-            if cfg.max_registers and not cfg.interpret:
-                plgpu.set_max_registers(232, action="increase")
+            _set_registers(plgpu, cfg, compute=True)
             row0 = ki * bk + wg * rows
             ks, vs = k_smem.at[wg], v_smem.at[wg]
             src = (bi, pl.ds(row0, rows), hi)
@@ -784,8 +965,7 @@ def _dkv_part(q, k, v, do, ld, part: PartLayout, cfg: KernelConfig, out_dtype, d
 
         @pl.when(wg == wgs)
         def _memory():
-            if cfg.max_registers and not cfg.interpret:
-                plgpu.set_max_registers(40, action="decrease")
+            _set_registers(plgpu, cfg, compute=False)
 
             def fetch(t_, slot):
                 start = tab_ref[ki, 2 + t_] * bq

@@ -59,6 +59,7 @@ class KernelConfig:
     column_bwd: bool = True  # v2: a strided part's dq, dk, dv in one kernel (_column_bwd_call)
     strip_bwd: bool = False  # v2: a band part's dq, dk, dv in one kernel (_strip_bwd_call)
     diag_bwd: bool = True  # v2: a diagonal-block part's dq, dk, dv in one kernel (_diag_bwd_call)
+    mosaic_forward: bool = False  # v2: merged fixed heads' forward by Mosaic GPU (_fused_forward)
     mosaic_summary_dkv: bool = False  # v2: gathered parts' dK/dV by Mosaic GPU (_mosaic_dkv_call)
     # v2: ... and their dq too, by TMA reductions (_fused_bwd): "off", "merged" (groups
     # whose summary part shares its softmax with an own part) or "all"
@@ -1318,6 +1319,14 @@ def _launch_groups(parts, colaunch: bool) -> list[list[PartLayout]]:
 
 
 def _fused_forward(q, k, v, group: GroupLayout, cfg: KernelConfig):
+    if cfg.mosaic_forward and group.fwd_parts is not None:
+        own, summary = group.fwd_parts
+        opts = dict(MOSAIC_FWD_OPTIONS)
+        pingpong = opts.pop("pingpong")
+        mcfg = mosaic_gpu.KernelConfig(interpret=cfg.interpret, compute_wgs=2,
+                                       pv_from_registers=not cfg.interpret, **opts)
+        return mosaic_gpu.merged_forward(q, k, v, part_keys(k, summary), part_keys(v, summary),
+                                         own, summary, mcfg, q.dtype, pingpong=pingpong)
     state = None
     launches = _launch_groups(group.parts, cfg.colaunch)
     for p, (part, *rest) in enumerate(launches):
@@ -1482,6 +1491,40 @@ def _with_dkv_tiles(layout: Layout, pattern: LayerPattern, block_q: int,
     return dataclasses.replace(layout, groups=tuple(groups))
 
 
+# mosaic_forward: the merged fixed heads' forward (block and summary parts in one online
+# softmax) from one Mosaic GPU kernel (mosaic_gpu.merged_forward: 128 query rows per
+# program, two compute warpgroups taking turns on the tensor cores, 128-row key tiles),
+# instead of Triton's 64 x 64 forward (0.438 ms at (2, 16384, 8, 64) on an H200, 322
+# TF/s; cuDNN's forward ~443). Written in session 8, checked in the interpreter and
+# lowered for CUDA, not yet run on a GPU: off by default.
+MOSAIC_FWD_TILES = (128, 128)
+# Its launch options: the warpgroups' turns (mosaic_gpu.merged_forward's pingpong), TMA
+# pipeline slots, setmaxnreg (mosaic_gpu.KernelConfig). Untimed.
+MOSAIC_FWD_OPTIONS = dict(pingpong=True, max_concurrent_steps=2, max_registers=True)
+
+
+def _mosaic_forward_applies(dtype, t: int, d: int, interpret: bool) -> bool:
+    bq, bk = MOSAIC_FWD_TILES
+    if not (jnp.dtype(dtype).itemsize == 2 and d in (64, 128) and t % bq == 0 and t % bk == 0):
+        return False
+    return _mosaic_dkv_applies(dtype, t, 64, interpret)  # the same card check
+
+
+@functools.lru_cache(maxsize=64)
+def _with_fwd_tiles(layout: Layout, pattern: LayerPattern) -> Layout:
+    """``layout`` whose merged groups (exactly an own part and a gathered part, natural
+    order) also carry those parts at MOSAIC_FWD_TILES (``GroupLayout.fwd_parts``)."""
+    other = build_layout(pattern, layout.seq_len, *MOSAIC_FWD_TILES)
+    groups = []
+    for group, fwd_group in zip(layout.groups, other.groups, strict=True):
+        kinds = [p.k_index is None for p in fwd_group.parts]
+        if (kinds == [True, False] and all(p.spec.order == "natural" for p in fwd_group.parts)
+                and fwd_group.parts[1].spec.summary is not None):
+            group = dataclasses.replace(group, fwd_parts=fwd_group.parts)
+        groups.append(group)
+    return dataclasses.replace(layout, groups=tuple(groups))
+
+
 def default_blocks(seq_len: int, head_dim: int, pattern: LayerPattern = ()) -> tuple[int, int]:
     """Block sizes used when none are given: 64 x 64 (or the length if shorter), or
     32 x 32 where that lets a strided part take the v2 path.
@@ -1516,6 +1559,7 @@ def attention(
     column_bwd: bool = True,
     strip_bwd: bool = False,
     diag_bwd: bool = True,
+    mosaic_forward: bool = False,
     summary_dkv_block_q: int = 0,
     mosaic_summary_dkv: bool = False,
     mosaic_summary_dq: bool | None = None,
@@ -1535,7 +1579,7 @@ def attention(
         Groups whose strided blocks do not divide T/l take the v1 path (False), which
         permutes q, k, v and merges the parts' outputs in XLA.
       heavy_first, atomic_dq, colaunch, narrow_chain, column_bwd, strip_bwd, diag_bwd,
-        summary_dkv_block_q, mosaic_summary_dkv, mosaic_summary_dq: options of the v2
+        mosaic_forward, summary_dkv_block_q, mosaic_summary_dkv, mosaic_summary_dq: options of the v2
         path only;
         groups that take the v1 path (``fuse_parts=False``, or strided blocks that do
         not divide T/l) run without them.
@@ -1586,6 +1630,12 @@ def attention(
         part's dq, dk and dv (from the Mosaic kernel, run first) and writes the input
         dtype, replacing a dQ launch, a dK/dV launch and two XLA passes. Same results
         up to float rounding order. On by default; False keeps the split kernels.
+      mosaic_forward: v2: the forward of merged fixed heads (one online softmax over the
+        block and summary parts) from one Mosaic GPU kernel with 128-row query tiles,
+        two compute warpgroups taking turns on the tensor cores (FlashAttention-3's
+        ping-pong), instead of Triton's; bf16 at head dims 64 and 128, T a multiple of
+        128, Hopper or newer (elsewhere Triton's runs). Same results up to float
+        rounding order. Off by default: not yet timed on a GPU.
       summary_dkv_block_q: v2: query tile rows of the gathered (summary) parts' dK/dV
         kernel, when it should differ from ``block_q`` (0: ``block_q``). A sweep on an
         H200 found that kernel alone faster with 128-row query tiles (763 vs 825 µs at
@@ -1663,6 +1713,10 @@ def attention(
         layout = _with_dkv_tiles(layout, pattern, *MOSAIC_DKV_TILES, merged_only=True)
     elif summary_dkv_block_q and summary_dkv_block_q != block_q:
         layout = _with_dkv_tiles(layout, pattern, summary_dkv_block_q)
+    mosaic_forward = (mosaic_forward and gathered and fuse_parts
+                      and _mosaic_forward_applies(q.dtype, t, d, bool(interpret)))
+    if mosaic_forward:
+        layout = _with_fwd_tiles(layout, pattern)
     cfg = KernelConfig(
         interpret=bool(interpret),
         # 4 warps at every head dim: at D=128 8 warps measured 2.1x slower (fixed f+b
@@ -1677,6 +1731,7 @@ def attention(
         column_bwd=column_bwd,
         strip_bwd=strip_bwd,
         diag_bwd=diag_bwd,
+        mosaic_forward=mosaic_forward,
         mosaic_summary_dkv=mosaic_summary_dkv,
         mosaic_summary_dq=dq_mode,
     )
