@@ -1053,7 +1053,7 @@ def test_diag_backward_adds_the_previous_parts_gradients():
 # mosaic_forward: merged fixed heads' forward from one Mosaic GPU kernel (block and
 # summary parts in one online softmax, 128-row query tiles, two compute warpgroups).
 @pytest.mark.parametrize("spec,shape", [
-    (PatternSpec("fixed", 64, 16, combine="merged", distinct_summaries=True), (1, 512, 4, 64)),
+    (PatternSpec("fixed", 64, 16, combine="merged", distinct_summaries=True), (1, 256, 4, 64)),
     (PatternSpec("fixed", 128, 32, combine="merged"), (2, 256, 2, 128)),
 ], ids=["l64-distinct-summaries-D64", "l128-D128-B2"])
 def test_mosaic_forward_matches_reference_and_the_triton_forward(spec, shape):
