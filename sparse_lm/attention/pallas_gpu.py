@@ -258,6 +258,16 @@ def _pair_grads(k, v, kpos, q, do, lse2, delta, qpos, *, rule: MaskRule, qk_scal
     return pt, pt * (dpt - delta[None, :])
 
 
+def _pair_into(dk, dv, k, v, kpos, q, do, lse2, delta, qpos, *, rule: MaskRule,
+               qk_scale: float, prec):
+    """One block pair of a one-kernel backward: (dk + dS^T q, dv + P^T do, the pair's
+    unscaled dq share dS K)."""
+    pt, dst = _pair_grads(k, v, kpos, q, do, lse2, delta, qpos, rule=rule, qk_scale=qk_scale,
+                          prec=prec)
+    return (dk + _dot(dst.astype(q.dtype), q, prec), dv + _dot(pt.astype(do.dtype), do, prec),
+            _dq_share(dst, k, prec))
+
+
 def _dq_share(dst, k, prec):
     """A key block's share of its query block's dq (unscaled): (dS^T)^T K, [bq, D]."""
     return lax.dot_general(dst.astype(k.dtype), k, (((0,), (0,)), ((), ())), precision=prec,
@@ -868,12 +878,9 @@ def _column_bwd_kernel(qpos_ref, kpos_ref, q_ref, k_ref, v_ref, do_ref, lse_ref,
         for i, masked in pairs:
             qs = pl.ds(i * block_q, block_q)
             q, do = q_ref[qs, :], do_ref[qs, :]
-            pt, dst = _pair_grads(k, v, kpos, q, do, lse_ref[qs] * LOG2E, delta_ref[qs],
-                                  qpos_ref[qs] if masked else None, rule=rule,
-                                  qk_scale=qk_scale, prec=prec)
-            dv = dv + _dot(pt.astype(do.dtype), do, prec)
-            dk = dk + _dot(dst.astype(q.dtype), q, prec)
-            share = _dq_share(dst, k, prec)
+            dk, dv, share = _pair_into(dk, dv, k, v, kpos, q, do, lse_ref[qs] * LOG2E,
+                                       delta_ref[qs], qpos_ref[qs] if masked else None,
+                                       rule=rule, qk_scale=qk_scale, prec=prec)
             dq[i] = dq[i] + share if i in dq else share
             if last_use[i] == j:  # no later key tile reaches query tile i: store, free
                 _store(dq_ref, dq0_ref, qs, dq.pop(i) * scale)
@@ -1170,12 +1177,6 @@ def _diag_bwd_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, sch
     base = pl.program_id(0) * big  # positions of this block's first row
     last_use = {i: j for j, (_, _, pairs) in enumerate(schedule) for i, _ in pairs}
 
-    def finish_dq(i, x):
-        qs = pl.ds(i * block_q, block_q)
-        if dq0_ref is not None:
-            x = x + dq0_ref[qs, :].astype(jnp.float32)
-        dq_ref[qs, :] = x.astype(dq_ref.dtype)
-
     dq: dict[int, jax.Array] = {}
     for j, (start, size, pairs) in enumerate(schedule):
         ks = pl.ds(start, size)
@@ -1188,27 +1189,22 @@ def _diag_bwd_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, sch
             q, do = q_ref[qs, :], do_ref[qs, :]
             qpos = (base + i * block_q + lax.broadcasted_iota(jnp.int32, (block_q,), 0)
                     if masked else None)
-            pt, dst = _pair_grads(k, v, kpos, q, do, lse_ref[qs] * LOG2E, delta_ref[qs], qpos,
-                                  rule=rule, qk_scale=qk_scale, prec=prec)
-            dv = dv + _dot(pt.astype(do.dtype), do, prec)
-            dk = dk + _dot(dst.astype(q.dtype), q, prec)
-            share = _dq_share(dst, k, prec)
+            dk, dv, share = _pair_into(dk, dv, k, v, kpos, q, do, lse_ref[qs] * LOG2E,
+                                       delta_ref[qs], qpos, rule=rule, qk_scale=qk_scale,
+                                       prec=prec)
             dq[i] = dq[i] + share if i in dq else share
             if last_use[i] == j:  # no later key tile reaches query tile i: store, free
-                finish_dq(i, dq.pop(i) * scale)
+                _store(dq_ref, dq0_ref, qs, dq.pop(i) * scale)
         dk = dk * scale
-        if dk0_ref is not None:
-            dk = dk + dk0_ref[ks, :].astype(jnp.float32)
-            dv = dv + dv0_ref[ks, :].astype(jnp.float32)
         if summary is not None and summary[0] <= start < summary[0] + summary[1]:
             rows = pl.ds(start - summary[0], size)  # the cuts keep the tile inside them
             dk = dk + sk_ref[rows, :]
             dv = dv + sv_ref[rows, :]
-        dk_ref[ks, :] = dk.astype(dk_ref.dtype)
-        dv_ref[ks, :] = dv.astype(dv_ref.dtype)
+        _store(dk_ref, dk0_ref, ks, dk)
+        _store(dv_ref, dv0_ref, ks, dv)
     for i in range(big // block_q):
         if i not in last_use:  # a query tile no key of this block reaches
-            finish_dq(i, jnp.zeros((block_q, d), jnp.float32))
+            _store(dq_ref, dq0_ref, pl.ds(i * block_q, block_q), jnp.zeros((block_q, d), jnp.float32))
 
 
 def _diag_bwd_call(q, k, v, do, lse, delta, part: PartLayout, cfg: KernelConfig, out_dtype,
@@ -1271,25 +1267,34 @@ MOSAIC_DKV_TILES = (64, 128)
 MOSAIC_DKV_OPTIONS = dict(overlap_wgmma=True, max_registers=True)
 
 
-def _mosaic_dkv_applies(dtype, t: int, d: int, interpret: bool) -> bool:
-    bq, bk = MOSAIC_DKV_TILES
-    if not (jnp.dtype(dtype).itemsize == 2 and d == 64 and t % bk == 0 and t % bq == 0):
-        return False
+def _hopper_or_newer(interpret: bool) -> bool:
+    """Whether Mosaic GPU kernels (wgmma, TMA: compute capability 9.0 or newer) can run:
+    always in the interpreter; a host without a GPU lowering for one (tests, AOT) has no
+    capability to read and is taken at its word."""
     if interpret:
         return True
-    # wgmma and TMA need Hopper (compute capability 9.0) or newer; a host without a GPU
-    # lowering for one (tests, AOT) has no capability to read and is taken at its word.
     cc = getattr(jax.devices()[0], "compute_capability", None)
     return cc is None or float(cc) >= 9.0
+
+
+def _mosaic_dkv_applies(dtype, t: int, d: int, interpret: bool) -> bool:
+    bq, bk = MOSAIC_DKV_TILES
+    return (jnp.dtype(dtype).itemsize == 2 and d == 64 and t % bk == 0 and t % bq == 0
+            and _hopper_or_newer(interpret))
+
+
+def _mosaic_config(cfg: KernelConfig, **options) -> mosaic_gpu.KernelConfig:
+    """A Mosaic kernel's launch inside this chain: two compute warpgroups, P from
+    registers on the GPU (the interpreter lacks that form), ``options`` as given."""
+    return mosaic_gpu.KernelConfig(interpret=cfg.interpret, compute_wgs=2,
+                                   pv_from_registers=not cfg.interpret, **options)
 
 
 def _mosaic_dkv_call(q, k, v, do, lse, delta, part: PartLayout, cfg: KernelConfig, dq0=None):
     """(dk, dv) float32 of a gathered part's keys (``part`` laid out at
     MOSAIC_DKV_TILES); lse natural, +inf for empty rows; delta [B, Hg, T]. With ``dq0``
     (float32 [B, T, Hg, D]) also dq0 plus the part's dq (``mosaic_summary_dq``)."""
-    mcfg = mosaic_gpu.KernelConfig(interpret=cfg.interpret, compute_wgs=2,
-                                   max_concurrent_steps=2, pv_from_registers=not cfg.interpret,
-                                   **MOSAIC_DKV_OPTIONS)
+    mcfg = _mosaic_config(cfg, max_concurrent_steps=2, **MOSAIC_DKV_OPTIONS)
     ld = jnp.stack([lse * LOG2E, delta], axis=2)  # [B, Hg, 2, T]: the kernel's lse2, delta
     return mosaic_gpu._dkv_part(q, k, v, do, ld, part, mcfg, jnp.float32, dq0=dq0)
 
@@ -1323,8 +1328,7 @@ def _fused_forward(q, k, v, group: GroupLayout, cfg: KernelConfig):
         own, summary = group.fwd_parts
         opts = dict(MOSAIC_FWD_OPTIONS)
         pingpong = opts.pop("pingpong")
-        mcfg = mosaic_gpu.KernelConfig(interpret=cfg.interpret, compute_wgs=2,
-                                       pv_from_registers=not cfg.interpret, **opts)
+        mcfg = _mosaic_config(cfg, **opts)
         return mosaic_gpu.merged_forward(q, k, v, part_keys(k, summary), part_keys(v, summary),
                                          own, summary, mcfg, q.dtype, pingpong=pingpong)
     state = None
@@ -1505,9 +1509,8 @@ MOSAIC_FWD_OPTIONS = dict(pingpong=True, max_concurrent_steps=2, max_registers=T
 
 def _mosaic_forward_applies(dtype, t: int, d: int, interpret: bool) -> bool:
     bq, bk = MOSAIC_FWD_TILES
-    if not (jnp.dtype(dtype).itemsize == 2 and d in (64, 128) and t % bq == 0 and t % bk == 0):
-        return False
-    return _mosaic_dkv_applies(dtype, t, 64, interpret)  # the same card check
+    return (jnp.dtype(dtype).itemsize == 2 and d in (64, 128) and t % bq == 0 and t % bk == 0
+            and _hopper_or_newer(interpret))
 
 
 @functools.lru_cache(maxsize=64)
