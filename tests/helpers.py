@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -58,13 +59,42 @@ def run_python(code: str, *, devices: int = 1, timeout: int = 600, env: dict | N
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def script_env(devices: int = 1) -> dict:
-    """The environment for running an entry point in ``scripts/`` on ``devices`` CPU devices."""
+def script_env(devices: int = 1, compile_cache: str | Path | None = None) -> dict:
+    """The environment for running an entry point in ``scripts/`` on ``devices`` CPU devices.
+
+    ``compile_cache``: a folder for JAX's persistent compilation cache (see
+    ``compilation_cache``), so that processes compiling the same program compile it once.
+    """
     env = dict(os.environ)
     env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
     env["JAX_PLATFORMS"] = "cpu"
     env["PYTHONUNBUFFERED"] = "1"  # so a test can read progress while the script runs
+    if compile_cache is not None:
+        env["JAX_COMPILATION_CACHE_DIR"] = str(compile_cache)
     return env
+
+
+@contextlib.contextmanager
+def compilation_cache(folder: str | Path):
+    """JAX's persistent compilation cache in ``folder`` for this process, inside the block.
+
+    Each run of ``train_and_evaluate`` jits a new step function, so a second run of the
+    same config in one process compiles it again; through the cache it loads the first
+    run's executable instead (the same program: the same results, bit for bit). Only
+    compilations of a second or more are stored (JAX's default threshold). Subprocesses
+    given the same folder (``script_env(compile_cache=...)``) share the entries.
+    """
+    import jax
+    from jax.experimental.compilation_cache import compilation_cache as cache
+
+    previous = jax.config.jax_compilation_cache_dir
+    jax.config.update("jax_compilation_cache_dir", str(folder))
+    cache.reset_cache()  # JAX opens the cache once per process: make it see the folder
+    try:
+        yield
+    finally:
+        jax.config.update("jax_compilation_cache_dir", previous)
+        cache.reset_cache()
 
 
 def script_command(script: str, config: str, workdir: str | Path, *flags: str) -> list[str]:
@@ -75,10 +105,13 @@ def script_command(script: str, config: str, workdir: str | Path, *flags: str) -
     ]
 
 
-def run_script(command: list[str], *, timeout: int = 300, devices: int = 1) -> subprocess.CompletedProcess:
+def run_script(
+    command: list[str], *, timeout: int = 300, devices: int = 1, compile_cache: str | Path | None = None,
+) -> subprocess.CompletedProcess:
     """Runs an entry point to completion; returns the CompletedProcess (any exit code)."""
     return subprocess.run(
-        command, capture_output=True, text=True, timeout=timeout, env=script_env(devices), cwd=REPO_ROOT,
+        command, capture_output=True, text=True, timeout=timeout,
+        env=script_env(devices, compile_cache), cwd=REPO_ROOT,
     )
 
 

@@ -18,19 +18,29 @@ from tests.helpers import REPO_ROOT
 SCRIPT = str(REPO_ROOT / "scripts" / "compare_patterns.py")
 
 
+def run_compare(folder, shared_data, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Runs the script on the real sample data into ``folder``; returns the finished process."""
+    return subprocess.run(
+        [sys.executable, SCRIPT, "--workdir", str(folder / "runs"), "--plots",
+         str(folder / "plots"), *args],
+        capture_output=True, text=True, timeout=timeout, cwd=REPO_ROOT,
+        env={**os.environ, "SPARSE_LM_SHARED_DATA": str(shared_data)},
+    )
+
+
 @pytest.fixture
 def compare(tmp_path, shared_data):
-    """Runs the script on the real sample data; returns the finished process."""
+    """``run_compare`` into the test's tmp_path."""
+    return lambda *args, **kwargs: run_compare(tmp_path, shared_data, *args, **kwargs)
 
-    def run(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
-        return subprocess.run(
-            [sys.executable, SCRIPT, "--workdir", str(tmp_path / "runs"), "--plots",
-             str(tmp_path / "plots"), *args],
-            capture_output=True, text=True, timeout=timeout, cwd=REPO_ROOT,
-            env={**os.environ, "SPARSE_LM_SHARED_DATA": str(shared_data)},
-        )
 
-    return run
+@pytest.fixture(scope="module")
+def dense_and_strided(tmp_path_factory, shared_data):
+    """One comparison of two patterns on the text suite, with samples: (its folder, the
+    finished process). Shared by the tests that read what such a run wrote."""
+    folder = tmp_path_factory.mktemp("compare")
+    return folder, run_compare(folder, shared_data, "--suites", "text", "--patterns", "dense,strided",
+                               "--smoke", "--samples")
 
 
 def test_suite_configs_differ_only_in_the_pattern():
@@ -60,8 +70,8 @@ def test_a_bad_config_argument_names_the_choices():
         quality.get_config("imagenet,dense")
 
 
-def test_compare_trains_each_pattern_plots_tables_and_samples_the_best(tmp_path, compare):
-    result = compare("--suites", "text", "--patterns", "dense,strided", "--smoke", "--samples")
+def test_compare_trains_each_pattern_plots_tables_and_samples_the_best(dense_and_strided):
+    tmp_path, result = dense_and_strided
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     summary = json.loads((tmp_path / "runs" / "summary.json").read_text())
     text = summary["results"]["text"]
@@ -99,11 +109,16 @@ def test_unknown_suite_is_refused_with_the_choices(tmp_path, compare):
     assert "unknown speech; choose from text, enwik8, cifar10, music" in result.stderr
 
 
-def test_first_step_is_timed_apart_as_the_compilation(tmp_path, compare):
-    """Training logs one ``compiled`` record per process start; plots count time from it."""
-    result = compare("--suites", "enwik8", "--patterns", "fixed", "--smoke")
+@pytest.mark.parametrize("pattern", ["dense", "strided"])
+def test_first_step_is_timed_apart_as_the_compilation(dense_and_strided, pattern):
+    """Training logs one ``compiled`` record per process start; plots count time from it.
+
+    Read from the runs of the comparison above (each pattern's run is its own process)
+    rather than from a comparison started for this test alone.
+    """
+    tmp_path, result = dense_and_strided
     assert result.returncode == 0, result.stderr[-3000:]
-    records = read_metrics(tmp_path / "runs" / "enwik8" / "fixed")
+    records = read_metrics(tmp_path / "runs" / "text" / pattern)
     compiled = [r for r in records if r["kind"] == "compiled"]
     assert len(compiled) == 1 and compiled[0]["step"] == 1 and compiled[0]["seconds"] > 0
     assert records[0]["kind"] == "compiled"

@@ -22,6 +22,7 @@ import pytest
 
 from tests.helpers import (
     checkpoint_steps,
+    compilation_cache,
     run_python,
     run_script,
     script_command,
@@ -75,10 +76,12 @@ def last_train_step(workdir: Path) -> int:
     return records[-1]["step"] if records else 0
 
 
-def start(command: list[str], log: Path) -> subprocess.Popen:
+def start(command: list[str], log: Path, compile_cache: Path | None = None) -> subprocess.Popen:
     # Output to a file, not a pipe: a pipe nobody reads could block the child mid-run.
     with log.open("w") as out:
-        return subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=script_env())
+        return subprocess.Popen(
+            command, stdout=out, stderr=subprocess.STDOUT, env=script_env(compile_cache=compile_cache)
+        )
 
 
 def wait_until(condition: Callable[[], bool], proc: subprocess.Popen, what: str, timeout: float = 180) -> None:
@@ -106,11 +109,25 @@ def tmp_folders(workdir: Path) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def straight(tmp_path_factory, shared_data):
+def compile_cache(tmp_path_factory) -> Path:
+    """A persistent compilation cache for this module's runs of the same programs.
+
+    The runs of COMMON (the straight run and every interrupted or resumed process after
+    it) compile the same train step: once, then load it, instead of paying the
+    compilation in each of the eight processes. The programs, and so the parameters and
+    losses compared bit for bit, are the same either way; what a kill, a signal or a
+    resume does is not touched by where the executable came from.
+    """
+    return tmp_path_factory.mktemp("jax_compilation_cache")
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory, shared_data, compile_cache):
     """An uninterrupted run of COMMON: the reference for every resumed run."""
     workdir = tmp_path_factory.mktemp("straight")
     config = smoke_config("enwik8", shared_data, **COMMON)
-    summary = train_and_evaluate(config, workdir)
+    with compilation_cache(compile_cache):
+        summary = train_and_evaluate(config, workdir)
     assert summary["status"] == "done" and summary["step"] == NUM_STEPS
     return config, workdir
 
@@ -118,14 +135,16 @@ def straight(tmp_path_factory, shared_data):
 # --- pre-emption ------------------------------------------------------------------------
 
 
-def test_sigterm_then_sigint_save_exit_3_and_resume_to_the_same_parameters(straight, tmp_path, shared_data):
+def test_sigterm_then_sigint_save_exit_3_and_resume_to_the_same_parameters(
+    straight, tmp_path, shared_data, compile_cache
+):
     config, straight_dir = straight
     workdir = tmp_path / "run"
     command = train_command(workdir, shared_data)
     resumed_from = 0
     for sig in (signal.SIGTERM, signal.SIGINT):
         log = tmp_path / f"{sig.name}.log"
-        proc = start(command, log)
+        proc = start(command, log, compile_cache)
         wait_until(lambda: last_train_step(workdir) > resumed_from + 1, proc, "training progress")
         proc.send_signal(sig)
         assert proc.wait(timeout=120) == 3
@@ -147,7 +166,7 @@ def test_sigterm_then_sigint_save_exit_3_and_resume_to_the_same_parameters(strai
         assert "Traceback" not in out
         resumed_from = step
 
-    final = run_script(command)
+    final = run_script(command, compile_cache=compile_cache)
     assert final.returncode == 0, final.stdout[-3000:] + final.stderr[-3000:]
     assert f"at step {resumed_from}." in final.stdout
     assert_same_params(config, straight_dir, workdir)
@@ -159,7 +178,9 @@ def test_sigterm_then_sigint_save_exit_3_and_resume_to_the_same_parameters(strai
 # --- hard kills -------------------------------------------------------------------------
 
 
-def test_sigkill_at_several_points_resumes_from_the_last_complete_checkpoint(straight, tmp_path, shared_data):
+def test_sigkill_at_several_points_resumes_from_the_last_complete_checkpoint(
+    straight, tmp_path, shared_data, compile_cache
+):
     """Kills with a checkpoint written (asynchronously) after every step, so that a kill
     often lands inside a write or inside Orbax's deletion of the oldest step."""
     config, straight_dir = straight
@@ -178,17 +199,28 @@ def test_sigkill_at_several_points_resumes_from_the_last_complete_checkpoint(str
         return any(int(name.split(".")[0]) > step for name in tmp_folders(workdir))
 
     Condition = Callable[[Path, int], bool]
-    kill_points: list[tuple[str, Condition]] = [
-        ("during the first asynchronous checkpoint write", lambda log, at: progress(log) > 0 and writing_after(at)),
-        ("during a write after resuming", lambda log, at: progress(log) > at and writing_after(at)),
-        ("just after a checkpoint was finalized", lambda log, at: checkpoint_steps(workdir)[-1:] > [at + 1]),
-        ("between checkpoints, mid-run", lambda log, at: progress(log) >= at + 3),
+    # Three distinct cases, in an order that makes each what it says: a fresh run killed
+    # inside its first write (nothing to resume yet); a run killed just after finalizing
+    # a checkpoint of step 2 or later (inside Orbax's deletion of the oldest, at times);
+    # and a run resumed from that checkpoint, killed inside a write. (The "during a write
+    # after resuming" kill used to come second, where the first kill had usually left
+    # nothing to resume, so it repeated the first case; and a fourth, "between
+    # checkpoints", was with a write after every step another kill of a resumed run,
+    # which the last case now is, inside a write.)
+    kill_points: list[tuple[str, Condition, bool]] = [
+        ("during the first asynchronous checkpoint write",
+         lambda log, at: progress(log) > 0 and writing_after(at), False),
+        ("just after a checkpoint was finalized",
+         lambda log, at: checkpoint_steps(workdir)[-1:] > [at + 1], False),
+        ("during a write after resuming",
+         lambda log, at: progress(log) > at and writing_after(at), True),
     ]
     resume_at = 0
     killed_mid_write = []
-    for i, (what, condition) in enumerate(kill_points):
+    for i, (what, condition, resumes) in enumerate(kill_points):
+        assert resume_at or not resumes, f"no checkpoint to resume from before the kill {what}"
         log = tmp_path / f"kill{i}.log"
-        proc = start(command, log)
+        proc = start(command, log, compile_cache)
         wait_until(lambda: condition(log, resume_at), proc, what)
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=60)
@@ -209,7 +241,7 @@ def test_sigkill_at_several_points_resumes_from_the_last_complete_checkpoint(str
 
     # Writes were in flight at the kill at least once: the case under test did happen.
     assert any(killed_mid_write), killed_mid_write
-    final = run_script(command)
+    final = run_script(command, compile_cache=compile_cache)
     assert final.returncode == 0, final.stdout[-3000:] + final.stderr[-3000:]
     assert f"Resumed from {ckpts / str(resume_at)} at step {resume_at}." in final.stdout
     # The resumed run removed the leftovers and replaced the steps the kills cut off.
@@ -492,7 +524,9 @@ def test_unreadable_audio_file_in_a_folder_is_skipped_warned_and_counted(tmp_pat
 # --- the data order through the training loop -------------------------------------------
 
 
-def test_data_order_over_epochs_survives_a_resume_through_the_train_loop(tmp_path, shared_data, monkeypatch):
+def test_data_order_over_epochs_survives_a_resume_through_the_train_loop(
+    tmp_path, shared_data, monkeypatch, compile_cache
+):
     """Batches the loop trains on, stopped mid-epoch and resumed from the checkpoint:
     every example once per epoch, a new order each epoch, the same order as unbroken."""
     import sparse_lm.train as train_lib
@@ -511,10 +545,11 @@ def test_data_order_over_epochs_survives_a_resume_through_the_train_loop(tmp_pat
     overrides = {**COMMON, "data.split_fractions": (0.03, 0.485, 0.485), "model.dropout": 0.0,
                  "train.log_every": 5, "train.checkpoint_every": 100}
     first = smoke_config("enwik8", shared_data, **{**overrides, "train.num_steps": 11})
-    train_and_evaluate(first, tmp_path)
-    assert len(seen) == 11
     full = smoke_config("enwik8", shared_data, **{**overrides, "train.num_steps": 24})
-    summary = train_and_evaluate(full, tmp_path)
+    with compilation_cache(compile_cache):  # the resumed run loads the first one's step
+        train_and_evaluate(first, tmp_path)
+        assert len(seen) == 11
+        summary = train_and_evaluate(full, tmp_path)
     assert summary["step"] == 24 and len(seen) == 24
 
     source = load_split(full.data, "train")

@@ -17,11 +17,20 @@ from pathlib import Path
 from tests.helpers import smoke_config
 from sparse_lm.metrics import read_metrics
 from sparse_lm.train import train_and_evaluate
+# Imported before the first trace: a kernel module imported during it adds JAX config
+# state to the tracing context, so the first run's step 2 would trace and compile again.
+import sparse_lm.attention.pallas_gpu, sparse_lm.attention.pallas_tpu
 out = {{"devices": jax.device_count()}}
 for impl, combine in {cases!r}:
+    # Smaller than the smoke config where the property does not depend on size (the
+    # interpreted kernels' cost grows with the rows and positions): 4 rows of 256 bytes
+    # still split over data=2, the fixed pattern (stride 32) still has 8 blocks, and the
+    # final evaluation, which the test does not compare, reads one batch of 4.
     cfg = smoke_config("enwik8", Path({data!r}), **{{
         "train.num_steps": 2, "train.log_every": 1, "train.eval_every": 0,
         "train.eval_max_batches": 1, "train.checkpoint_every": 100,
+        "data.seq_len": 256, "model.pos_shape": (8, 32), "data.batch_size": 4,
+        "data.eval_batch_size": 4,
         "train.async_checkpoint": False, "model.d_model": 128, "model.num_heads": 2,
         "attention.impl": impl, "attention.combine": combine,
         "mesh.data": {mesh[0]}, "mesh.fsdp": 1, "mesh.tensor": {mesh[1]},
