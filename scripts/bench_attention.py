@@ -19,16 +19,13 @@ log-sum-exp merge); its rows record whether the v2 kernels were really used
 times the v1 path (``fuse_parts=False``: permuted copies, XLA merge) in the same run, as
 rows ``ours_<bq>x<bk>_v1``. ``--mosaic`` adds the experimental Mosaic GPU kernel
 (``sparse_lm/attention/mosaic_gpu.py``, bf16 only) to the check and the timings, as rows
-``ours_mosaic``. ``--atomic-dq`` adds the fixed pattern with ``atomic_dq=True`` (its
-summary dq from the dK/dV kernel), rows ``ours_<bq>x<bk>_atomicdq``; ``--split-launch``
-the fixed pattern with ``colaunch=False`` (one launch per part, rows ``_splitlaunch``);
-``--wide-chain`` float32 partial results between launches (``narrow_chain=False``, rows
-``_f32chain``, strided and fixed); ``--split-bwd`` a strided part's dq and dk, dv from
-separate kernels (``column_bwd=False``, rows ``_splitbwd``, strided; the default computes
-them in one kernel per column where it applies); ``--strip-bwd`` the local window's dq,
-dk, dv from one kernel per strip of key tiles (``strip_bwd=True``, rows ``_stripbwd``,
-strided and local); ``--summary-dkv-128`` the fixed pattern's summary dK/dV kernel at
-128-row query tiles (``summary_dkv_block_q=128``, rows ``_sdkv128``);
+``ours_mosaic``. ``--split-launch`` adds the fixed pattern with ``colaunch=False`` (one
+launch per part, rows ``ours_<bq>x<bk>_splitlaunch``); ``--wide-chain`` float32 partial
+results between launches (``narrow_chain=False``, rows ``_f32chain``, strided and fixed);
+``--split-bwd`` a strided part's dq and dk, dv from separate kernels (``column_bwd=False``,
+rows ``_splitbwd``, strided; the default computes them in one kernel per column where it
+applies); ``--summary-dkv-128`` the fixed pattern's summary dK/dV kernel at 128-row
+query tiles (``summary_dkv_block_q=128``, rows ``_sdkv128``);
 ``--mosaic-summary-dkv`` the fixed pattern's summary dK/dV from the Mosaic GPU kernel
 (``mosaic_summary_dkv=True, mosaic_summary_dq=False``, rows ``_mosaicdkv``; bf16 at
 D=64); ``--mosaic-summary-dq`` that kernel also emitting dq for every head group
@@ -70,8 +67,6 @@ DEFAULT_VARIANT = ("", {})  # v2, fuse_parts=True
 V1_VARIANT = ("_v1", {"fuse_parts": False})
 # The experimental Mosaic GPU kernel (sparse_lm/attention/mosaic_gpu.py), at its own tiles.
 MOSAIC_VARIANT = ("_mosaic", {"kernel": "mosaic_gpu"})
-# The fixed pattern's summary dq from the dK/dV kernel with atomic adds (not deterministic).
-ATOMIC_VARIANT = ("_atomicdq", {"atomic_dq": True})
 # The fixed pattern's parts one launch each (the default co-launches them).
 SPLIT_LAUNCH_VARIANT = ("_splitlaunch", {"colaunch": False})
 # The fixed pattern's summary dK/dV kernel at 128-row query tiles, the others at 64.
@@ -85,22 +80,20 @@ MOSAIC_DQ_VARIANT = ("_mosaicdq", {"mosaic_summary_dq": True})
 # The summary part's dK/dV and dq from Triton's kernels (reproducible dq; the default
 # before session 7).
 NO_MOSAIC_DQ_VARIANT = ("_nomdq", {"mosaic_summary_dq": False})
-FIXED_ONLY = {"_atomicdq", "_splitlaunch", "_sdkv128", "_mosaicdkv", "_mosaicdq", "_nomdq"}  # same kernels elsewhere
+FIXED_ONLY = {"_splitlaunch", "_sdkv128", "_mosaicdkv", "_mosaicdq", "_nomdq"}  # same kernels elsewhere
 # Partial results between launches in float32 (the default: the input dtype): patterns
 # of several parts only.
 WIDE_CHAIN_VARIANT = ("_f32chain", {"narrow_chain": False})
 # A strided part's dq and dk, dv from separate kernels (the default: one kernel per
 # column where it applies; strided pattern only).
 SPLIT_BWD_VARIANT = ("_splitbwd", {"column_bwd": False})
-# The local window's dq, dk, dv from one kernel per strip of key tiles (strided, local).
-STRIP_BWD_VARIANT = ("_stripbwd", {"strip_bwd": True})
 SHAPES = [(2, 16384, 8, 64), (1, 65536, 8, 64), (2, 16384, 8, 128)]
 
 
 # Kernel paths a flag adds beside the default, by the flag's name.
-EXTRA_VARIANTS = {"v1": [V1_VARIANT], "mosaic": [MOSAIC_VARIANT], "atomic_dq": [ATOMIC_VARIANT],
+EXTRA_VARIANTS = {"v1": [V1_VARIANT], "mosaic": [MOSAIC_VARIANT],
                   "split_launch": [SPLIT_LAUNCH_VARIANT], "wide_chain": [WIDE_CHAIN_VARIANT],
-                  "split_bwd": [SPLIT_BWD_VARIANT], "strip_bwd": [STRIP_BWD_VARIANT],
+                  "split_bwd": [SPLIT_BWD_VARIANT],
                   "summary_dkv_128": [SUMMARY_DKV_128_VARIANT],
                   "mosaic_summary_dkv": [MOSAIC_DKV_VARIANT],
                   "mosaic_summary_dq": [MOSAIC_DQ_VARIANT],
@@ -119,8 +112,6 @@ def applies(suffix: str, pattern: str, dtype) -> bool:
         return pattern == "fixed"
     if suffix == SPLIT_BWD_VARIANT[0]:
         return pattern == "strided"
-    if suffix == STRIP_BWD_VARIANT[0]:  # float32 operands keep the split kernels
-        return pattern in ("strided", "local") and jnp.dtype(dtype).itemsize == 2
     if suffix == WIDE_CHAIN_VARIANT[0]:
         return pattern in ("strided", "fixed")
     return suffix != "_mosaic" or jnp.dtype(dtype) != jnp.float32
@@ -209,15 +200,6 @@ def mosaic_dq_taken(spec: PatternSpec, shape: tuple, block_q: int | None = None,
     return "mgpu_attn_dkvdq_summary" in names
 
 
-def strip_taken(spec: PatternSpec, shape: tuple, block_q: int | None = None,
-                block_k: int | None = None, *, layer: int = 0) -> bool:
-    """Whether ``strip_bwd=True`` really runs the strip kernel here (bands wider than
-    STRIP_BWD_MAX_BAND tiles, or head dims above STRIP_BWD_MAX_HEAD_DIM, keep the split
-    kernels)."""
-    names = kernels_run(spec, shape, block_q, block_k, strip_bwd=True, layer=layer)
-    return "sparse_attn_bwd_strip_v2" in names
-
-
 def has_summary(pattern) -> bool:
     """Whether a layer's pattern has summary columns (gathered keys)."""
     return any(c.kind == "summary" for head in pattern for c in head)
@@ -233,8 +215,6 @@ def mosaic_required(pattern, d: int, dt) -> bool:
 # dtype dt). A check case that should have taken it but did not fails: it checked the
 # kernels it replaces.
 OPTION_KERNELS = {
-    STRIP_BWD_VARIANT[0]: ("strip_taken", strip_taken,
-                           lambda pattern, d, dt: d <= pallas_gpu.STRIP_BWD_MAX_HEAD_DIM),
     MOSAIC_DKV_VARIANT[0]: ("mosaic_dkv_taken", mosaic_dkv_taken, mosaic_required),
     MOSAIC_DQ_VARIANT[0]: ("mosaic_dq_taken", mosaic_dq_taken, mosaic_required),
 }
@@ -329,14 +309,14 @@ def gpu_check(quick: bool, extra: tuple[str, ...] = ()) -> None:
     ]
     key = jax.random.PRNGKey(int(time.time()))
     # --quick: 3 cases per path, except the options, which get every case they apply to.
-    options = FIXED_ONLY | {WIDE_CHAIN_VARIANT[0], SPLIT_BWD_VARIANT[0], STRIP_BWD_VARIANT[0]}
+    options = FIXED_ONLY | {WIDE_CHAIN_VARIANT[0], SPLIT_BWD_VARIANT[0]}
     runs = [(c, var) for var in variants(extra)
             for c in (cases if var[0] in options or not quick else cases[:3])
             if applies(var[0], c[0].name, c[2])]
     for (spec, d, dt), (suffix, opts) in runs:
         # v2 at T=4096 so that l=64 columns (64 rows) hold whole 64-row blocks.
         b, t, h = 1, 1024 if suffix not in ("", *options) else 4096, 4
-        if spec.name == "strided" and suffix in ("", SPLIT_BWD_VARIANT[0], STRIP_BWD_VARIANT[0]):
+        if spec.name == "strided" and suffix in ("", SPLIT_BWD_VARIANT[0]):
             t = 8192  # l=64: 128-row columns, two 64-row tiles each (the benchmark's case)
         key, *ks = jax.random.split(key, 5)
         q, k, v, g = (jax.random.normal(kk, (b, t, h, d), jnp.float32).astype(dt) for kk in ks)
@@ -656,16 +636,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="also check and time the v1 path (fuse_parts=False) beside the default v2")
     ap.add_argument("--mosaic", action="store_true",
                     help="also check and time the experimental Mosaic GPU kernel (rows ours_mosaic)")
-    ap.add_argument("--atomic-dq", action="store_true",
-                    help="also check and time atomic_dq=True for the fixed pattern (rows *_atomicdq)")
     ap.add_argument("--split-launch", action="store_true",
                     help="also check and time colaunch=False (one launch per part) for the fixed pattern")
     ap.add_argument("--split-bwd", action="store_true",
                     help="also check and time column_bwd=False (a strided part's dq and dk, dv from "
                          "separate kernels, not one kernel per column) for the strided pattern")
-    ap.add_argument("--strip-bwd", action="store_true",
-                    help="also check and time strip_bwd=True (the local window's dq, dk, dv in one "
-                         "kernel per strip of key tiles) for the strided and local patterns")
     ap.add_argument("--summary-dkv-128", action="store_true",
                     help="also check and time summary_dkv_block_q=128 (the summary dK/dV kernel at "
                          "128-row query tiles) for the fixed pattern")

@@ -1,13 +1,13 @@
 """GPU check: the first training steps give the same losses with the kernel as with the reference.
 
     python scripts/check_kernel_training.py --data path/to/enwik8_sample --out result.json \
-        [--steps 8] [--seq_len 3072] [--layers 2] [--impls reference pallas_gpu pallas_gpu+colaunch+atomic_dq]
+        [--steps 8] [--seq_len 3072] [--layers 2] [--impls reference pallas_gpu pallas_gpu+mosaic_forward]
 
 Trains the enwik8 config (fewer layers, a context the masked-dense reference can hold
 in memory) from the same initialisation on the same batches once per attention
 implementation, through the real training loop, and compares the per-step losses. An impl
-may set boolean kernel options after a '+': ``pallas_gpu+atomic_dq`` sets
-``attention.atomic_dq`` to True, ``pallas_gpu+colaunch=false+narrow_chain=false`` turns
+may set boolean kernel options after a '+': ``pallas_gpu+mosaic_forward`` sets
+``attention.mosaic_forward`` to True, ``pallas_gpu+colaunch=false+narrow_chain=false`` turns
 two default-on options off. Every spec is checked before the first run.
 """
 

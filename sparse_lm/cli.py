@@ -114,9 +114,12 @@ def _unknown_field_message(argv: list[str], error: BaseException) -> str:
     parent = parts[: parts.index(missing)]
     message = f"unknown config field --{culprit}: the config has no field {missing!r}"
     message += f" under config.{'.'.join(parent)}." if parent else "."
-    try:
-        from sparse_lm.config import base_config
+    from sparse_lm.config import REMOVED_FIELDS, base_config
 
+    why = REMOVED_FIELDS.get(".".join(parent), {}).get(missing)
+    if why:  # a field that once existed: say so, not "check the spelling"
+        return f"{message} config.{'.'.join(parent)}.{missing} was {why}; drop the override."
+    try:
         node = base_config()
         for p in parent:
             node = node[p]

@@ -17,6 +17,30 @@ class ConfigError(ValueError):
     """A config value cannot work; the message names the field and the fix."""
 
 
+# Fields that were removed, section -> {field: why}. Config files are not locked while
+# they build the config, so one that still sets such a field would add it back silently
+# (and nothing would read it): ``validate`` and ``model.gpu_kernel_options`` raise
+# instead, and the command line names the removal (``cli``).
+REMOVED_FIELDS = {
+    "attention": {
+        "strip_bwd": "removed on 2026-12-03: the one-kernel backward of band parts was "
+                     "slower than the default kernels on an H200 (strided f+b 0.716 vs "
+                     "0.517 ms)",
+        "atomic_dq": "removed on 2026-12-03: the summary dq by float atomics from the "
+                     "Triton dK/dV kernel was slower than the default on an H200 (fixed f+b "
+                     "2.27 vs 1.96 ms); mosaic_summary_dq is the default's summary dq",
+    },
+}
+
+
+def removed_field_error(section: str, fields) -> ConfigError | None:
+    """A ConfigError naming the first removed field of ``section`` among ``fields``."""
+    for name, why in REMOVED_FIELDS.get(section, {}).items():
+        if name in fields:
+            return ConfigError(f"config.{section}.{name} was {why}; delete it from the config.")
+    return None
+
+
 def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0
@@ -65,12 +89,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.attention.impl = "auto"  # auto | reference | pallas_gpu | mosaic_gpu (experimental) | pallas_tpu | cudnn_dense
     # pallas_gpu options (ignored by the other impls; BENCHMARKS.md "Session 4" times them):
     c.attention.colaunch = True  # the fixed pattern's two parts in one forward/dQ launch
-    c.attention.atomic_dq = False  # summary dq from the dK/dV kernel (float atomics: slower, not bitwise reproducible)
     c.attention.narrow_chain = True  # partial results between the kernel's launches in bf16, not float32
     c.attention.column_bwd = True  # a strided part's dq, dk, dv in one kernel per column (head dim <= 64)
-    c.attention.strip_bwd = False  # the local window's dq, dk, dv in one kernel per strip (slower on an H200)
     c.attention.diag_bwd = True  # the fixed pattern's own-block dq, dk, dv in one kernel per block
-    c.attention.mosaic_forward = False  # merged fixed heads' forward by Mosaic GPU (bf16; untimed)
+    c.attention.mosaic_forward = False  # merged fixed heads' forward by Mosaic GPU (bf16; f+b 1-6% faster, see pallas_gpu)
     c.attention.mosaic_summary_dkv = False  # the fixed pattern's summary dK/dV by Mosaic GPU (bf16, D=64)
     # ... and its dq too, by TMA reductions. Unset: the kernel's default, on for merged
     # fixed heads where it applies (faster; dq not bitwise reproducible run to run);
@@ -137,6 +159,9 @@ def pattern_spec(config: ml_collections.ConfigDict) -> PatternSpec:
 def validate(config: ml_collections.ConfigDict) -> None:
     """Checks that fields agree with each other; raises ConfigError naming the fix."""
     m, d = config.model, config.data
+    for section in REMOVED_FIELDS:
+        if section in config and (error := removed_field_error(section, config[section])):
+            raise error
     try:
         pattern_spec(config).validate(seq_len=d.seq_len, num_heads=m.num_heads)
     except PatternError as e:

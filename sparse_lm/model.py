@@ -35,7 +35,8 @@ from flax import nnx
 from flax.core import meta as flax_meta
 
 from sparse_lm.attention import LayerPattern, PatternSpec, attention
-from sparse_lm.config import ConfigError
+from sparse_lm.attention import load as load_attention_impl
+from sparse_lm.config import REMOVED_FIELDS, ConfigError, removed_field_error
 
 AXIS_NAMES = ("vocab", "embed", "mlp", "heads", "head_dim", "pos", "layers")
 # config.attention fields passed to the pallas_gpu kernel when it runs (see
@@ -43,8 +44,8 @@ AXIS_NAMES = ("vocab", "embed", "mlp", "heads", "head_dim", "pos", "layers")
 # reaches the kernel even where its default is True), and launch parameters, passed
 # when set (0 leaves the kernel's default: 64x64 tiles, or 32x32 where a strided part
 # needs them; 4 warps; 2 stages; the summary dK/dV kernel at block_q).
-GPU_KERNEL_FLAGS = ("colaunch", "atomic_dq", "narrow_chain", "column_bwd", "strip_bwd",
-                    "diag_bwd", "mosaic_forward", "mosaic_summary_dkv", "mosaic_summary_dq")
+GPU_KERNEL_FLAGS = ("colaunch", "narrow_chain", "column_bwd", "diag_bwd", "mosaic_forward",
+                    "mosaic_summary_dkv", "mosaic_summary_dq")
 GPU_KERNEL_TUNING = ("block_q", "block_k", "num_warps", "num_stages", "summary_dkv_block_q")
 REMAT_POLICIES: dict[str, Callable[..., bool] | None] = {
     "full": None,  # save nothing: recompute the whole block in the backward pass
@@ -298,6 +299,9 @@ def _get(cfg: Any, name: str, default: Any) -> Any:
 
 def gpu_kernel_options(attn_cfg: Any) -> tuple[tuple[str, Any], ...]:
     """The (name, value) pairs of ``attn_cfg`` that go to the pallas_gpu kernel."""
+    removed = [n for n in REMOVED_FIELDS["attention"] if _get(attn_cfg, n, None) is not None]
+    if removed:
+        raise removed_field_error("attention", removed)
     flags = [(n, bool(v)) for n in GPU_KERNEL_FLAGS if (v := _get(attn_cfg, n, None)) is not None]
     tuning = []
     for n in GPU_KERNEL_TUNING:
@@ -337,6 +341,7 @@ class Transformer(nnx.Module):
         impl = str(_get(attn_cfg, "impl", "auto"))
         kernel_options = gpu_kernel_options(attn_cfg)
         self._validate(ff_ratio, qk_ratio)
+        load_attention_impl(impl)  # before any trace: see sparse_lm.attention._load
 
         self.head_dim = self.d_model // self.num_heads
         self.qk_dim = int(round(self.head_dim * qk_ratio))

@@ -129,13 +129,17 @@ def test_check_kernel_training_impl_specs_set_options_on_and_off():
     import importlib.util
 
     from configs.enwik8 import get_config
+    from sparse_lm.config import REMOVED_FIELDS
 
     spec = importlib.util.spec_from_file_location("ckt", REPO_ROOT / "scripts" / "check_kernel_training.py")
     ckt = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(ckt)
     attention = get_config("small").attention
     assert ckt.parse_spec("pallas_gpu", attention) == ("pallas_gpu", {})
-    assert ckt.parse_spec("pallas_gpu+atomic_dq+colaunch=False", attention) == (
-        "pallas_gpu", {"atomic_dq": True, "colaunch": False})
+    assert ckt.parse_spec("pallas_gpu+mosaic_forward+colaunch=False", attention) == (
+        "pallas_gpu", {"mosaic_forward": True, "colaunch": False})
+    for removed in REMOVED_FIELDS["attention"]:  # options that no longer exist
+        with pytest.raises(SystemExit, match=f"'{removed}' is not a boolean attention option"):
+            ckt.parse_spec(f"pallas_gpu+{removed}", attention)
     with pytest.raises(SystemExit, match="colaunch=true or colaunch=false"):
         ckt.parse_spec("pallas_gpu+colaunch=maybe", attention)

@@ -71,3 +71,30 @@ def test_a_negative_profile_window_is_a_config_error_naming_the_fields():
     cfg.train.profile_from, cfg.train.profile_steps = 5, 0
     with pytest.raises(ConfigError, match="profile_steps=0 >= 1"):
         validate(cfg)
+
+
+def test_a_config_that_sets_a_removed_field_gets_an_error_naming_the_removal():
+    """Config files are not locked while they build the config, so a removed field set
+    there would come back silently: validate and gpu_kernel_options refuse it, and a
+    --config override of it is told it was removed, not to check the spelling."""
+    import pytest
+
+    from sparse_lm.cli import _unknown_field_message
+    from sparse_lm.config import REMOVED_FIELDS, ConfigError, base_config, validate
+    from sparse_lm.model import gpu_kernel_options
+
+    assert REMOVED_FIELDS["attention"]
+    for section, fields in REMOVED_FIELDS.items():
+        for name in fields:
+            assert name not in base_config()[section]
+            cfg = base_config()
+            cfg.data.path = "unused"
+            cfg[section][name] = False  # even set to the old default
+            with pytest.raises(ConfigError, match=rf"config\.{section}\.{name} was removed on"):
+                validate(cfg)
+            if section == "attention":
+                with pytest.raises(ConfigError, match=rf"config\.attention\.{name} was removed on"):
+                    gpu_kernel_options(cfg.attention)
+            override = f"--config.{section}.{name}=true"
+            message = _unknown_field_message(["train.py", override], AttributeError(f"'{name}'"))
+            assert f"config.{section}.{name} was removed on" in message and "spelling" not in message

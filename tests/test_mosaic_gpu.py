@@ -337,3 +337,35 @@ def test_selected_through_the_attention_dispatcher_and_config():
     c = base_config()
     c.attention.impl = "mosaic_gpu"
     validate(c)
+
+
+def test_launch_order_starts_the_longest_tiles_first():
+    # Query tiles of a causal-like part grow: the tile axis runs backwards.
+    grows = np.array([1, 2, 3, 5, 8])
+    assert mosaic_gpu._launch_order(grows, 8, 2, "q_seq", True) == ((8, 5, 2), ("heads", "q_seq", "batch"), True)
+    # Key tiles of the summary part shrink, and even work keeps its order: forwards.
+    assert mosaic_gpu._launch_order(grows[::-1], 8, 2, "k_seq", True)[2] is False
+    assert mosaic_gpu._launch_order(np.full(4, 3), 8, 2, "q_seq", True)[2] is False
+    # Off: ascending, the order before session 9.
+    assert mosaic_gpu._launch_order(grows, 8, 2, "q_seq", False) == ((8, 5, 2), ("heads", "q_seq", "batch"), False)
+    tab = np.array([[1, 2, 0, 0, 0], [0, 1, 0, 0, 0]])  # n_full, n_partial, ids
+    assert mosaic_gpu._tile_work(tab, tab).tolist() == [6, 2]
+
+
+@pytest.mark.parametrize("spec", [PatternSpec("fixed", 64, 16), PatternSpec("strided", 16)],
+                         ids=["fixed", "strided"])
+def test_launch_order_changes_no_result(spec):
+    # Every tile is computed by exactly one program whichever order they start in: the
+    # forward and all three gradients are bitwise the same (dq is summed per program in
+    # a fixed order in the interpreter).
+    pattern = spec.layer_pattern(0, SHAPE[2])
+    q, k, v = inputs(SHAPE, jnp.bfloat16)
+    g = inputs(SHAPE, jnp.bfloat16)[0]
+
+    def run(heavy_first):
+        f = lambda *a: mosaic_gpu.attention(*a, pattern, interpret=True, heavy_first=heavy_first)  # noqa: E731
+        out, vjp = jax.vjp(f, q, k, v)
+        return out, *vjp(g)
+
+    for a, b in zip(run(True), run(False), strict=True):
+        np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))

@@ -277,8 +277,6 @@ def test_bench_script_variants_parse_and_take_the_fused_path_at_bench_shapes():
     assert bench.V1_VARIANT[1] == {"fuse_parts": False}
     assert [s for s, _ in bench.variants(("mosaic",))] == ["", "_mosaic"]
     assert bench.parse_args(["o.json", "--mosaic"]).mosaic and not args.mosaic
-    assert [s for s, _ in bench.variants(("atomic_dq",))] == ["", "_atomicdq"]
-    assert bench.parse_args(["o.json", "--atomic-dq"]).atomic_dq and not args.atomic_dq
     assert [s for s, _ in bench.variants(("split_launch",))] == ["", "_splitlaunch"]
     assert bench.applies("_splitlaunch", "fixed", jnp.bfloat16)
     assert not bench.applies("_splitlaunch", "strided", jnp.bfloat16)
@@ -296,12 +294,6 @@ def test_bench_script_variants_parse_and_take_the_fused_path_at_bench_shapes():
     assert not bench.applies("_splitbwd", "fixed", jnp.bfloat16)
     assert bench.extra_variants(bench.parse_args(["o.json", "--summary-dkv-128"])) == ("summary_dkv_128",)
     assert bench.applies("_sdkv128", "fixed", jnp.bfloat16) and not bench.applies("_sdkv128", "strided", jnp.bfloat16)
-    assert bench.extra_variants(bench.parse_args(["o.json", "--strip-bwd"])) == ("strip_bwd",)
-    assert bench.applies("_stripbwd", "local", jnp.bfloat16) and not bench.applies("_stripbwd", "fixed", jnp.bfloat16)
-    assert not bench.applies("_stripbwd", "local", jnp.float32)
-    assert bench.strip_taken(strided, (1, 16384, 2, 64), 64, 64)  # a band of 3 tiles (l=128)
-    assert bench.strip_taken(PatternSpec("strided", 256, combine="merged"), (1, 65536, 2, 64), 64, 64)  # band of 5
-    assert not bench.strip_taken(strided, (1, 16384, 2, 128), 64, 64)  # D=128
     assert bench.extra_variants(bench.parse_args(["o.json", "--mosaic-summary-dkv"])) == ("mosaic_summary_dkv",)
     assert bench.applies("_mosaicdkv", "fixed", jnp.bfloat16) and not bench.applies("_mosaicdkv", "local", jnp.bfloat16)
     fixed = PatternSpec("fixed", 128, 32, combine="merged")
@@ -376,25 +368,6 @@ def test_longest_first_order_gives_the_same_results(dtype):
         np.testing.assert_array_equal(np.asarray(x, np.float32), np.asarray(y, np.float32), err_msg=what)
 
 
-ATOMIC_DQ_CASES = [
-    (PatternSpec("fixed", 16, 4, combine="merged"), 0, (1, 256, 2, 64), jnp.float32),
-    (PatternSpec("fixed", 16, 4, combine="merged"), 0, (2, 128, 2, 64), jnp.bfloat16),
-    (PatternSpec("fixed", 16, 4, combine="multihead", distinct_summaries=True), 0, (1, 128, 4, 64),
-     jnp.float32),
-    (PatternSpec("fixed", 16, 4, combine="interleaved"), 1, (1, 128, 2, 128), jnp.float32),
-]
-
-
-@pytest.mark.parametrize("spec,layer,shape,dtype", ATOMIC_DQ_CASES,
-                         ids=["merged-f32", "merged-bf16-B2", "multihead-distinct", "summary-layer-D128"])
-def test_atomic_dq_matches_reference_and_the_split_kernels(spec, layer, shape, dtype):
-    opts = dict(block_q=16, block_k=16, atomic_dq=True)
-    assert_matches_reference(spec, layer, shape, dtype, **opts)
-    pattern = spec.layer_pattern(layer, shape[2])
-    assert "sparse_attn_bwd_dkv_dq_v2" in kernel_names(pattern, shape, **opts)
-    assert_matches_default_launches(pattern, shape, dtype, **opts)
-
-
 def assert_matches_default_launches(pattern, shape, dtype, **opts):
     """Output and gradients with ``opts`` equal the plainest v2 arrangement's (16x16 tiles,
     one launch per part, float32 partials, split backward kernels, Triton's kernels only)
@@ -412,25 +385,16 @@ def assert_matches_default_launches(pattern, shape, dtype, **opts):
         assert rel_err(x, y) < tol, what
 
 
-def test_atomic_dq_leaves_patterns_without_summary_columns_unchanged():
-    pattern = PatternSpec("strided", 16).layer_pattern(0, 2)
-    for column_bwd, bwd in ((False, {"sparse_attn_bwd_dq_v2", "sparse_attn_bwd_dkv_v2"}),
-                            (True, {"sparse_attn_bwd_dq_v2", "sparse_attn_bwd_dkv_v2",
-                                    "sparse_attn_bwd_column_v2"})):
-        assert kernel_names(pattern, (1, 256, 2, 64), block_q=16, block_k=16, atomic_dq=True,
-                            column_bwd=column_bwd) == {"sparse_attn_fwd_v2", *bwd}
-
-
-@pytest.mark.parametrize("name,opts", [("strided", {}), ("fixed", {}), ("fixed", {"atomic_dq": True}),
+@pytest.mark.parametrize("name,opts", [("strided", {}), ("fixed", {}),
                                        ("fixed", {"diag_bwd": False, "mosaic_summary_dq": False}),
                                        ("fixed", {"colaunch": False, "narrow_chain": False}),
                                        ("strided", {"narrow_chain": False})],
-                         ids=["strided", "fixed", "fixed-atomic-dq", "fixed-split-bwd", "fixed-split-launch-f32-chain",
+                         ids=["strided", "fixed", "fixed-split-bwd", "fixed-split-launch-f32-chain",
                               "strided-f32-chain"])
 def test_kernels_lower_for_cuda_at_the_benchmark_shape(name, opts):
     """The real Triton lowering (not the interpreter) on a CPU machine: an abstract H100
-    stands in for the GPU, so the launch order, aliasing and atomics of the GPU path are
-    lowered in CI, not first on the GPU."""
+    stands in for the GPU, so the launch order and the Mosaic kernels of the GPU path
+    are lowered in CI, not first on the GPU."""
     spec = PatternSpec(name, 128, 32, combine="merged")
     pattern = spec.layer_pattern(0, 8)
     x = jax.ShapeDtypeStruct((2, 16384, 8, 64), jnp.bfloat16)
@@ -446,15 +410,13 @@ def test_kernels_lower_for_cuda_at_the_benchmark_shape(name, opts):
     import re
 
     kernels = set(re.findall(r"sparse_attn_\w+?_v2\b", text))
-    if name == "fixed" and opts.get("diag_bwd", True) and not opts.get("atomic_dq"):
+    if name == "fixed" and opts.get("diag_bwd", True):
         # The default for merged fixed heads: the Mosaic summary dK/dV+dq kernel, then
         # the block part's dq, dk, dv in one diagonal-block launch.
         assert kernels == {"sparse_attn_fwd_v2", "sparse_attn_bwd_diag_v2"}, kernels
         assert "mosaic_gpu" in text
         return
-    want = {"sparse_attn_fwd_v2", "sparse_attn_bwd_dkv_v2"}
-    want.add("sparse_attn_bwd_dkv_dq_v2" if opts.get("atomic_dq") else "sparse_attn_bwd_dq_v2")
-    assert want <= kernels, kernels
+    assert {"sparse_attn_fwd_v2", "sparse_attn_bwd_dq_v2", "sparse_attn_bwd_dkv_v2"} <= kernels, kernels
 
 
 COLAUNCH_CASES = [
@@ -462,14 +424,13 @@ COLAUNCH_CASES = [
     (PatternSpec("fixed", 16, 4, combine="merged"), 0, (2, 128, 2, 64), jnp.bfloat16, {}),
     (PatternSpec("fixed", 16, 4, combine="multihead", distinct_summaries=True), 0, (1, 128, 4, 128),
      jnp.float32, {}),
-    (PatternSpec("fixed", 16, 4, combine="merged"), 0, (1, 256, 2, 64), jnp.float32, {"atomic_dq": True}),
     (PatternSpec("strided", 16, combine="merged"), 0, (1, 256, 2, 64), jnp.float32, {}),
 ]
 
 
 @pytest.mark.parametrize("spec,layer,shape,dtype,opts", COLAUNCH_CASES,
                          ids=["fixed-f32", "fixed-bf16-B2", "multihead-distinct-D128",
-                              "fixed-with-atomic-dq", "strided-unchanged"])
+                              "strided-unchanged"])
 def test_colaunched_parts_match_reference_and_the_chained_launches(spec, layer, shape, dtype, opts):
     opts = dict(block_q=16, block_k=16, colaunch=True, **opts)
     assert_matches_reference(spec, layer, shape, dtype, **opts)
@@ -494,10 +455,6 @@ def test_colaunch_puts_the_fixed_patterns_parts_in_one_forward_and_one_dq_launch
                                         "sparse_attn_bwd_dkv_v2": 2}
     assert launches() == {"sparse_attn_fwd_v2": 1, "sparse_attn_bwd_dq_v2": 1,  # colaunch: the default
                           "sparse_attn_bwd_dkv_v2": 2}
-    # With atomic_dq the summary dq comes from its dK/dV kernel; the block part keeps a dQ launch.
-    assert launches(atomic_dq=True) == {
-        "sparse_attn_fwd_v2": 1, "sparse_attn_bwd_dq_v2": 1, "sparse_attn_bwd_dkv_v2": 1,
-        "sparse_attn_bwd_dkv_dq_v2": 1}
 
 
 def test_bench_shape_times_every_pattern_tile_and_path(monkeypatch):
@@ -516,15 +473,15 @@ def test_bench_shape_times_every_pattern_tile_and_path(monkeypatch):
     monkeypatch.setattr(bench, "ours_fn", lambda spec, h, **opts: (lambda q, k, v: q))
     bench.RESULTS.update(check=[], timings=[], errors=[], layout=[])
     bench.bench_shape((1, 1024, 2, 64), quick=True, sweep=False, blocks=[(64, 64), (32, 32)],
-                      extra=("v1", "atomic_dq", "split_launch"))
+                      extra=("v1", "split_launch", "summary_dkv_128"))
     assert bench.RESULTS["errors"] == []
     rows = {(r["impl"], r["pattern"]) for r in bench.RESULTS["timings"]}
     for name in ("strided", "fixed", "local"):
         for tile in ("64x64", "32x32"):
             assert (f"ours_{tile}", name) in rows and (f"ours_{tile}_v1", name) in rows
-    fixed_only = {impl for impl, name in rows if impl.endswith(("_atomicdq", "_splitlaunch"))}
-    assert fixed_only == {"ours_64x64_atomicdq", "ours_32x32_atomicdq", "ours_64x64_splitlaunch",
-                          "ours_32x32_splitlaunch"}
+    fixed_only = {impl for impl, name in rows if impl.endswith(("_splitlaunch", "_sdkv128"))}
+    assert fixed_only == {"ours_64x64_splitlaunch", "ours_32x32_splitlaunch", "ours_64x64_sdkv128",
+                          "ours_32x32_sdkv128"}
     assert all(name == "fixed" for impl, name in rows if impl in fixed_only)
     assert ("cudnn_dense_causal", "dense") in rows
 
@@ -564,48 +521,6 @@ def test_narrow_chain_hands_bf16_partials_between_launches_within_bf16_error(nam
     assert result_dtypes(jnp.bfloat16, narrow_chain=False) == {"bfloat16", "float32"}  # float32 chain
     assert result_dtypes(jnp.bfloat16) == {"bfloat16"}  # the default: narrow
     assert result_dtypes(jnp.float32) == {"float32"}
-
-
-def test_atomic_dq_adds_lower_with_relaxed_ordering_and_other_atomics_do_not(monkeypatch):
-    """The dq adds need atomicity only; acquire-release ordering put fences around each
-    one and measured 2.3x slower than the split kernels on an H200. Pallas' public
-    atomic_add, lowered in the same process, keeps its acquire-release ordering."""
-    from jax._src.lib.triton import dialect as tt
-    from jax.experimental.pallas import triton as pltriton
-
-    from sparse_lm.attention import triton_atomic
-
-    assert triton_atomic.available()
-    seen = []
-    public = tt.atomic_rmw
-
-    def recording(*args, sem, **kw):
-        seen.append(sem)
-        return public(*args, sem=sem, **kw)
-
-    monkeypatch.setattr(tt, "atomic_rmw", recording)
-    device = jax.sharding.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=None, platform="gpu")
-
-    def lower_for_cuda(fn, *args):
-        with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((1,), ("x",), abstract_device=device)):
-            jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",))
-
-    pattern = PatternSpec("fixed", 128, 32, combine="merged").layer_pattern(0, 2)
-    x = jax.ShapeDtypeStruct((1, 1024, 2, 64), jnp.bfloat16)
-    loss = lambda q, k, v: pallas_gpu.attention(q, k, v, pattern, interpret=False,  # noqa: E731
-                                                atomic_dq=True).astype(jnp.float32).sum()
-    lower_for_cuda(jax.grad(loss, argnums=0), x, x, x)
-    assert seen and set(seen) == {tt.MemSemantic.RELAXED}
-
-    seen.clear()
-
-    def public_add(x_ref, o_ref):
-        o_ref[...] = jnp.zeros_like(o_ref)
-        pltriton.atomic_add(o_ref, (slice(None),), x_ref[...])
-
-    add = pl.pallas_call(public_add, out_shape=jax.ShapeDtypeStruct((16,), jnp.float32), interpret=False)
-    lower_for_cuda(add, jax.ShapeDtypeStruct((16,), jnp.float32))
-    assert seen == [tt.MemSemantic.ACQUIRE_RELEASE]
 
 
 @pytest.mark.parametrize("d", [64, 128])
@@ -665,13 +580,11 @@ def test_bench_attention_gpu_check_runs_every_option_case(monkeypatch):
     mod_spec.loader.exec_module(bench)
     monkeypatch.setattr(bench, "value_and_grads", lambda fn: lambda q, k, v, g: (q, (q, k, v)))
     monkeypatch.setattr(bench, "column_taken", lambda *a, **k: True)
-    strip_key, _, strip_required = bench.OPTION_KERNELS["_stripbwd"]
-    monkeypatch.setitem(bench.OPTION_KERNELS, "_stripbwd", (strip_key, lambda *a, **k: True, strip_required))
-    bench.gpu_check(quick=True, extra=("mosaic_summary_dkv", "strip_bwd"))
+    bench.gpu_check(quick=True, extra=("mosaic_summary_dkv", "split_bwd"))
     rows = bench.RESULTS["check"]
     assert [r for r in rows if not r["ok"]] == []
-    assert {r["variant"] for r in rows} == {"default", "_mosaicdkv", "_stripbwd"}
-    assert all(r["strip_taken"] for r in rows if r["variant"] == "_stripbwd")
+    assert {r["variant"] for r in rows} == {"default", "_mosaicdkv", "_splitbwd"}
+    assert {r["pattern"] for r in rows if r["variant"] == "_splitbwd"} == {"strided"}
     mosaic = {(r["combine"], r["layer"], r["d"], r["dtype"]): r["mosaic_dkv_taken"]
               for r in rows if r["variant"] == "_mosaicdkv"}
     assert mosaic[("merged", 0, 64, "bfloat16")] and mosaic[("interleaved", 1, 64, "bfloat16")]
@@ -717,67 +630,6 @@ def test_column_backward_takes_only_columns_of_at_most_two_tiles_and_head_dims_u
     assert column not in kernel_names(fixed, (1, 256, 2, 64), block_q=16, block_k=16)
 
 
-STRIP_BWD_CASES = [
-    # (spec, layer, shape, dtype, block); 16-row tiles. float32 (the sharp test) runs in
-    # the interpreter only: on the GPU it keeps the split kernels (below). local l=32:
-    # each key tile is seen by the query tiles 0, 1, 2 after it (a band of 3). Off by
-    # default and measured slower (session 6), so the cases are few.
-    (PatternSpec("local", 16), 0, (1, 192, 2, 32), jnp.float32, 16),  # band of 2, 12 tiles: strips of 4
-    (PatternSpec("strided", 16, combine="merged"), 0, (2, 256, 2, 64), jnp.float32, 16),  # + column
-    (PatternSpec("local", 32), 0, (1, 32, 2, 64), jnp.float32, 16),  # 2 tiles: one strip, band cut
-    (PatternSpec("local", 64), 0, (1, 256, 2, 64), jnp.float32, 16),  # a band of 5 (T=65,536's l=256)
-    # l=8: 48-row columns of three tiles, so the stride part takes the split kernels first and
-    # the strip kernel adds the local part's gradients to theirs (its init inputs).
-    (PatternSpec("strided", 8, combine="merged"), 0, (1, 384, 2, 64), jnp.bfloat16, 16),
-]
-
-
-@pytest.mark.parametrize("spec,layer,shape,dtype,block", STRIP_BWD_CASES,
-                         ids=["band2-strips-of-4", "strided-merged-with-column", "one-short-strip", "band5",
-                              "after-split-kernels"])
-def test_strip_backward_matches_reference_and_the_split_kernels(spec, layer, shape, dtype, block):
-    opts = dict(block_q=block, block_k=block, strip_bwd=True)
-    pattern = spec.layer_pattern(layer, shape[2])
-    assert "sparse_attn_bwd_strip_v2" in kernel_names(pattern, shape, dtype, **opts)
-    assert_matches_reference(spec, layer, shape, dtype, **opts)
-    assert_matches_default_launches(pattern, shape, dtype, **opts)
-
-
-def test_strip_backward_schedule_is_the_band_cut_at_the_end():
-    # local l=32 at 16-row tiles: key tile j sees query tile j (diagonal, masked), j + 1
-    # (full) and j + 2 (masked: the window's far edge); 16 tiles in strips of 8.
-    def only_part(spec):
-        pattern = tuple(tuple(head) for head in spec.layer_pattern(0, 1))
-        return build_layout(pattern, 256, 16, 16).groups[0].parts[0]
-
-    part = only_part(PatternSpec("local", 32))
-    assert pallas_gpu._strip_schedule(part, 256, 64, jnp.bfloat16, False) == (((0, True), (1, False), (2, True)), 8)
-    assert pallas_gpu._strip_schedule(part, 256, 128, jnp.bfloat16, False) is None  # head dim above the limit
-    assert len(pallas_gpu._strip_schedule(only_part(PatternSpec("local", 64)), 256, 64, jnp.bfloat16, False)[0]) == 5
-    assert pallas_gpu._strip_schedule(only_part(PatternSpec("local", 96)), 256, 64, jnp.bfloat16, False) is None  # band of 7 > 5
-
-
-def test_strip_backward_is_off_by_default_and_skips_what_it_cannot_take():
-    strip = "sparse_attn_bwd_strip_v2"
-    local = PatternSpec("local", 32).layer_pattern(0, 2)
-    bf16 = dict(dtype=jnp.bfloat16, block_q=16)
-    assert strip not in kernel_names(local, (1, 256, 2, 64), block_k=16, **bf16)
-    # When it applies, the whole backward of the local pattern is that one kernel.
-    assert kernel_names(local, (1, 256, 2, 64), block_k=16, strip_bwd=True, **bf16) == {
-        "sparse_attn_fwd_v2", strip}
-    assert strip not in kernel_names(local, (1, 256, 2, 128), block_k=16, strip_bwd=True, **bf16)
-    assert strip not in kernel_names(local, (1, 256, 2, 64), block_k=32, strip_bwd=True, **bf16)
-    # float32 operands on the GPU: unrolled IEEE float32 block matmuls take ptxas minutes.
-    assert strip not in kernel_names(local, (1, 256, 2, 64), jnp.float32, block_q=16, block_k=16,
-                                     strip_bwd=True, interpret=False)
-    assert strip in kernel_names(local, (1, 256, 2, 64), jnp.float32, block_q=16, block_k=16,
-                                 strip_bwd=True, interpret=True)
-    # T=80: five tiles, strips of one, no longer than the band of 3 reaches back.
-    assert strip not in kernel_names(local, (1, 80, 2, 64), block_k=16, strip_bwd=True, **bf16)
-    fixed = PatternSpec("fixed", 16, 4, combine="merged").layer_pattern(0, 2)  # gathered parts
-    assert strip not in kernel_names(fixed, (1, 256, 2, 64), block_k=16, strip_bwd=True, **bf16)
-
-
 def lowered_for_cuda(spec: PatternSpec, **opts) -> str:
     """The gradient of the kernel at the benchmark shape (2, 16384, 8, 64), bf16, lowered
     for an H100 (GPU code paths, not the interpreter) as text."""
@@ -789,12 +641,6 @@ def lowered_for_cuda(spec: PatternSpec, **opts) -> str:
     with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((1,), ("x",), abstract_device=device)):
         grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
         return grad.trace(x, x, x).lower(lowering_platforms=("cuda",)).as_text()
-
-
-def test_strip_backward_lowers_for_cuda_at_the_benchmark_shape():
-    """Strided l=128: the local part's band of three 64-row tiles."""
-    text = lowered_for_cuda(PatternSpec("strided", 128, combine="merged"), strip_bwd=True)
-    assert "sparse_attn_bwd_strip_v2" in text and "sparse_attn_bwd_column_v2" in text
 
 
 @pytest.mark.parametrize("combine", ["merged", "multihead"])
@@ -876,12 +722,11 @@ def test_mosaic_summary_dkv_applies_only_where_it_can():
     strided = PatternSpec("strided", 16, combine="merged").layer_pattern(0, 2)
     assert not mosaic_dkv_runs(strided, (1, 256, 2, 64), jnp.bfloat16)  # no gathered keys
     x = jnp.zeros((1, 256, 2, 64), jnp.bfloat16)
-    for other in (dict(summary_dkv_block_q=128), dict(atomic_dq=True)):
-        with pytest.raises(PatternError, match="set only one"):
-            pallas_gpu.attention(x, x, x, fixed, mosaic_summary_dkv=True, **other)
-        # Where it would not apply anyway, the other option simply runs.
-        pallas_gpu.attention(x.astype(jnp.float32), x.astype(jnp.float32), x.astype(jnp.float32),
-                             fixed, mosaic_summary_dkv=True, **other)
+    with pytest.raises(PatternError, match="set only one"):
+        pallas_gpu.attention(x, x, x, fixed, mosaic_summary_dkv=True, summary_dkv_block_q=128)
+    # Where it would not apply anyway, the other option simply runs.
+    pallas_gpu.attention(x.astype(jnp.float32), x.astype(jnp.float32), x.astype(jnp.float32),
+                         fixed, mosaic_summary_dkv=True, summary_dkv_block_q=128)
 
 
 def test_mosaic_summary_dkv_lowers_for_cuda_at_the_benchmark_shape():
@@ -938,13 +783,12 @@ def test_mosaic_summary_dq_is_on_by_default_for_merged_summary_heads_only():
     # Where the Mosaic kernel cannot run, Triton's kernels do.
     assert mosaic_kernels(merged, shape, jnp.float32) == set()
     assert mosaic_kernels(merged, (1, 256, 4, 128)) == set()
-    # The options that configure Triton's summary dK/dV kernel turn the default off...
-    assert mosaic_kernels(merged, shape, atomic_dq=True) == set()
+    # The option that configures Triton's summary dK/dV kernel turns the default off...
     assert mosaic_kernels(merged, shape, summary_dkv_block_q=128) == set()
     # ... and asking for both is an error that names the fix.
     x = jnp.zeros(shape, jnp.bfloat16)
     with pytest.raises(PatternError, match="set only one.*mosaic_summary_dq=False"):
-        pallas_gpu.attention(x, x, x, merged, mosaic_summary_dq=True, atomic_dq=True)
+        pallas_gpu.attention(x, x, x, merged, mosaic_summary_dq=True, summary_dkv_block_q=128)
     # mosaic_summary_dkv with the default: merged groups still get dq from Mosaic.
     assert mosaic_kernels(merged, shape, mosaic_summary_dkv=True) == dq_kernel
     assert mosaic_kernels(multihead, shape, mosaic_summary_dkv=True) == {"mgpu_attn_dkv_summary"}
@@ -1019,14 +863,23 @@ def test_diag_backward_matches_reference_and_the_split_kernels(spec, layer, shap
     assert "sparse_attn_bwd_diag_v2" not in kernel_names(pattern, shape, dtype, diag_bwd=False, **opts)
 
 
-def test_diag_backward_and_strip_backward_never_both_take_a_part():
-    """64-row tiles over l=32 blocks: the block part is also a one-tile band to
-    strip_bwd; it must run once (twice would double dq, dk and dv)."""
-    spec = PatternSpec("fixed", 32, 8, combine="interleaved")
-    shape, opts = (1, 128, 2, 64), dict(strip_bwd=True)
-    names = kernel_names(spec.layer_pattern(0, 2), shape, **opts)
-    assert "sparse_attn_bwd_diag_v2" in names and "sparse_attn_bwd_strip_v2" not in names
-    assert_matches_reference(spec, 0, shape, jnp.float32, **opts)
+def test_diag_and_column_backward_never_both_take_a_part():
+    """``_fused_bwd`` runs a part through every one-kernel backward whose schedule takes
+    it; a part taken twice would get its dq, dk and dv twice. Diagonal blocks are natural
+    order and columns strided, so no part of any pattern qualifies for both."""
+    seen = {"diag": 0, "column": 0}
+    for (spec, layer), (t, block) in itertools.product(PATTERNS, [(256, 16), (128, 32), (128, 64)]):
+        pattern = tuple(tuple(head) for head in spec.layer_pattern(layer, 2))
+        try:
+            layout = build_layout(pattern, t, block, block)
+        except PatternError:
+            continue
+        for part in (p for group in layout.groups for p in group.parts):
+            diag, column = pallas_gpu._diag_schedule(part, t, 64), pallas_gpu._column_schedule(part, t, 64)
+            assert diag is None or column is None, (spec, layer, t, block)
+            seen["diag"] += diag is not None
+            seen["column"] += column is not None
+    assert seen["diag"] and seen["column"], seen
 
 
 def test_diag_backward_adds_the_previous_parts_gradients():

@@ -62,7 +62,24 @@ def _load(impl: str) -> AttentionFn:
             )
         module, function = KERNELS[impl]
         IMPLEMENTATIONS[impl] = getattr(importlib.import_module(module), function)
+        if impl != "cudnn_dense":
+            # Lowering a Pallas call on the CPU (interpret mode) imports Pallas' fuser,
+            # which registers a config option that is part of every jit's trace context
+            # (JAX 0.11.2). Imported during a program's first trace, it changes the
+            # context after that program's cache key was taken, so its second call
+            # traces and compiles it again ("number of tracing context values
+            # differs"). Imported here, before any trace that uses a kernel, it cannot.
+            importlib.import_module("jax.experimental.pallas.fuser")
     return IMPLEMENTATIONS[impl]
+
+
+def load(impl: str) -> None:
+    """Imports what ``impl`` (after ``resolve_impl``) runs, ahead of tracing: call before
+    jitting a program that uses it, so that its first trace changes no JAX state that
+    the jit cache keys on (see ``_load``)."""
+    impl = resolve_impl(impl)
+    if impl != "reference":
+        _load(impl)
 
 
 def resolve_impl(impl: str, platform: str | None = None) -> str:
@@ -144,6 +161,7 @@ __all__ = [
     "is_dense",
     "head_mask",
     "layer_masks",
+    "load",
     "masked_attention",
     "reference_attention",
     "resolve_impl",

@@ -31,7 +31,7 @@ import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 
-from sparse_lm.attention import mosaic_gpu, triton_atomic
+from sparse_lm.attention import mosaic_gpu
 from sparse_lm.attention.layout import (PAD_POSITION, GroupLayout, Layout, MaskRule, PartLayout,
                                         build_layout, head_ranges)
 from sparse_lm.attention.part_order import (add_at_keys, from_order, merge, part_keys, scatter_keys,
@@ -53,11 +53,9 @@ class KernelConfig:
     num_stages: int
     out_dtype: np.dtype  # dtype of a part's output (float32 when parts are merged)
     heavy_first: bool = True  # v2: launch the longest programs first (see _launch_order)
-    atomic_dq: bool = False  # v2: gathered parts' dq from the dK/dV kernel (see _fused_bwd)
     colaunch: bool = True  # v2: natural-order parts of a tile in one launch (_launch_groups)
     narrow_chain: bool = True  # v2: partial results between launches in the input dtype
     column_bwd: bool = True  # v2: a strided part's dq, dk, dv in one kernel (_column_bwd_call)
-    strip_bwd: bool = False  # v2: a band part's dq, dk, dv in one kernel (_strip_bwd_call)
     diag_bwd: bool = True  # v2: a diagonal-block part's dq, dk, dv in one kernel (_diag_bwd_call)
     mosaic_forward: bool = False  # v2: merged fixed heads' forward by Mosaic GPU (_fused_forward)
     mosaic_summary_dkv: bool = False  # v2: gathered parts' dK/dV by Mosaic GPU (_mosaic_dkv_call)
@@ -275,14 +273,10 @@ def _dq_share(dst, k, prec):
 
 
 def _dkv_tile(t, carry, *, masked: bool, k, v, kpos, tab_ref, qpos_ref, q_ref, do_ref,
-              lse_ref, delta_ref, rule: MaskRule, block_q: int, qk_scale: float, prec,
-              dq_ref=None, scale: float = 1.0):
+              lse_ref, delta_ref, rule: MaskRule, block_q: int, qk_scale: float, prec):
     """(dk, dv) of a key tile plus the contribution of query block ``tab_ref[2 + t]``.
 
     Works on transposed scores (keys x queries) so that dK and dV are plain products.
-    With ``dq_ref`` (float32 [T, D], v2 ``atomic_dq``) the query block's dq share,
-    dS K, is also added to it atomically: S and dP are then computed once for dq, dk
-    and dv, instead of again in a dQ kernel.
     """
     dk, dv = carry
     start = pl.multiple_of(tab_ref[2 + t] * block_q, block_q)
@@ -294,19 +288,12 @@ def _dkv_tile(t, carry, *, masked: bool, k, v, kpos, tab_ref, qpos_ref, q_ref, d
                           rule=rule, qk_scale=qk_scale, prec=prec)
     dv = dv + _dot(pt.astype(do.dtype), do, prec)
     dk = dk + _dot(dst.astype(q.dtype), q, prec)
-    if dq_ref is not None:
-        dst_k = _dq_share(dst, k, prec)
-        # Relaxed ordering: acquire-release fences around each add measured 2.3x slower
-        # than the split kernels (H200, BENCHMARKS.md, session 4).
-        triton_atomic.add(dq_ref, (sl, slice(None)), dst_k * scale)
     return dk, dv
 
 
 def _dkv_kernel(tab_ref, qpos_ref, kpos_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref,
-                dk_ref, dv_ref, *, rule: MaskRule, block_q: int, scale: float, dkv0_refs=None,
-                dq_ref=None):
-    """``dkv0_refs`` (v2 only): refs (dk0, dv0) of the previous parts, added to this part's.
-    ``dq_ref`` (v2 ``atomic_dq``): float32 dq of the whole sequence, accumulated into."""
+                dk_ref, dv_ref, *, rule: MaskRule, block_q: int, scale: float, dkv0_refs=None):
+    """``dkv0_refs`` (v2 only): refs (dk0, dv0) of the previous parts, added to this part's."""
     k = k_ref[...]
     v = v_ref[...]
     prec = _precision(k.dtype)
@@ -315,7 +302,7 @@ def _dkv_kernel(tab_ref, qpos_ref, kpos_ref, q_ref, k_ref, v_ref, do_ref, lse_re
     tile = functools.partial(_dkv_tile, k=k, v=v, kpos=kpos, tab_ref=tab_ref,
                              qpos_ref=qpos_ref, q_ref=q_ref, do_ref=do_ref, lse_ref=lse_ref,
                              delta_ref=delta_ref, rule=rule, block_q=block_q,
-                             qk_scale=qk_scale, prec=prec, dq_ref=dq_ref, scale=scale)
+                             qk_scale=qk_scale, prec=prec)
     n_full = tab_ref[0]
     n_part = tab_ref[1]
     carry = (jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32))
@@ -702,17 +689,11 @@ def _dq_kernel_v2(tab_ref, qpos_ref, kpos_ref, q_ref, k_ref, v_ref, do_ref, lse_
 
 def _dkv_kernel_v2(tab_ref, qpos_ref, kpos_ref, q_ref, k_ref, v_ref, do_ref, lse_ref,
                    delta_ref, *refs, rule: MaskRule, block_q: int, scale: float,
-                   has_init: bool, has_dq: bool = False):
-    """The v1 kernel body; with has_init, refs (dk0, dv0) come before the outputs; with
-    has_dq, the dq accumulator's input ref comes next and its (aliased) output last."""
-    dkv0_refs, refs = (refs[:2], refs[2:]) if has_init else (None, refs)
-    if has_dq:  # (dq_in, dk, dv, dq_out): the same buffer, written through dq_out only
-        _, dk_ref, dv_ref, dq_ref = refs
-    else:
-        (dk_ref, dv_ref), dq_ref = refs, None
+                   has_init: bool):
+    """The v1 kernel body; with has_init, refs (dk0, dv0) come before the outputs."""
+    dkv0_refs, (dk_ref, dv_ref) = (refs[:2], refs[2:]) if has_init else (None, refs)
     _dkv_kernel(tab_ref, qpos_ref, kpos_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref,
-                dk_ref, dv_ref, rule=rule, block_q=block_q, scale=scale, dkv0_refs=dkv0_refs,
-                dq_ref=dq_ref)
+                dk_ref, dv_ref, rule=rule, block_q=block_q, scale=scale, dkv0_refs=dkv0_refs)
 
 
 def _dq_call_v2(q, k, v, do, lse, delta, dq0, part: PartLayout, cfg: KernelConfig, out_dtype,
@@ -748,9 +729,8 @@ def _dq_call_v2(q, k, v, do, lse, delta, dq0, part: PartLayout, cfg: KernelConfi
 
 
 def _dkv_call_v2(q, k, v, do, lse, delta, dkv0, part: PartLayout, cfg: KernelConfig,
-                 out_dtype, dq_acc=None):
-    """(dk, dv) of one part; with ``dq_acc`` (float32 [B, T, H, D], natural query order)
-    also that accumulator plus this part's dq, added atomically: (dk, dv, dq_acc)."""
+                 out_dtype):
+    """(dk, dv) of one part, plus ``dkv0`` = the previous parts' (dk, dv) or None."""
     b, t, h, d = q.shape
     tk = k.shape[1]
     bq, bk = part.block_q, part.block_k
@@ -778,33 +758,18 @@ def _dkv_call_v2(q, k, v, do, lse, delta, dkv0, part: PartLayout, cfg: KernelCon
     kshape = rows.view(k).shape
     out_specs = [ktile, ktile]
     out_shape = [jax.ShapeDtypeStruct(kshape, out_dtype), jax.ShapeDtypeStruct(kshape, out_dtype)]
-    aliases = {}
-    if dq_acc is not None:
-        if rows.strided:
-            raise PatternError("atomic_dq takes parts in natural query order only.")
-        # The whole [T, D] slab of the program's (batch, head): every key tile adds into
-        # the rows of the query blocks it visits.
-        slab = pl.BlockSpec((None, t, None, d), lambda i, j, n: (j, 0, n, 0))
-        aliases = {len(in_specs): 2}
-        in_specs.append(slab)
-        args.append(dq_acc)
-        out_specs.append(slab)
-        out_shape.append(jax.ShapeDtypeStruct(q.shape, jnp.float32))
     grid, remap = _launch_order(part.bwd, b, h, cfg.heavy_first)
     outs = pl.pallas_call(
         functools.partial(_dkv_kernel_v2, rule=part.spec.rule, block_q=bq, scale=d**-0.5,
-                          has_init=dkv0 is not None, has_dq=dq_acc is not None),
+                          has_init=dkv0 is not None),
         grid=grid,
         in_specs=[remap(sp) for sp in in_specs],
         out_specs=[remap(sp) for sp in out_specs],
         out_shape=out_shape,
-        input_output_aliases=aliases,
         interpret=cfg.interpret,
         compiler_params=_compiler_params(cfg),
-        name="sparse_attn_bwd_dkv_dq_v2" if dq_acc is not None else "sparse_attn_bwd_dkv_v2",
+        name="sparse_attn_bwd_dkv_v2",
     )(*args)
-    if dq_acc is not None:
-        return rows.unview(outs[0]), rows.unview(outs[1]), outs[2]
     return rows.unview(outs[0]), rows.unview(outs[1])
 
 
@@ -926,154 +891,6 @@ def _three_grads_call(kernel, grid, in_specs, out_spec, shape, out_dtype, args,
         compiler_params=_compiler_params(cfg),
         name=name,
     )(*args))
-
-
-# A natural-order part whose key tiles each see the same few query tiles just after
-# them (a band: the local window, or the local part of a strided head) can be split
-# into strips of consecutive key tiles, one program per strip computing the strip's
-# dk, dv and the dq of its query tiles together (v2 ``strip_bwd``): 5 block matmuls
-# for a pair inside the strip, 4 (no dq) for a pair whose query tile lies past it, and
-# 3 (dq only) for the few "halo" pairs whose key tile lies before it, instead of the
-# split kernels' 7 for every pair, in one launch instead of two. Registers bound it:
-# every query tile of the band is a live float32 dq accumulator, so only bands of at
-# most STRIP_BWD_MAX_BAND tiles and head dims up to STRIP_BWD_MAX_HEAD_DIM qualify.
-# Query tiles per key tile: 3 for 64-row tiles and a window of 128 (T=16,384, l=128), 5
-# for a window of 256 (T=65,536, l=256). Measured slower than the split kernels on an
-# H200 at both (session 6: long serial programs, 8x fewer of them), so it is off by
-# default.
-# 16-bit operands only on the GPU: the kernel's loops are unrolled, and with float32
-# operands every block matmul becomes IEEE FMA code (no tensor cores), which ptxas did
-# not finish compiling in minutes on an H200 (session 6); float32 keeps the split
-# kernels there. The interpreter takes float32 (the tests' sharp tolerance).
-STRIP_BWD_MAX_BAND = 5
-STRIP_BWD_MAX_HEAD_DIM = 64
-STRIP_BWD_MAX_TILES = 8  # key tiles per strip, at most (a power of two dividing T/bk)
-
-
-def _strip_schedule(part: PartLayout, t: int, d: int, dtype, interpret: bool) -> tuple | None:
-    """(band, strip): ``band`` = ((offset, masked), ...), the query tiles ``j + offset``
-    every key tile j visits (offset >= 0; the tiles past the sequence end excepted), and
-    ``strip`` the key tiles per program; None when the part does not qualify (the split
-    kernels then run), also when a strip would be no longer than the band reaches back:
-    then every pair off the diagonal is computed twice (4 + 3 matmuls, as split), and
-    for float32 operands on the GPU (the interpreter takes them: the sharp test)."""
-    if (part.spec.order == "strided" or part.k_index is not None or part.k_pos.shape[0] != 1
-            or part.block_q != part.block_k or d > STRIP_BWD_MAX_HEAD_DIM
-            or (jnp.dtype(dtype).itemsize > 2 and not interpret)):
-        return None
-    n = t // part.block_k
-    rows = [tuple((int(i) - j, m >= int(r[0])) for m, i in enumerate(r[2 : 2 + int(r[0] + r[1])]))
-            for j, r in enumerate(part.bwd)]
-    band = tuple(sorted(max(rows, key=len))) if rows else ()
-    if not band or len(band) > STRIP_BWD_MAX_BAND or band[0][0] < 0:
-        return None
-    for j, row in enumerate(rows):  # every key tile: the band, cut at the sequence end
-        if tuple(sorted(row)) != tuple(x for x in band if j + x[0] < n):
-            return None
-    strip = math.gcd(n & -n, STRIP_BWD_MAX_TILES)  # the largest power of two dividing both
-    if strip <= band[-1][0]:
-        return None
-    return band, strip
-
-
-def _strip_bwd_kernel(qpos_ref, kpos_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref,
-                      *refs, band: tuple, strip: int, n_tiles: int, rule: MaskRule,
-                      block: int, scale: float, has_init: bool):
-    """dq, dk, dv of one strip of ``strip`` key tiles (and the query tiles of the same
-    rows) of a band part; whole-sequence inputs, strip-sized outputs. With has_init the
-    previous parts' (dq0, dk0, dv0) of the strip come before the outputs and are added."""
-    (dq0_ref, dk0_ref, dv0_ref), (dq_ref, dk_ref, dv_ref) = _init_and_grads(refs, has_init)
-    prec = _precision(q_ref.dtype)
-    qk_scale = scale * LOG2E
-    d = q_ref.shape[-1]
-    base = pl.program_id(0) * strip  # first key (and query) tile of the strip
-
-    def rows(tile):  # tile index -> its rows of the whole sequence
-        return pl.ds(pl.multiple_of(tile * block, block), block)
-
-    def put(ref, ref0, u, x):  # u: a tile of the strip
-        _store(ref, ref0, pl.ds(u * block, block), x)
-
-    def query(tile):
-        sl = rows(tile)
-        return q_ref[sl, :], do_ref[sl, :], lse_ref[sl] * LOG2E, delta_ref[sl], qpos_ref[sl]
-
-    def key(tile):
-        sl = rows(tile)
-        return k_ref[sl, :], v_ref[sl, :], kpos_ref[sl]
-
-    # The strip's last key tile reaching each of its query tiles (None: only halo keys).
-    last = {w: max((w - o for o, _ in band if 0 <= w - o < strip), default=None)
-            for w in range(strip)}
-    dq: dict[int, jax.Array] = {}
-    # Halo: key tiles before the strip, for the dq of its first query tiles only. Those
-    # before the sequence start (first strip) are clamped to tile 0, computed and dropped.
-    for w in range(strip):
-        halo = [(o, masked) for o, masked in band if o > w]
-        if not halo:
-            continue
-        q, do, lse2, delta, qpos = query(base + w)
-        for o, masked in halo:
-            j = base + w - o
-            k, v, kpos = key(jnp.maximum(j, 0))
-            _, dst = _pair_grads(k, v, kpos, q, do, lse2, delta, qpos if masked else None,
-                                 rule=rule, qk_scale=qk_scale, prec=prec)
-            share = jnp.where(j >= 0, _dq_share(dst, k, prec), 0.0)
-            dq[w] = dq[w] + share if w in dq else share
-    for w in range(strip):
-        if last[w] is None:  # no key tile of the strip reaches it: its dq is complete
-            put(dq_ref, dq0_ref, w, dq.pop(w, jnp.zeros((block, d), jnp.float32)) * scale)
-    for u in range(strip):
-        k, v, kpos = key(base + u)
-        dk = jnp.zeros((block, d), jnp.float32)
-        dv = jnp.zeros((block, d), jnp.float32)
-        for o, masked in band:
-            w = u + o  # query tile, relative to the strip
-            # Past the strip the query tile may be past the sequence end (last strip):
-            # the clamped last tile is computed and dropped.
-            valid = True if w < strip else base + w < n_tiles
-            q, do, lse2, delta, qpos = query(jnp.minimum(base + w, n_tiles - 1))
-            pt, dst = _pair_grads(k, v, kpos, q, do, lse2, delta, qpos if masked else None,
-                                  rule=rule, qk_scale=qk_scale, prec=prec)
-            dv_add = _dot(pt.astype(do.dtype), do, prec)
-            dk_add = _dot(dst.astype(q.dtype), q, prec)
-            if valid is True:
-                dv, dk = dv + dv_add, dk + dk_add
-            else:
-                dv = dv + jnp.where(valid, dv_add, 0.0)
-                dk = dk + jnp.where(valid, dk_add, 0.0)
-            if w < strip:
-                share = _dq_share(dst, k, prec)
-                dq[w] = dq[w] + share if w in dq else share
-                if last[w] == u:  # no later key tile of the strip reaches query tile w
-                    put(dq_ref, dq0_ref, w, dq.pop(w) * scale)
-        put(dk_ref, dk0_ref, u, dk * scale)
-        put(dv_ref, dv0_ref, u, dv)
-    assert not dq, "every query tile of the strip is stored"
-
-
-def _strip_bwd_call(q, k, v, do, lse, delta, init, part: PartLayout, cfg: KernelConfig,
-                    out_dtype, schedule: tuple):
-    """(dq, dk, dv) of a band part, one program per strip of key tiles, plus ``init`` =
-    the previous parts' (dq, dk, dv) or None. Arrays in natural order, [B, T, H, D]."""
-    band, strip = schedule
-    b, t, h, d = q.shape
-    bk = part.block_k
-    whole = pl.BlockSpec((None, t, None, d), lambda s, j, n: (j, 0, n, 0))
-    lwhole = pl.BlockSpec((None, None, t), lambda s, j, n: (j, n, 0))
-    out = pl.BlockSpec((None, strip * bk, None, d), lambda s, j, n: (j, s, n, 0))
-    in_specs = [pl.BlockSpec((t,), lambda s, j, n: (0,)),
-                pl.BlockSpec((None, t), lambda s, j, n: (0, 0)),
-                whole, whole, whole, whole, lwhole, lwhole]
-    args = [jnp.asarray(part.q_pos), jnp.asarray(part.k_pos), q, k, v, do, lse, delta]
-    if init is not None:
-        in_specs += [out] * 3
-        args += list(init)
-    kernel = functools.partial(_strip_bwd_kernel, band=band, strip=strip, n_tiles=t // bk,
-                               rule=part.spec.rule, block=bk, scale=d**-0.5,
-                               has_init=init is not None)
-    return _three_grads_call(kernel, (t // bk // strip, b, h), in_specs, out, q.shape,
-                             out_dtype, args, cfg, "sparse_attn_bwd_strip_v2")
 
 
 # A natural-order part that never leaves its diagonal block of L rows (the fixed
@@ -1360,17 +1177,11 @@ def _fused_bwd(group, cfg, res, do):
     lse = jnp.where(lse == -jnp.inf, jnp.inf, lse)  # empty rows: p = 0, not exp(+inf)
     own = [p for p in group.parts if p.k_index is None]
     gathered = [p for p in group.parts if p.k_index is not None]
-    # atomic_dq: the gathered (summary) parts, compute-bound, get their dq from their
-    # dK/dV kernel (one S and dP per block instead of two); the other parts keep the
-    # dQ kernel. Float32 atomics add in arrival order: dq is then not bitwise
-    # reproducible from run to run, hence an option. mosaic_summary_dq: the same from
-    # the Mosaic GPU dK/dV kernel, by TMA bulk reductions of whole tiles.
+    # mosaic_summary_dq: the gathered (summary) parts, compute-bound, get their dq from
+    # the Mosaic GPU dK/dV kernel (one S and dP per block instead of two), added by TMA
+    # bulk reductions of whole tiles into a float32 dq (arrival order: not bitwise
+    # reproducible run to run); the other parts keep the dQ kernel.
     mosaic_dq = bool(gathered) and cfg.mosaic_dq(group)
-    fuse_dq = mosaic_dq or (cfg.atomic_dq and bool(gathered))
-    # column_bwd: strided parts whose columns qualify get dq, dk, dv from one kernel,
-    # run after the other parts (chained sums: the order does not matter).
-    # strip_bwd: band parts (the local window) likewise, in strips of key tiles.
-    # Each is (call, part, schedule), strips before columns.
     t, d = q.shape[1], q.shape[-1]
     # summary_dkv_block_q, mosaic_summary_dkv: the dK/dV kernel's own layout of the
     # same parts (the same gathered keys at other tiles: 128-row query tiles, or
@@ -1390,29 +1201,27 @@ def _fused_bwd(group, cfg, res, do):
                                             dq0=mosaic_gpu.filled_after(do, q.shape, 0.0))
             return _diag_bwd_call(q, k, v, do, lse, delta, own[0], cfg, dtype, schedule, dq0=dq,
                                   summary=(dkg, dvg, sl[1], sl[2]))
+    # diag_bwd: parts confined to diagonal blocks, column_bwd: strided parts whose
+    # columns qualify, get dq, dk, dv from one kernel, run after the other parts (chained
+    # sums: the order does not matter). Each is (call, part, schedule), diagonal blocks
+    # first. No part qualifies for both (natural order against strided), so each runs in
+    # one such kernel at most.
     one_kernel = []
     if cfg.diag_bwd and not gathered:
         one_kernel += [(_diag_bwd_chained, p, sch) for p in group.parts
                        if (sch := _diag_schedule(p, t, d))]
-    for on, schedule_of, call in ((cfg.strip_bwd, functools.partial(_strip_schedule, dtype=dtype,
-                                                                 interpret=cfg.interpret),
-                                   _strip_bwd_call),
-                                  (cfg.column_bwd, _column_schedule, _column_bwd_call)):
-        if on and not gathered:
-            # A part runs in one such kernel at most: a block part whose tiles span its
-            # whole l-block is also a band of one tile to strip_bwd.
-            taken = {id(p) for _, p, _ in one_kernel}  # identity: layouts hold arrays, no ==
-            one_kernel += [(call, p, sch) for p in group.parts
-                           if id(p) not in taken and (sch := schedule_of(p, t, d))]
-    in_one = {id(p) for _, p, _ in one_kernel}
-    dq_parts = [p for p in (own if fuse_dq else group.parts) if id(p) not in in_one]
+    if cfg.column_bwd and not gathered:
+        one_kernel += [(_column_bwd_call, p, sch) for p in group.parts
+                       if (sch := _column_schedule(p, t, d))]
+    in_one = {id(p) for _, p, _ in one_kernel}  # identity: layouts hold arrays, no ==
+    dq_parts = [p for p in (own if mosaic_dq else group.parts) if id(p) not in in_one]
     dq = None
     launches = _launch_groups(dq_parts, cfg.colaunch)
     for n, (part, *rest) in enumerate(launches):
         if n < len(launches) - 1 or one_kernel:
             dq_dtype = cfg.chain_dtype(dtype)
-        else:  # atomic_dq: the float32 buffer the dK/dV kernels add into (aliased)
-            dq_dtype = jnp.float32 if fuse_dq else dtype
+        else:  # mosaic_summary_dq: the float32 dq the Mosaic kernel adds into
+            dq_dtype = jnp.float32 if mosaic_dq else dtype
         extra = [(*_part_kv(k, v, x), x) for x in rest]
         dq = _dq_call_v2(q, *_part_kv(k, v, part), do, lse, delta, dq, part, cfg, dq_dtype, extra)
     dkv = None
@@ -1433,7 +1242,7 @@ def _fused_bwd(group, cfg, res, do):
         if dkv is None:
             dkv = (jnp.zeros(k.shape, dtype if row_add else jnp.float32),) * 2
         dk, dv = dkv if row_add else (x.astype(jnp.float32) for x in dkv)
-        if fuse_dq and dq is None:
+        if mosaic_dq and dq is None:
             dq = jnp.zeros(q.shape, jnp.float32)
         add = add_at_keys if row_add else scatter_keys
         for part in gathered:
@@ -1443,9 +1252,6 @@ def _fused_bwd(group, cfg, res, do):
                 dkg, dvg, dq = _mosaic_dkv_call(q, kg, vg, do, lse, delta, part, cfg, dq0=dq)
             elif cfg.mosaic_summary_dkv:
                 dkg, dvg = _mosaic_dkv_call(q, kg, vg, do, lse, delta, part, cfg)
-            elif fuse_dq:
-                dkg, dvg, dq = _dkv_call_v2(q, kg, vg, do, lse, delta, None, part, cfg,
-                                            jnp.float32, dq_acc=dq)
             else:
                 dkg, dvg = _dkv_call_v2(q, kg, vg, do, lse, delta, None, part, cfg, jnp.float32)
             dk, dv = add(dk, dkg, part), add(dv, dvg, part)
@@ -1499,11 +1305,15 @@ def _with_dkv_tiles(layout: Layout, pattern: LayerPattern, block_q: int,
 # softmax) from one Mosaic GPU kernel (mosaic_gpu.merged_forward: 128 query rows per
 # program, two compute warpgroups taking turns on the tensor cores, 128-row key tiles),
 # instead of Triton's 64 x 64 forward (0.438 ms at (2, 16384, 8, 64) on an H200, 322
-# TF/s; cuDNN's forward ~443). Written in session 8, checked in the interpreter and
-# lowered for CUDA, not yet run on a GPU: off by default.
+# TF/s; cuDNN's forward ~443). Timed in session 9 on an H200 (BENCHMARKS.md, "Session
+# 9"): forward 0.443 vs Triton's 0.470 ms at (2, 16384, 8, 64), 1.076 vs 1.141 at
+# (8, 12288, 8, 64), 2.76 vs 3.44 at (1, 65536, 8, 64); f+b 1.5%, 1% and 6% faster.
+# Off by default: the gain in the 30-layer enwik8 step is ~1% (a forward per layer),
+# its compile took 223 s against 144-193 s (one run each), and D=128 is untimed on a GPU.
 MOSAIC_FWD_TILES = (128, 128)
-# Its launch options: the warpgroups' turns (mosaic_gpu.merged_forward's pingpong), TMA
-# pipeline slots, setmaxnreg (mosaic_gpu.KernelConfig). Untimed.
+# Its launch options: the warpgroups' turns (mosaic_gpu.merged_forward's pingpong: 0.492
+# -> 0.466 ms at (2, 16384, 8, 64), 1.146 -> 1.088 at (8, 12288, 8, 64) before the
+# longest-first launch order), TMA pipeline slots, setmaxnreg (mosaic_gpu.KernelConfig).
 MOSAIC_FWD_OPTIONS = dict(pingpong=True, max_concurrent_steps=2, max_registers=True)
 
 
@@ -1556,11 +1366,9 @@ def attention(
     num_stages: int = 2,
     fuse_parts: bool = True,
     heavy_first: bool = True,
-    atomic_dq: bool = False,
     colaunch: bool = True,
     narrow_chain: bool = True,
     column_bwd: bool = True,
-    strip_bwd: bool = False,
     diag_bwd: bool = True,
     mosaic_forward: bool = False,
     summary_dkv_block_q: int = 0,
@@ -1581,20 +1389,13 @@ def attention(
         chained in one online-softmax state, no log-sum-exp merge forward or backward.
         Groups whose strided blocks do not divide T/l take the v1 path (False), which
         permutes q, k, v and merges the parts' outputs in XLA.
-      heavy_first, atomic_dq, colaunch, narrow_chain, column_bwd, strip_bwd, diag_bwd,
-        mosaic_forward, summary_dkv_block_q, mosaic_summary_dkv, mosaic_summary_dq: options of the v2
-        path only;
-        groups that take the v1 path (``fuse_parts=False``, or strided blocks that do
-        not divide T/l) run without them.
+      heavy_first, colaunch, narrow_chain, column_bwd, diag_bwd, mosaic_forward,
+        summary_dkv_block_q, mosaic_summary_dkv, mosaic_summary_dq: options of the v2
+        path only; groups that take the v1 path (``fuse_parts=False``, or strided blocks
+        that do not divide T/l) run without them.
       heavy_first: v2 launch order: parts of uneven work per tile (summary columns)
         start their longest programs first (``_launch_order``). Same results either
         way; False gives the plain tile-major order.
-      atomic_dq: v2: the gathered summary parts (fixed pattern) compute dq inside their
-        dK/dV kernel and add it to a float32 dq with atomic adds (relaxed ordering),
-        instead of in a separate dQ kernel that recomputes the scores: 5 block matmuls
-        instead of 7, but float additions then happen in arrival order, so gradients
-        are not bitwise reproducible from run to run. Off by default (BENCHMARKS.md,
-        session 4, has its timings).
       colaunch: v2: parts that tile queries alike (the fixed pattern's own-block and
         summary parts) run in one forward and one dQ launch, each query tile visiting
         both parts' key blocks in one state, instead of one launch per part chained
@@ -1613,16 +1414,6 @@ def attention(
         Same results up to float rounding order. On by default: strided f+b 0.549 ->
         0.522 ms at (2, 16384, 8, 64) on an H200 (at D=128 it was slower, hence the
         head-dim limit); False keeps the split kernels everywhere.
-      strip_bwd: v2: a natural-order part whose key tiles each see the same band of at
-        most ``STRIP_BWD_MAX_BAND`` query tiles (the local window; the local part of a
-        strided head), at head dims up to ``STRIP_BWD_MAX_HEAD_DIM``, gets dq, dk and
-        dv from one kernel, one program per strip of key tiles (5 block matmuls per
-        pair inside a strip instead of 7; a pair reaching over a strip's edge costs 7
-        as before, 4 in the strip of its key tile and 3 in that of its query tile),
-        instead of a dQ and a dK/dV launch, in head groups without gathered parts.
-        Same results up to float rounding order; 16-bit operands only (float32 keeps
-        the split kernels). Off by default: slower on an H200 (strided f+b 0.716 vs
-        0.517 ms at (2, 16384, 8, 64), 2.405 vs 1.326 ms at (1, 65536, 8, 64)).
       diag_bwd: v2: a part that stays inside diagonal blocks of L rows (the fixed
         pattern's own-block part, L = l) gets dq, dk and dv from one kernel, one program
         per block (5 block matmuls per pair instead of 7, no atomics), when a block
@@ -1638,7 +1429,8 @@ def attention(
         two compute warpgroups taking turns on the tensor cores (FlashAttention-3's
         ping-pong), instead of Triton's; bf16 at head dims 64 and 128, T a multiple of
         128, Hopper or newer (elsewhere Triton's runs). Same results up to float
-        rounding order. Off by default: not yet timed on a GPU.
+        rounding order. Off by default: f+b 1-6% faster on an H200 (most at T=65,536),
+        but untimed at D=128 and slower to compile (see MOSAIC_FWD_TILES).
       summary_dkv_block_q: v2: query tile rows of the gathered (summary) parts' dK/dV
         kernel, when it should differ from ``block_q`` (0: ``block_q``). A sweep on an
         H200 found that kernel alone faster with 128-row query tiles (763 vs 825 µs at
@@ -1652,8 +1444,7 @@ def attention(
         rounding order. In the chain (H200, fixed merged f+b, dq from Triton): 1.764 vs
         1.850 ms at (2, 16384, 8, 64), but for summary heads alone (multihead) 1.871 vs
         1.819 ms, and ``mosaic_summary_dq`` (which includes it) is faster still for
-        merged heads; off by default. Excludes ``summary_dkv_block_q`` and
-        ``atomic_dq``.
+        merged heads; off by default. Excludes ``summary_dkv_block_q``.
       mosaic_summary_dq: v2: the Mosaic GPU dK/dV kernel of ``mosaic_summary_dkv`` that
         also computes the gathered parts' dq (5 block matmuls per pair instead of 7),
         adding each step's [64, D] tile into a float32 dq by a TMA bulk reduction,
@@ -1661,8 +1452,8 @@ def attention(
         Additions in arrival order: dq is not bitwise reproducible run to run (False
         gives reproducible gradients). None (the default): on for head groups whose
         summary part shares one softmax with the block part (``combine="merged"``),
-        where the Mosaic kernel applies (as ``mosaic_summary_dkv``) and neither
-        ``summary_dkv_block_q`` nor ``atomic_dq`` is set. Measured on an H200, fixed
+        where the Mosaic kernel applies (as ``mosaic_summary_dkv``) and
+        ``summary_dkv_block_q`` is not set. Measured on an H200, fixed
         l=128 c=32 merged f+b: 1.76 vs 1.85 ms at (2, 16384, 8, 64), 3.90 vs 4.55 ms at
         (8, 12288, 8, 64); for a group of summary heads alone (multihead) it was slower
         (1.95 vs 1.82 ms), hence "merged" only (BENCHMARKS.md, session 7). True: every
@@ -1694,20 +1485,19 @@ def attention(
     if interpret is None:
         interpret = jax.default_backend() != "gpu"
     # Where it cannot apply (float32, D != 64, T not a multiple of its tiles, no gathered
-    # parts, a GPU older than Hopper) the Triton kernel runs, as column_bwd and
-    # strip_bwd do.
+    # parts, a GPU older than Hopper) the Triton kernel runs, as column_bwd does.
     gathered = any(p.k_index is not None for g in layout.groups for p in g.parts)
     mosaic = gathered and fuse_parts and _mosaic_dkv_applies(q.dtype, t, d, bool(interpret))
-    if mosaic and (mosaic_summary_dkv or mosaic_summary_dq) and (summary_dkv_block_q or atomic_dq):
+    if mosaic and (mosaic_summary_dkv or mosaic_summary_dq) and summary_dkv_block_q:
         raise PatternError("mosaic_summary_dkv and mosaic_summary_dq replace the summary "
-                           "dK/dV kernel that summary_dkv_block_q and atomic_dq configure: "
-                           "set only one (mosaic_summary_dq=False turns the default off).")
+                           "dK/dV kernel that summary_dkv_block_q configures: set only one "
+                           "(mosaic_summary_dq=False turns the default off).")
     if not mosaic or mosaic_summary_dq is False:
         dq_mode = "off"
     elif mosaic_summary_dq:
         dq_mode = "all"
     else:  # None: the default, unless another option configures that kernel
-        dq_mode = "off" if summary_dkv_block_q or atomic_dq else "merged"
+        dq_mode = "off" if summary_dkv_block_q else "merged"
     mosaic_summary_dkv = mosaic and mosaic_summary_dkv
     # The gathered parts' dK/dV kernel at its own tiles, where it wants other ones.
     if mosaic_summary_dkv or dq_mode == "all":
@@ -1728,11 +1518,9 @@ def attention(
         num_stages=num_stages,
         out_dtype=q.dtype,
         heavy_first=heavy_first,
-        atomic_dq=atomic_dq,
         colaunch=colaunch,
         narrow_chain=narrow_chain,
         column_bwd=column_bwd,
-        strip_bwd=strip_bwd,
         diag_bwd=diag_bwd,
         mosaic_forward=mosaic_forward,
         mosaic_summary_dkv=mosaic_summary_dkv,
