@@ -1102,9 +1102,11 @@ def _mosaic_dkv_applies(dtype, t: int, d: int, interpret: bool) -> bool:
 
 def _mosaic_config(cfg: KernelConfig, **options) -> mosaic_gpu.KernelConfig:
     """A Mosaic kernel's launch inside this chain: two compute warpgroups, P from
-    registers on the GPU (the interpreter lacks that form), ``options`` as given."""
+    registers on the GPU (the interpreter lacks that form), the chain's launch order,
+    ``options`` as given."""
     return mosaic_gpu.KernelConfig(interpret=cfg.interpret, compute_wgs=2,
-                                   pv_from_registers=not cfg.interpret, **options)
+                                   pv_from_registers=not cfg.interpret,
+                                   heavy_first=cfg.heavy_first, **options)
 
 
 def _mosaic_dkv_call(q, k, v, do, lse, delta, part: PartLayout, cfg: KernelConfig, dq0=None):
@@ -1308,8 +1310,9 @@ def _with_dkv_tiles(layout: Layout, pattern: LayerPattern, block_q: int,
 # TF/s; cuDNN's forward ~443). Timed in session 9 on an H200 (BENCHMARKS.md, "Session
 # 9"): forward 0.443 vs Triton's 0.470 ms at (2, 16384, 8, 64), 1.076 vs 1.141 at
 # (8, 12288, 8, 64), 2.76 vs 3.44 at (1, 65536, 8, 64); f+b 1.5%, 1% and 6% faster.
-# Off by default: the gain in the 30-layer enwik8 step is ~1% (a forward per layer),
-# its compile took 223 s against 144-193 s (one run each), and D=128 is untimed on a GPU.
+# Off by default: at the enwik8 layer f+b gains ~1% (attention is ~35% of that step,
+# whose time with it was not measured), its 30-layer step compiled in 223 s against 144
+# s for the default (one run each), and D=128 is untimed on a GPU.
 MOSAIC_FWD_TILES = (128, 128)
 # Its launch options: the warpgroups' turns (mosaic_gpu.merged_forward's pingpong: 0.492
 # -> 0.466 ms at (2, 16384, 8, 64), 1.146 -> 1.088 at (8, 12288, 8, 64) before the
@@ -1394,8 +1397,10 @@ def attention(
         path only; groups that take the v1 path (``fuse_parts=False``, or strided blocks
         that do not divide T/l) run without them.
       heavy_first: v2 launch order: parts of uneven work per tile (summary columns)
-        start their longest programs first (``_launch_order``). Same results either
-        way; False gives the plain tile-major order.
+        start their longest programs first (``_launch_order``, and the Mosaic kernels'
+        ``mosaic_gpu._launch_order``). Same results either way up to the order of dq's
+        float additions in the Mosaic dK/dV+dq kernel; False gives the plain
+        tile-major order.
       colaunch: v2: parts that tile queries alike (the fixed pattern's own-block and
         summary parts) run in one forward and one dQ launch, each query tile visiting
         both parts' key blocks in one state, instead of one launch per part chained
