@@ -92,6 +92,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.attention.narrow_chain = True  # partial results between the kernel's launches in bf16, not float32
     c.attention.column_bwd = True  # a strided part's dq, dk, dv in one kernel per column (head dim <= 64)
     c.attention.diag_bwd = True  # the fixed pattern's own-block dq, dk, dv in one kernel per block
+    c.attention.delta_in_dq = True  # the backward's rowsum(do * o) from the first dQ kernel, not XLA
     c.attention.mosaic_forward = False  # merged fixed heads' forward by Mosaic GPU (bf16; f+b 1-6% faster, see pallas_gpu)
     c.attention.mosaic_summary_dkv = False  # the fixed pattern's summary dK/dV by Mosaic GPU (bf16, D=64)
     # ... and its dq too, by TMA reductions. Unset: the kernel's default, on for merged

@@ -44,8 +44,8 @@ AXIS_NAMES = ("vocab", "embed", "mlp", "heads", "head_dim", "pos", "layers")
 # reaches the kernel even where its default is True), and launch parameters, passed
 # when set (0 leaves the kernel's default: 64x64 tiles, or 32x32 where a strided part
 # needs them; 4 warps; 2 stages; the summary dK/dV kernel at block_q).
-GPU_KERNEL_FLAGS = ("colaunch", "narrow_chain", "column_bwd", "diag_bwd", "mosaic_forward",
-                    "mosaic_summary_dkv", "mosaic_summary_dq")
+GPU_KERNEL_FLAGS = ("colaunch", "narrow_chain", "column_bwd", "diag_bwd", "delta_in_dq",
+                    "mosaic_forward", "mosaic_summary_dkv", "mosaic_summary_dq")
 GPU_KERNEL_TUNING = ("block_q", "block_k", "num_warps", "num_stages", "summary_dkv_block_q")
 REMAT_POLICIES: dict[str, Callable[..., bool] | None] = {
     "full": None,  # save nothing: recompute the whole block in the backward pass

@@ -11,6 +11,7 @@ import itertools
 import warnings
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -667,6 +668,59 @@ def test_summary_dkv_tiles_change_only_the_summary_dkv_kernel(combine, monkeypat
 def test_column_backward_lowers_for_cuda_at_the_benchmark_shape():
     """Strided l=128: 128-row columns of two 64-row tiles."""
     assert "sparse_attn_bwd_column_v2" in lowered_for_cuda(PatternSpec("strided", 128, combine="merged"))
+
+
+# delta_in_dq: the backward's delta = rowsum(do * o) comes from the first dQ launch.
+def xla_reductions(pattern, shape, dtype=jnp.float32, **opts) -> int:
+    """reduce_sum equations outside the kernels in the jaxpr of a forward+backward."""
+    q = jnp.zeros(shape, dtype)
+
+    def f(q, k, v):
+        o, vjp = jax.vjp(lambda *a: pallas_gpu.attention(*a, pattern, **opts), q, k, v)
+        return o, vjp(o)
+
+    def count(jaxpr) -> int:
+        n = 0
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name == "pallas_call":
+                continue  # inside a kernel
+            n += eqn.primitive.name == "reduce_sum"
+            for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+                n += count(sub)
+        return n
+
+    return count(jax.make_jaxpr(f)(q, q, q).jaxpr)
+
+
+# (spec, layer, XLA delta passes with the option, without): one pass per head group
+# without it; with it, only groups whose backward has no dQ launch keep theirs (the
+# block-only head group of multihead: its one diag_bwd kernel).
+@pytest.mark.parametrize("spec,layer,on,off", [(PatternSpec("strided", 16, combine="merged"), 0, 0, 1),
+                                               (PatternSpec("local", 16), 0, 0, 1),
+                                               (PatternSpec("fixed", 16, 4, combine="multihead"), 0, 1, 2),
+                                               (PatternSpec("fixed", 16, 4, combine="interleaved"), 1, 0, 1)],
+                         ids=["strided", "local", "fixed-multihead", "summary-only-layer"])
+def test_delta_comes_from_the_first_dq_launch_not_xla(spec, layer, on, off):
+    shape = (1, 256, 2, 64)
+    pattern = spec.layer_pattern(layer, shape[2])
+    opts = dict(block_q=16, block_k=16)
+    assert xla_reductions(pattern, shape, **opts) == on
+    assert xla_reductions(pattern, shape, delta_in_dq=False, **opts) == off
+    # The same arithmetic in another kernel: equal within float32 rounding.
+    q, k, v, g = fresh_inputs(shape, jnp.float32)
+    got, want = (output_and_grads(lambda *x: pallas_gpu.attention(*x, pattern, delta_in_dq=on, **opts),
+                                  q, k, v, g) for on in (True, False))
+    for what, x, y in zip(("out", "dq", "dk", "dv"), got, want):
+        assert bool(jnp.isfinite(x).all()) and rel_err(x, y) < 1e-6, what
+
+
+def test_merged_fixed_heads_keep_the_xla_delta():
+    """In bf16 their backward has no dQ launch (the Mosaic kernel's dq and diag_bwd): the
+    option changes nothing there."""
+    pattern = PatternSpec("fixed", 64, 16, combine="merged").layer_pattern(0, 2)
+    shape = (1, 256, 2, 64)
+    assert "sparse_attn_bwd_dq_v2" not in kernel_names(pattern, shape, jnp.bfloat16)
+    assert xla_reductions(pattern, shape, jnp.bfloat16) == 1
 
 
 # mosaic_summary_dkv: the fixed pattern's summary dK/dV from the Mosaic GPU kernel (its

@@ -57,6 +57,7 @@ class KernelConfig:
     narrow_chain: bool = True  # v2: partial results between launches in the input dtype
     column_bwd: bool = True  # v2: a strided part's dq, dk, dv in one kernel (_column_bwd_call)
     diag_bwd: bool = True  # v2: a diagonal-block part's dq, dk, dv in one kernel (_diag_bwd_call)
+    delta_in_dq: bool = True  # v2: delta = rowsum(do * o) from the first dQ launch (_fused_bwd)
     mosaic_forward: bool = False  # v2: merged fixed heads' forward by Mosaic GPU (_fused_forward)
     mosaic_summary_dkv: bool = False  # v2: gathered parts' dK/dV by Mosaic GPU (_mosaic_dkv_call)
     # v2: ... and their dq too, by TMA reductions (_fused_bwd): "off", "merged" (groups
@@ -226,15 +227,22 @@ def _dq_tile(t, dq, *, masked: bool, q, do, qpos, lse2, delta, tab_ref, kpos_ref
 
 
 def _dq_kernel(tab_ref, qpos_ref, kpos_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref,
-               dq_ref, *, rule: MaskRule, block_k: int, scale: float, dq0_ref=None, extra=()):
+               dq_ref, *, rule: MaskRule, block_k: int, scale: float, dq0_ref=None, extra=(),
+               delta_out_ref=None):
     """``dq0_ref`` (v2 only): the previous parts' dq, added to this part's. ``extra``
-    (v2 ``colaunch``): more parts of the same query tile, as in ``_fwd_kernel``."""
+    (v2 ``colaunch``): more parts of the same query tile, as in ``_fwd_kernel``.
+    ``delta_out_ref`` (v2 ``delta_in_dq``): ``delta_ref`` then holds the tile's o rows;
+    delta = rowsum(do * o) is computed here and also written out for the later kernels."""
     q = q_ref[...]
     do = do_ref[...]
     prec = _precision(q.dtype)
     qpos = qpos_ref[...]
     lse2 = lse_ref[...] * LOG2E
-    delta = delta_ref[...]
+    if delta_out_ref is None:
+        delta = delta_ref[...]
+    else:
+        delta = jnp.sum(do.astype(jnp.float32) * delta_ref[...].astype(jnp.float32), axis=1)
+        delta_out_ref[...] = delta
     sources = ((tab_ref, kpos_ref, k_ref, v_ref, rule, block_k), *extra)
     dq = _run_sources(_dq_tile, sources, jnp.zeros(q.shape, jnp.float32), q=q, do=do,
                       qpos=qpos, lse2=lse2, delta=delta, qk_scale=scale * LOG2E, prec=prec)
@@ -678,13 +686,17 @@ def _fwd_call_v2(q, k, v, init, part: PartLayout, cfg: KernelConfig, out_dtype, 
 
 def _dq_kernel_v2(tab_ref, qpos_ref, kpos_ref, q_ref, k_ref, v_ref, do_ref, lse_ref,
                   delta_ref, *refs, rule: MaskRule, block_k: int, scale: float,
-                  has_init: bool, extra: tuple = ()):
+                  has_init: bool, extra: tuple = (), delta_out: bool = False):
     """The v1 kernel body; the co-launched parts' refs come first, then with has_init
-    ref dq0, then the output."""
+    ref dq0, then the output dq, then with ``delta_out`` the output delta (``delta_ref``
+    is then the o tile)."""
     srcs, refs = _extra_refs(refs, extra)
+    delta_out_ref = refs[-1] if delta_out else None
+    refs = refs[:-1] if delta_out else refs
     dq0_ref, dq_ref = refs if has_init else (None, *refs)
     _dq_kernel(tab_ref, qpos_ref, kpos_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref,
-               dq_ref, rule=rule, block_k=block_k, scale=scale, dq0_ref=dq0_ref, extra=srcs)
+               dq_ref, rule=rule, block_k=block_k, scale=scale, dq0_ref=dq0_ref, extra=srcs,
+               delta_out_ref=delta_out_ref)
 
 
 def _dkv_kernel_v2(tab_ref, qpos_ref, kpos_ref, q_ref, k_ref, v_ref, do_ref, lse_ref,
@@ -697,15 +709,18 @@ def _dkv_kernel_v2(tab_ref, qpos_ref, kpos_ref, q_ref, k_ref, v_ref, do_ref, lse
 
 
 def _dq_call_v2(q, k, v, do, lse, delta, dq0, part: PartLayout, cfg: KernelConfig, out_dtype,
-                extra=()):
-    """dq of one part (plus co-launched ``extra`` = [(k, v, part)]), added to ``dq0``."""
+                extra=(), o=None):
+    """dq of one part (plus co-launched ``extra`` = [(k, v, part)]), added to ``dq0``.
+    With ``o`` (and delta None) the kernel computes delta = rowsum(do * o) itself and
+    returns (dq, delta [B, H, T] float32): every query row lies in one of its tiles."""
     b, t, h, d = q.shape
     bq, bk = part.block_q, part.block_k
     rows = _Rows(part, t)
     tab = jnp.asarray(rows.rebase(part.fwd, bq, bk))
     in_specs, args = _query_tile_inputs(rows, tab, q, k, v, part)
-    in_specs += [rows.tile(bq, d), rows.ltile(bq), rows.ltile(bq)]
-    args += [rows.view(do), rows.lview(lse), rows.lview(delta)]
+    delta_out = o is not None
+    in_specs += [rows.tile(bq, d), rows.ltile(bq), rows.tile(bq, d) if delta_out else rows.ltile(bq)]
+    args += [rows.view(do), rows.lview(lse), rows.view(o) if delta_out else rows.lview(delta)]
     x_specs, x_args, x_static = _extra_inputs(rows, extra, d)
     in_specs += x_specs
     args += x_args
@@ -714,18 +729,25 @@ def _dq_call_v2(q, k, v, do, lse, delta, dq0, part: PartLayout, cfg: KernelConfi
         args.append(rows.view(dq0))
     grid, remap = _launch_order([part.fwd] + [p.fwd for _, _, p in extra], b, h,
                                 cfg.heavy_first)
-    dq = pl.pallas_call(
+    out_specs = [remap(rows.tile(bq, d))]
+    out_shape = [jax.ShapeDtypeStruct(rows.view(q).shape, out_dtype)]
+    if delta_out:
+        out_specs.append(remap(rows.ltile(bq)))
+        out_shape.append(jax.ShapeDtypeStruct(rows.lview(lse).shape, jnp.float32))
+    outs = pl.pallas_call(
         functools.partial(_dq_kernel_v2, rule=part.spec.rule, block_k=bk, scale=d**-0.5,
-                          has_init=dq0 is not None, extra=x_static),
+                          has_init=dq0 is not None, extra=x_static, delta_out=delta_out),
         grid=grid,
         in_specs=[remap(sp) for sp in in_specs],
-        out_specs=remap(rows.tile(bq, d)),
-        out_shape=jax.ShapeDtypeStruct(rows.view(q).shape, out_dtype),
+        out_specs=out_specs,
+        out_shape=out_shape,
         interpret=cfg.interpret,
         compiler_params=_compiler_params(cfg),
         name="sparse_attn_bwd_dq_v2",
     )(*args)
-    return rows.unview(dq)
+    if delta_out:
+        return rows.unview(outs[0]), rows.unview(outs[1])
+    return rows.unview(outs[0])
 
 
 def _dkv_call_v2(q, k, v, do, lse, delta, dkv0, part: PartLayout, cfg: KernelConfig,
@@ -1175,7 +1197,11 @@ def _fused_bwd(group, cfg, res, do):
     dtype = q.dtype
     do = do.astype(dtype)
     # One delta and one lse for every part: the softmax is over the union of the parts.
-    delta = jnp.swapaxes(jnp.sum(do.astype(jnp.float32) * o.astype(jnp.float32), axis=-1), 1, 2)
+    delta = None  # delta_in_dq: from the first dQ launch below
+
+    def xla_delta():
+        return jnp.swapaxes(jnp.sum(do.astype(jnp.float32) * o.astype(jnp.float32), axis=-1), 1, 2)
+
     lse = jnp.where(lse == -jnp.inf, jnp.inf, lse)  # empty rows: p = 0, not exp(+inf)
     own = [p for p in group.parts if p.k_index is None]
     gathered = [p for p in group.parts if p.k_index is not None]
@@ -1198,6 +1224,7 @@ def _fused_bwd(group, cfg, res, do):
         sl = summary_slice(summary)
         schedule = None if sl is None else _diag_schedule(own[0], t, d, summary=sl)
         if schedule is not None:
+            delta = xla_delta()
             kg, vg = part_keys(k, summary), part_keys(v, summary)
             dkg, dvg, dq = _mosaic_dkv_call(q, kg, vg, do, lse, delta, summary, cfg,
                                             dq0=mosaic_gpu.filled_after(do, q.shape, 0.0))
@@ -1219,13 +1246,24 @@ def _fused_bwd(group, cfg, res, do):
     dq_parts = [p for p in (own if mosaic_dq else group.parts) if id(p) not in in_one]
     dq = None
     launches = _launch_groups(dq_parts, cfg.colaunch)
+    # delta_in_dq: the first dQ launch visits every query row once (its tiles cover T),
+    # so it computes delta from its own do and o rows and hands it to the later kernels.
+    # The XLA pass over do and o it replaces took 0.020 of 0.521 ms (strided, (2, 16384,
+    # 8, 64), H200); the dQ kernel's extra o read costs back ~0.012 of it.
+    if not (cfg.delta_in_dq and launches):
+        delta = xla_delta()
     for n, (part, *rest) in enumerate(launches):
         if n < len(launches) - 1 or one_kernel:
             dq_dtype = cfg.chain_dtype(dtype)
         else:  # mosaic_summary_dq: the float32 dq the Mosaic kernel adds into
             dq_dtype = jnp.float32 if mosaic_dq else dtype
         extra = [(*_part_kv(k, v, x), x) for x in rest]
-        dq = _dq_call_v2(q, *_part_kv(k, v, part), do, lse, delta, dq, part, cfg, dq_dtype, extra)
+        if delta is None:
+            dq, delta = _dq_call_v2(q, *_part_kv(k, v, part), do, lse, None, dq, part, cfg,
+                                    dq_dtype, extra, o=o)
+        else:
+            dq = _dq_call_v2(q, *_part_kv(k, v, part), do, lse, delta, dq, part, cfg, dq_dtype,
+                             extra)
     dkv = None
     own_split = [p for p in own if id(p) not in in_one]
     for n, part in enumerate(own_split):
@@ -1373,6 +1411,7 @@ def attention(
     narrow_chain: bool = True,
     column_bwd: bool = True,
     diag_bwd: bool = True,
+    delta_in_dq: bool = True,
     mosaic_forward: bool = False,
     summary_dkv_block_q: int = 0,
     mosaic_summary_dkv: bool = False,
@@ -1392,8 +1431,8 @@ def attention(
         chained in one online-softmax state, no log-sum-exp merge forward or backward.
         Groups whose strided blocks do not divide T/l take the v1 path (False), which
         permutes q, k, v and merges the parts' outputs in XLA.
-      heavy_first, colaunch, narrow_chain, column_bwd, diag_bwd, mosaic_forward,
-        summary_dkv_block_q, mosaic_summary_dkv, mosaic_summary_dq: options of the v2
+      heavy_first, colaunch, narrow_chain, column_bwd, diag_bwd, delta_in_dq,
+        mosaic_forward, summary_dkv_block_q, mosaic_summary_dkv, mosaic_summary_dq: options of the v2
         path only; groups that take the v1 path (``fuse_parts=False``, or strided blocks
         that do not divide T/l) run without them.
       heavy_first: v2 launch order: parts of uneven work per tile (summary columns)
@@ -1429,6 +1468,16 @@ def attention(
         part's dq, dk and dv (from the Mosaic kernel, run first) and writes the input
         dtype, replacing a dQ launch, a dK/dV launch and two XLA passes. Same results
         up to float rounding order. On by default; False keeps the split kernels.
+      delta_in_dq: v2: the backward's delta = rowsum(do * o) (one per query row, for
+        every part) computed by the first dQ launch, which reads each query row once,
+        from its do tile and the o tile it then also reads, and written out for the
+        later kernels, instead of by an XLA pass over do and o. Groups whose backward
+        has no dQ launch (merged fixed heads with ``mosaic_summary_dq``) keep the XLA
+        pass. Same results up to float rounding order. On by default: on an H200, f+b
+        0.521 -> 0.512 ms strided at (2, 16384, 8, 64), 1.324 -> 1.305 ms at
+        (1, 65536, 8, 64), fixed multihead 1.062 -> 1.052 ms (D=64) and 1.867 ->
+        1.846 ms (D=128), local 0.288 -> 0.281 ms (BENCHMARKS.md, "Session 10");
+        False gives the XLA pass.
       mosaic_forward: v2: the forward of merged fixed heads (one online softmax over the
         block and summary parts) from one Mosaic GPU kernel with 128-row query tiles,
         two compute warpgroups taking turns on the tensor cores (FlashAttention-3's
@@ -1527,6 +1576,7 @@ def attention(
         narrow_chain=narrow_chain,
         column_bwd=column_bwd,
         diag_bwd=diag_bwd,
+        delta_in_dq=delta_in_dq,
         mosaic_forward=mosaic_forward,
         mosaic_summary_dkv=mosaic_summary_dkv,
         mosaic_summary_dq=dq_mode,
