@@ -55,7 +55,8 @@ flags.DEFINE_bool("find_max_batch", False, "Also binary-search the largest globa
 flags.DEFINE_integer("max_batch", 4096, "Upper bound of the --find_max_batch search (rows).")
 flags.DEFINE_float("device_memory_gb", 0.0, "Memory per device for --find_max_batch; 0: the allocator's limit.")
 flags.DEFINE_string("profile", None, "Folder: after timing, trace --profile_steps steps with the JAX profiler "
-                    "and print device kernel time per category and kernel name (one subfolder per impl).")
+                    "and print device kernel time per category and kernel name, with the top kernels' source lines "
+                    "(one subfolder per impl).")
 flags.DEFINE_integer("profile_steps", 2, "Steps traced with --profile.")
 flags.DEFINE_integer("profile_top", 20, "Kernel names listed (by device time) in --profile's breakdown.")
 flags.DEFINE_bool("smoke", False, "Quick check: configs/enwik8.py:smoke (unless --config), 2 warm-up and 3 timed steps (bfloat16 on GPU).")
@@ -304,9 +305,12 @@ def run_impl(base: ml_collections.ConfigDict, impl: str) -> dict:
     log(f"[{resolved}] median step {step_s * 1e3:.1f} ms, {result['tokens_per_s']:,.0f} tokens/s, "
         f"{result['model_tflops_per_s']:.1f} model TFLOP/s")
     if breakdown is not None:
+        if "error" not in breakdown:
+            breakdown = profiling.with_sources(breakdown, compiled.as_text())
         result["profile"] = breakdown
         log(f"[{resolved}] profile: {breakdown['error']}" if "error" in breakdown
-            else profiling.format_breakdown(f"[{resolved}] profile ({profile_dir})", breakdown, step_s * 1e3))
+            else profiling.format_breakdown(f"[{resolved}] profile ({profile_dir})", breakdown,
+                                            step_s * 1e3, sources=breakdown["sources"]))
     if FLAGS.find_max_batch:
         log(f"[{resolved}] searching the largest batch that fits:")
         result["max_batch"] = find_max_batch(bench, known_fit=b)

@@ -134,15 +134,138 @@ def kernel_breakdown(trace_dir: str, steps: int = 1, top: int = 20) -> dict:
     }
 
 
-def format_breakdown(title: str, b: dict, wall_ms: float | None = None) -> str:
-    """A short table: categories, then the top kernel names (names cut to 70 chars)."""
+def format_breakdown(title: str, b: dict, wall_ms: float | None = None,
+                     sources: dict[str, list[tuple[str, int]]] | None = None) -> str:
+    """A short table: categories, then the top kernel names (names cut to 70 chars), each
+    followed by where its work comes from in the source when ``sources`` (from
+    ``hlo_sources``) knows the kernel."""
     busy = b.get("busy_ms", b["device_ms"])
     lines = [f"{title}: device kernels {b['device_ms']:.3f} ms/step"
              + (f" of {wall_ms:.3f} ms wall ({busy / wall_ms:.0%} busy)" if wall_ms else "")
              + (f", average of {b['devices']} devices" if b.get("devices", 1) > 1 else "")]
     lines += [f"  {cat:<11} {v:9.3f} ms  {v / b['device_ms']:6.1%}" for cat, v in b["by_category"].items()]
-    lines += [f"    {ms:9.3f} ms  x{calls:<6g} {name[:70]}" for name, ms, calls in b["top"]]
+    for name, ms, calls in b["top"]:
+        line = f"    {ms:9.3f} ms  x{calls:<6g} {name[:70]}"
+        if sources and sources.get(name):
+            line += "  <- " + ", ".join(f"{where} ({n})" for where, n in sources[name])
+        lines.append(line)
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- kernels -> source lines
+#
+# A trace names XLA's kernels after the HLO instructions they run (a fusion
+# ``loop_multiply_fusion.29`` runs as kernel ``loop_multiply_fusion_29``), and the
+# optimized HLO keeps, for every instruction, the Python source line that produced it:
+# either inline (``source_file=... source_line=...``) or, in newer XLA, as a
+# ``stack_frame_id`` into tables at the top of the module text. ``hlo_sources`` joins the
+# two, so a profile's top kernels can say which lines of the model they are.
+
+_TABLE_ROW = re.compile(r"^(\d+) (.*)$")
+_COMPUTATION = re.compile(r"^(?:ENTRY )?%?([\w.\-]+) .*\{$")
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = ")
+_CALLS = re.compile(r"calls=\{?([^}]*?)\}?(?:, [a-z_]+=|$)")
+_FIELD = re.compile(r'(\w+)=("(?:[^"\\]|\\.)*"|[\w./\-]+)')
+
+
+def _fields(text: str) -> dict[str, str]:
+    return {k: v.strip('"') for k, v in _FIELD.findall(text)}
+
+
+def _where(path: str, line: str, function: str = "") -> str:
+    return f"{os.path.basename(path)}:{line}" + (f" {function}" if function else "")
+
+
+def _library(path: str) -> bool:
+    return "site-packages" in path or "dist-packages" in path
+
+
+def hlo_sources(hlo_text: str, top: int = 3) -> dict[str, list[tuple[str, int]]]:
+    """Kernel name -> [(source, instructions)]: where the kernel's work comes from.
+
+    For every instruction of an optimized HLO module (``jax.stages.Compiled.as_text()``),
+    keyed by the kernel name a trace gives it ('.' -> '_'), the ``top`` source locations
+    ('model.py:91 LayerNorm.__call__') of the instructions it computes, most instructions
+    first: a fusion's are those of its fused computations, another instruction's its own.
+    A location is the innermost stack frame outside installed packages (the model's line
+    rather than Flax's or JAX's). Instructions without source metadata are left out.
+    """
+    tables: dict[str, dict[str, str]] = {}
+    table = None
+    computations: dict[str, list[tuple[str, list[str], str | None]]] = {}
+    current = None
+    for raw in hlo_text.splitlines():
+        line = raw.rstrip()
+        if line in ("FileNames", "FunctionNames", "FileLocations", "StackFrames"):
+            table = tables.setdefault(line, {})
+            continue
+        if table is not None:
+            m = _TABLE_ROW.match(line)
+            if m:
+                table[m.group(1)] = m.group(2)
+                continue
+            table = None
+        m = _COMPUTATION.match(line)
+        if m and " = " not in line.split("{")[0]:
+            current = computations.setdefault(m.group(1), [])
+            continue
+        if line == "}":
+            current = None
+            continue
+        m = _INSTRUCTION.match(line)
+        if m and current is not None:
+            calls = _CALLS.search(line)
+            called = ([c.strip().lstrip("%") for c in calls.group(1).split(",") if c.strip()]
+                      if calls else [])
+            meta = line.split("metadata={", 1)[1].rsplit("}", 1)[0] if "metadata={" in line else ""
+            current.append((m.group(1), called, meta or None))
+
+    def frame_location(frame_id: str) -> str | None:
+        frames, locs = tables.get("StackFrames", {}), tables.get("FileLocations", {})
+        files, functions = tables.get("FileNames", {}), tables.get("FunctionNames", {})
+        first = None
+        seen = set()
+        while frame_id in frames and frame_id not in seen:
+            seen.add(frame_id)
+            frame = _fields(frames[frame_id])
+            loc = _fields(locs.get(frame.get("file_location_id", ""), "").strip("{}"))
+            path = files.get(loc.get("file_name_id", ""), "").strip('"')
+            where = _where(path, loc.get("line", "?"), functions.get(loc.get("function_name_id", ""), "").strip('"'))
+            first = first or where
+            if path and not _library(path):
+                return where
+            frame_id = frame.get("parent_frame_id", "")
+        return first
+
+    def location(meta: str | None) -> str | None:
+        if not meta:
+            return None
+        f = _fields(meta)
+        if "stack_frame_id" in f:
+            return frame_location(f["stack_frame_id"])
+        if "source_file" in f:
+            return _where(f["source_file"], f.get("source_line", "?"))
+        return None
+
+    def counts(names: list[str], into: collections.Counter, depth: int = 0) -> None:
+        for comp in names:
+            for _, called, meta in computations.get(comp, ()):
+                where = location(meta)
+                if where:
+                    into[where] += 1
+                if called and depth < 8:
+                    counts(called, into, depth + 1)
+
+    out: dict[str, list[tuple[str, int]]] = {}
+    for instructions in computations.values():
+        for name, called, meta in instructions:
+            c: collections.Counter = collections.Counter()
+            counts(called, c)
+            if not c and location(meta):
+                c[location(meta)] += 1
+            if c:
+                out[name.replace(".", "_")] = c.most_common(top)
+    return out
 
 
 class StepWindowTrace:
@@ -234,3 +357,10 @@ class CompileWatch:
                 "sharding between steps, and every recompilation stalls training. Check that "
                 "every batch has the same shape (drop a ragged last batch) and that the state "
                 "keeps its sharding.")
+
+
+def with_sources(breakdown: dict, hlo_text: str) -> dict:
+    """``breakdown`` (``kernel_breakdown``'s) plus "sources": its top kernels' source
+    lines from the optimized HLO text of the program it traced (``hlo_sources``)."""
+    sources = hlo_sources(hlo_text)
+    return {**breakdown, "sources": {n: sources[n] for n, _, _ in breakdown["top"] if n in sources}}

@@ -152,3 +152,48 @@ def test_compile_watch_reports_a_second_compilation_once():
 def test_compile_watch_is_silent_without_a_cache_count():
     watch = profiling.CompileWatch(lambda x: x)
     assert watch.count() is None and watch.check() is None
+
+
+def _norm(x):  # the lines the next test expects the kernels to be traced back to
+    centred = x - x.mean(-1, keepdims=True)
+    return centred * jax.lax.rsqrt(jnp.square(centred).mean(-1, keepdims=True) + 1e-5)
+
+
+def test_hlo_sources_trace_kernels_back_to_model_lines():
+    code = _norm.__code__
+    lines = {f"test_profiling.py:{code.co_firstlineno + i} _norm" for i in (1, 2)}
+    f = jax.jit(jax.grad(lambda x: jnp.sum(jnp.tanh(_norm(x)))))
+    sources = profiling.hlo_sources(f.lower(jnp.ones((32, 64))).compile().as_text())
+    assert sources and all("." not in name for name in sources)  # trace names: '.' -> '_'
+    named = {where for found in sources.values() for where, _ in found}
+    assert lines <= named, named
+    fused = [found for name, found in sources.items() if "fusion" in name]
+    assert fused and all(n >= 1 for found in fused for _, n in found)
+
+
+def test_hlo_sources_read_inline_source_metadata():
+    """The older HLO text: source file and line on the instruction, no frame tables; a
+    fusion gets its fused computation's lines, most instructions first."""
+    text = "\n".join([
+        "HloModule m",
+        "%fused_computation.3 (p0: f32[8]) -> f32[8] {",
+        "  %p0 = f32[8]{0} parameter(0)",
+        '  %m.1 = f32[8]{0} multiply(%p0, %p0), metadata={op_name="mul" source_file="/x/model.py" source_line=91}',
+        '  %m.2 = f32[8]{0} multiply(%m.1, %p0), metadata={op_name="mul" source_file="/x/model.py" source_line=91}',
+        '  ROOT %a.1 = f32[8]{0} add(%m.2, %p0), metadata={op_name="add" source_file="/x/model.py" source_line=140}',
+        "}",
+        "",
+        "ENTRY %main.9 (x: f32[8]) -> f32[8] {",
+        "  %x = f32[8]{0} parameter(0)",
+        '  ROOT %loop_add_fusion.3 = f32[8]{0} fusion(%x), kind=kLoop, calls=%fused_computation.3, metadata={op_name="add"}',
+        "}",
+    ])
+    sources = profiling.hlo_sources(text)
+    assert sources["loop_add_fusion_3"] == [("model.py:91", 2), ("model.py:140", 1)]
+    b = {"device_ms": 1.0, "by_category": {"fusion": 1.0},
+         "top": [("loop_add_fusion_3", 1.0, 1.0), ("nvjet_sm90_gemm", 0.5, 1.0)]}
+    b = profiling.with_sources(b, text)  # a library kernel has no HLO line: left out
+    assert b["sources"] == {"loop_add_fusion_3": [("model.py:91", 2), ("model.py:140", 1)]}
+    table = profiling.format_breakdown("s", b, sources=b["sources"])
+    assert "loop_add_fusion_3  <- model.py:91 (2), model.py:140 (1)" in table
+    assert table.rstrip().endswith("nvjet_sm90_gemm")
