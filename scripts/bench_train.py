@@ -306,7 +306,10 @@ def run_impl(base: ml_collections.ConfigDict, impl: str) -> dict:
         f"{result['model_tflops_per_s']:.1f} model TFLOP/s")
     if breakdown is not None:
         if "error" not in breakdown:
-            breakdown = profiling.with_sources(breakdown, compiled.as_text())
+            try:  # the source lines are a help: a backend without HLO text loses only them
+                breakdown = profiling.with_sources(breakdown, compiled.as_text())
+            except Exception as e:  # noqa: BLE001
+                breakdown = {**breakdown, "sources": {}, "sources_error": repr(e)}
         result["profile"] = breakdown
         log(f"[{resolved}] profile: {breakdown['error']}" if "error" in breakdown
             else profiling.format_breakdown(f"[{resolved}] profile ({profile_dir})", breakdown,

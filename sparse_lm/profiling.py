@@ -221,6 +221,8 @@ def hlo_sources(hlo_text: str, top: int = 3) -> dict[str, list[tuple[str, int]]]
             current.append((m.group(1), called, meta or None))
 
     def frame_location(frame_id: str) -> str | None:
+        # Rows are numbered from 1; a row's parent_frame_id is printed as the parent's
+        # row + 1 (XLA stores parents from 0 and prints them shifted), so 1 means none.
         frames, locs = tables.get("StackFrames", {}), tables.get("FileLocations", {})
         files, functions = tables.get("FileNames", {}), tables.get("FunctionNames", {})
         first = None
@@ -234,7 +236,8 @@ def hlo_sources(hlo_text: str, top: int = 3) -> dict[str, list[tuple[str, int]]]
             first = first or where
             if path and not _library(path):
                 return where
-            frame_id = frame.get("parent_frame_id", "")
+            parent = int(frame.get("parent_frame_id", "0") or 0) - 1
+            frame_id = str(parent) if parent >= 1 else ""
         return first
 
     def location(meta: str | None) -> str | None:

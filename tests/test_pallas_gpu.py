@@ -692,26 +692,32 @@ def xla_reductions(pattern, shape, dtype=jnp.float32, **opts) -> int:
     return count(jax.make_jaxpr(f)(q, q, q).jaxpr)
 
 
-# (spec, layer, XLA delta passes with the option, without): one pass per head group
-# without it; with it, only groups whose backward has no dQ launch keep theirs (the
-# block-only head group of multihead: its one diag_bwd kernel).
-@pytest.mark.parametrize("spec,layer,on,off", [(PatternSpec("strided", 16, combine="merged"), 0, 0, 1),
-                                               (PatternSpec("local", 16), 0, 0, 1),
-                                               (PatternSpec("fixed", 16, 4, combine="multihead"), 0, 1, 2),
-                                               (PatternSpec("fixed", 16, 4, combine="interleaved"), 1, 0, 1)],
-                         ids=["strided", "local", "fixed-multihead", "summary-only-layer"])
-def test_delta_comes_from_the_first_dq_launch_not_xla(spec, layer, on, off):
+# (spec, layer, options, XLA delta passes with delta_in_dq, without): one pass per head
+# group without it; with it, only groups whose backward has no dQ launch keep theirs
+# (the block-only head group of multihead: its one diag_bwd kernel).
+@pytest.mark.parametrize("spec,layer,opts,on,off", [
+    (PatternSpec("strided", 16, combine="merged"), 0, {}, 0, 1),
+    (PatternSpec("local", 16), 0, {}, 0, 1),
+    (PatternSpec("fixed", 16, 4, combine="multihead"), 0, {}, 1, 2),
+    (PatternSpec("fixed", 16, 4, combine="interleaved"), 1, {}, 0, 1),
+    # The stride part alone, split kernels: the first dQ launch reads and writes rows in
+    # column order (delta through the strided view).
+    (PatternSpec("strided", 16, combine="interleaved"), 1, {"column_bwd": False}, 0, 1),
+], ids=["strided", "local", "fixed-multihead", "summary-only-layer", "stride-only-layer"])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_delta_comes_from_the_first_dq_launch_not_xla(spec, layer, opts, on, off, dtype):
     shape = (1, 256, 2, 64)
     pattern = spec.layer_pattern(layer, shape[2])
-    opts = dict(block_q=16, block_k=16)
-    assert xla_reductions(pattern, shape, **opts) == on
-    assert xla_reductions(pattern, shape, delta_in_dq=False, **opts) == off
-    # The same arithmetic in another kernel: equal within float32 rounding.
-    q, k, v, g = fresh_inputs(shape, jnp.float32)
-    got, want = (output_and_grads(lambda *x: pallas_gpu.attention(*x, pattern, delta_in_dq=on, **opts),
-                                  q, k, v, g) for on in (True, False))
+    opts = dict(block_q=16, block_k=16, **opts)
+    assert xla_reductions(pattern, shape, dtype, **opts) == on
+    assert xla_reductions(pattern, shape, dtype, delta_in_dq=False, **opts) == off
+    # The same arithmetic in another kernel: equal up to the order of delta's float32
+    # sum (a last bit of a bf16 output can flip: ~1e-7 measured).
+    q, k, v, g = fresh_inputs(shape, dtype)
+    got, want = (output_and_grads(lambda *x: pallas_gpu.attention(*x, pattern, delta_in_dq=flag, **opts),
+                                  q, k, v, g) for flag in (True, False))
     for what, x, y in zip(("out", "dq", "dk", "dv"), got, want):
-        assert bool(jnp.isfinite(x).all()) and rel_err(x, y) < 1e-6, what
+        assert bool(jnp.isfinite(x.astype(jnp.float32)).all()) and rel_err(x, y) < 1e-5, what
 
 
 def test_merged_fixed_heads_keep_the_xla_delta():

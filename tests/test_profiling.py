@@ -197,3 +197,38 @@ def test_hlo_sources_read_inline_source_metadata():
     table = profiling.format_breakdown("s", b, sources=b["sources"])
     assert "loop_add_fusion_3  <- model.py:91 (2), model.py:140 (1)" in table
     assert table.rstrip().endswith("nvjet_sm90_gemm")
+
+
+def test_hlo_sources_skip_library_frames_for_the_callers_line():
+    """Stack-frame tables (newer XLA): a parent_frame_id is printed as the parent's row
+    + 1 (1: no parent). An instruction whose innermost frame is in an installed package
+    is attributed to the nearest caller outside packages; with none, to the library."""
+    text = "\n".join([
+        "HloModule m",
+        "",
+        "FileNames",
+        '1 "/repo/sparse_lm/model.py"',
+        '2 "/venv/lib/python3.12/site-packages/flax/nnx/module.py"',
+        "",
+        "FunctionNames",
+        '1 "Block.__call__"',
+        '2 "__call__"',
+        "",
+        "FileLocations",
+        "1 {file_name_id=1 function_name_id=1 line=240 end_line=240 column=4 end_column=9}",
+        "2 {file_name_id=2 function_name_id=2 line=77 end_line=77 column=2 end_column=9}",
+        "",
+        "StackFrames",
+        "1 {file_location_id=1 parent_frame_id=1}",
+        "2 {file_location_id=2 parent_frame_id=2}",
+        "3 {file_location_id=2 parent_frame_id=1}",
+        "",
+        "ENTRY %main.2 (x: f32[8]) -> f32[8] {",
+        "  %x = f32[8]{0} parameter(0)",
+        '  %sine.1 = f32[8]{0} sine(%x), metadata={op_name="sin" stack_frame_id=2}',
+        '  ROOT %cosine.1 = f32[8]{0} cosine(%sine.1), metadata={op_name="cos" stack_frame_id=3}',
+        "}",
+    ])
+    sources = profiling.hlo_sources(text)
+    assert sources["sine_1"] == [("model.py:240 Block.__call__", 1)]  # frame 2's parent: row 1
+    assert sources["cosine_1"] == [("module.py:77 __call__", 1)]  # only a library frame

@@ -1472,12 +1472,13 @@ def attention(
         every part) computed by the first dQ launch, which reads each query row once,
         from its do tile and the o tile it then also reads, and written out for the
         later kernels, instead of by an XLA pass over do and o. Groups whose backward
-        has no dQ launch (merged fixed heads with ``mosaic_summary_dq``) keep the XLA
-        pass. Same results up to float rounding order. On by default: on an H200, f+b
-        0.521 -> 0.512 ms strided at (2, 16384, 8, 64), 1.324 -> 1.305 ms at
-        (1, 65536, 8, 64), fixed multihead 1.062 -> 1.052 ms (D=64) and 1.867 ->
-        1.846 ms (D=128), local 0.288 -> 0.281 ms (BENCHMARKS.md, "Session 10");
-        False gives the XLA pass.
+        has no dQ launch keep the XLA pass: merged fixed heads with
+        ``mosaic_summary_dq`` (its kernel and ``diag_bwd``), and groups whose parts all
+        take ``diag_bwd`` or ``column_bwd``. Same results up to float rounding order.
+        On by default: on an H200 (means of two timings, one process), f+b 0.521 ->
+        0.512 ms strided at (2, 16384, 8, 64), 1.324 -> 1.305 ms at (1, 65536, 8, 64),
+        fixed multihead 1.062 -> 1.052 ms (D=64) and 1.867 -> 1.846 ms (D=128)
+        (BENCHMARKS.md, "Session 10"); False gives the XLA pass.
       mosaic_forward: v2: the forward of merged fixed heads (one online softmax over the
         block and summary parts) from one Mosaic GPU kernel with 128-row query tiles,
         two compute warpgroups taking turns on the tensor cores (FlashAttention-3's
