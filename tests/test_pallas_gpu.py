@@ -165,16 +165,22 @@ FUSED_PATTERNS = [
 FUSED_IDS = [spec_id(s, layer) for s, layer in FUSED_PATTERNS]
 
 
-def kernel_names(pattern, shape, dtype=jnp.float32, **opts):
-    import re
-
+def forward_backward_jaxpr(pattern, shape, dtype=jnp.float32, **opts):
+    """The jaxpr of the kernel's output and its gradients (traced, not run)."""
     q = jnp.zeros(shape, dtype)
 
     def f(q, k, v):
         o, vjp = jax.vjp(lambda *a: pallas_gpu.attention(*a, pattern, **opts), q, k, v)
         return o, vjp(o)
 
-    return set(re.findall(r"name=(sparse_attn\w*)", str(jax.make_jaxpr(f)(q, q, q))))
+    return jax.make_jaxpr(f)(q, q, q)
+
+
+def kernel_names(pattern, shape, dtype=jnp.float32, **opts):
+    import re
+
+    text = str(forward_backward_jaxpr(pattern, shape, dtype, **opts))
+    return set(re.findall(r"name=(sparse_attn\w*)", text))
 
 
 @pytest.mark.parametrize("spec,layer", FUSED_PATTERNS, ids=FUSED_IDS)
@@ -673,11 +679,6 @@ def test_column_backward_lowers_for_cuda_at_the_benchmark_shape():
 # delta_in_dq: the backward's delta = rowsum(do * o) comes from the first dQ launch.
 def xla_reductions(pattern, shape, dtype=jnp.float32, **opts) -> int:
     """reduce_sum equations outside the kernels in the jaxpr of a forward+backward."""
-    q = jnp.zeros(shape, dtype)
-
-    def f(q, k, v):
-        o, vjp = jax.vjp(lambda *a: pallas_gpu.attention(*a, pattern, **opts), q, k, v)
-        return o, vjp(o)
 
     def count(jaxpr) -> int:
         n = 0
@@ -689,7 +690,7 @@ def xla_reductions(pattern, shape, dtype=jnp.float32, **opts) -> int:
                 n += count(sub)
         return n
 
-    return count(jax.make_jaxpr(f)(q, q, q).jaxpr)
+    return count(forward_backward_jaxpr(pattern, shape, dtype, **opts).jaxpr)
 
 
 # (spec, layer, options, XLA delta passes with delta_in_dq, without): one pass per head

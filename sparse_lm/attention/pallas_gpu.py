@@ -710,15 +710,15 @@ def _dkv_kernel_v2(tab_ref, qpos_ref, kpos_ref, q_ref, k_ref, v_ref, do_ref, lse
 
 def _dq_call_v2(q, k, v, do, lse, delta, dq0, part: PartLayout, cfg: KernelConfig, out_dtype,
                 extra=(), o=None):
-    """dq of one part (plus co-launched ``extra`` = [(k, v, part)]), added to ``dq0``.
-    With ``o`` (and delta None) the kernel computes delta = rowsum(do * o) itself and
-    returns (dq, delta [B, H, T] float32): every query row lies in one of its tiles."""
+    """(dq, delta) of one part (plus co-launched ``extra`` = [(k, v, part)]), dq added to
+    ``dq0``. ``delta`` None: the kernel computes delta = rowsum(do * o) [B, H, T] float32
+    itself from ``o`` (every query row lies in one of its tiles); else it is passed on."""
     b, t, h, d = q.shape
     bq, bk = part.block_q, part.block_k
     rows = _Rows(part, t)
     tab = jnp.asarray(rows.rebase(part.fwd, bq, bk))
     in_specs, args = _query_tile_inputs(rows, tab, q, k, v, part)
-    delta_out = o is not None
+    delta_out = delta is None
     in_specs += [rows.tile(bq, d), rows.ltile(bq), rows.tile(bq, d) if delta_out else rows.ltile(bq)]
     args += [rows.view(do), rows.lview(lse), rows.view(o) if delta_out else rows.lview(delta)]
     x_specs, x_args, x_static = _extra_inputs(rows, extra, d)
@@ -745,9 +745,7 @@ def _dq_call_v2(q, k, v, do, lse, delta, dq0, part: PartLayout, cfg: KernelConfi
         compiler_params=_compiler_params(cfg),
         name="sparse_attn_bwd_dq_v2",
     )(*args)
-    if delta_out:
-        return rows.unview(outs[0]), rows.unview(outs[1])
-    return rows.unview(outs[0])
+    return rows.unview(outs[0]), rows.unview(outs[1]) if delta_out else delta
 
 
 def _dkv_call_v2(q, k, v, do, lse, delta, dkv0, part: PartLayout, cfg: KernelConfig,
@@ -1258,12 +1256,8 @@ def _fused_bwd(group, cfg, res, do):
         else:  # mosaic_summary_dq: the float32 dq the Mosaic kernel adds into
             dq_dtype = jnp.float32 if mosaic_dq else dtype
         extra = [(*_part_kv(k, v, x), x) for x in rest]
-        if delta is None:
-            dq, delta = _dq_call_v2(q, *_part_kv(k, v, part), do, lse, None, dq, part, cfg,
-                                    dq_dtype, extra, o=o)
-        else:
-            dq = _dq_call_v2(q, *_part_kv(k, v, part), do, lse, delta, dq, part, cfg, dq_dtype,
-                             extra)
+        dq, delta = _dq_call_v2(q, *_part_kv(k, v, part), do, lse, delta, dq, part, cfg,
+                                dq_dtype, extra, o=o)
     dkv = None
     own_split = [p for p in own if id(p) not in in_one]
     for n, part in enumerate(own_split):
