@@ -9,6 +9,17 @@ import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
+# The Mosaic GPU interpreter runs each warpgroup as its own XLA computation on its own
+# thread, and a warpgroup at a barrier blocks inside a callback. XLA CPU's
+# concurrency-optimized scheduler runs such callbacks on its intra-op pool, which has as
+# many threads as there are cores: on a two-core machine (CI's), warpgroups blocked there
+# can leave none for the warpgroup they wait on. The query-major dK/dV+dq kernel under
+# jit deadlocked so; with the sequential schedule each callback runs on its own
+# computation's thread. Set before any test initializes a JAX backend.
+_SEQUENTIAL_CPU = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
+if _SEQUENTIAL_CPU not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_SEQUENTIAL_CPU}".strip()
+
 
 @pytest.fixture(scope="session")
 def shared_data() -> Path:

@@ -811,12 +811,17 @@ def test_mosaic_summary_dq_matches_reference_and_the_triton_kernels(spec, layer)
     assert_matches_default_launches(pattern, shape, jnp.bfloat16, mosaic_summary_dq=True)
 
 
-def test_mosaic_summary_dq_under_jit_with_two_head_groups():
+@pytest.mark.parametrize("form", ["key_major", "query_major"])
+def test_mosaic_summary_dq_under_jit_with_two_head_groups(form, monkeypatch):
     """Two groups' kernels in one jitted program (a multihead layer with per-head summary
-    columns): each runs to completion and their dq are right."""
+    columns): each runs to completion and their dq are right, in both forms of the
+    Mosaic dK/dV+dq kernel (pallas_gpu.MOSAIC_DKVDQ_FORM)."""
+    monkeypatch.setattr(pallas_gpu, "MOSAIC_DKVDQ_FORM", form)
     spec = PatternSpec("fixed", 64, 16, combine="multihead", distinct_summaries=True)
     shape = (1, 256, 4, 64)
     pattern = spec.layer_pattern(0, 4)
+    kernel = {"key_major": "mgpu_attn_dkvdq_summary", "query_major": "mgpu_attn_dkvdq_qm_summary"}[form]
+    assert mosaic_kernels(pattern, shape, mosaic_summary_dq=True) == {kernel}
     q, k, v, g = fresh_inputs(shape, jnp.bfloat16)
     got = jax.jit(lambda *a: output_and_grads(
         lambda *x: pallas_gpu.attention(*x, pattern, mosaic_summary_dq=True), *a))(q, k, v, g)
@@ -893,6 +898,35 @@ def test_mosaic_dkv_scheduling_knobs_off_keep_the_gradients(monkeypatch):
                              mosaic_summary_dq=False)  # dK/dV only
     text = lowered_for_cuda(PatternSpec("fixed", 128, 32, combine="merged"))
     assert "stablehlo.custom_call @mosaic_gpu_v2" in text
+
+
+# The query-major form of the dK/dV+dq kernel (MOSAIC_DKVDQ_FORM="query_major",
+# FlashAttention-3's layout: 128 x 128 steps whose query rows the two compute warpgroups
+# split; one accumulates dV, the other dK). Same contract as the key-major form.
+@pytest.mark.parametrize("spec,layer,shape", [
+    (PatternSpec("fixed", 64, 16, combine="merged"), 0, (1, 256, 2, 64)),
+    (PatternSpec("fixed", 128, 32, combine="merged"), 0, (2, 512, 2, 64)),  # the bench's l, c
+    (PatternSpec("fixed", 64, 16, combine="interleaved"), 1, (1, 256, 2, 64)),  # summary alone
+], ids=["merged", "merged-l128-batch2", "summary-only-layer"])
+def test_query_major_dkvdq_matches_reference_and_the_default_launches(spec, layer, shape, monkeypatch):
+    monkeypatch.setattr(pallas_gpu, "MOSAIC_DKVDQ_FORM", "query_major")
+    pattern = spec.layer_pattern(layer, shape[2])
+    assert mosaic_kernels(pattern, shape, mosaic_summary_dq=True) == {"mgpu_attn_dkvdq_qm_summary"}
+    assert_matches_reference(spec, layer, shape, jnp.bfloat16, mosaic_summary_dq=True)
+    assert_matches_default_launches(pattern, shape, jnp.bfloat16, mosaic_summary_dq=True)
+
+
+def test_query_major_dkvdq_lowers_for_cuda_and_a_wrong_form_is_named(monkeypatch):
+    """The GPU code path (register-operand wgmma for dq, per-warpgroup TMA reductions)
+    through the Mosaic GPU compiler's front end, at the benchmark shape."""
+    monkeypatch.setattr(pallas_gpu, "MOSAIC_DKVDQ_FORM", "query_major")
+    text = lowered_for_cuda(PatternSpec("fixed", 128, 32, combine="merged"))
+    assert "stablehlo.custom_call @mosaic_gpu_v2" in text and "output_operand_aliases" in text
+    monkeypatch.setattr(pallas_gpu, "MOSAIC_DKVDQ_FORM", "query-major")
+    x = jnp.zeros((1, 256, 2, 64), jnp.bfloat16)
+    pattern = PatternSpec("fixed", 64, 16, combine="merged").layer_pattern(0, 2)
+    with pytest.raises(ValueError, match="MOSAIC_DKVDQ_FORM='query-major'.*'key_major' or 'query_major'"):
+        jax.vjp(lambda q: pallas_gpu.attention(q, x, x, pattern), x)
 
 
 # diag_bwd: a part that stays inside diagonal blocks (the fixed pattern's block part)

@@ -357,8 +357,9 @@ def _program(tab_ref, tile_axis: str, reverse: bool = False):
 
 
 def _name(kind: str, part: PartLayout) -> str:
-    """mgpu_attn_<fwd|dq|dkv|dkvdq>_<summary|strided|natural>: the kernel's name in
-    profiles (dkvdq: the dK/dV kernel that also emits dq)."""
+    """mgpu_attn_<fwd|dq|dkv|dkvdq|dkvdq_qm>_<summary|strided|natural>: the kernel's
+    name in profiles (dkvdq: the dK/dV kernel that also emits dq; dkvdq_qm: its
+    query-major form, ``dkvdq_query_major``)."""
     return f"mgpu_attn_{kind}_{'summary' if part.spec.summary else part.spec.order}"
 
 
@@ -798,6 +799,15 @@ def _dq_part(q, k, v, do, ld, part: PartLayout, cfg: KernelConfig, out_dtype):
                    (jnp.asarray(part.fwd), jnp.asarray(lo), q, k, v, do, ld), _name("dq", part))
 
 
+def _key_tile_setup(part: PartLayout, cfg: KernelConfig, h: int, b: int, d: int):
+    """What a dK/dV kernel (one program per key tile) derives from its part: the launch
+    grid, its axis names and order flag, the closed-form positions, the per-head summary
+    starts ``lo``, and the softmax scale."""
+    grid, grid_names, reverse = _launch_order(_tile_work(part.bwd), h, b, "k_seq", cfg.heavy_first)
+    pos, lo = _positions(part)
+    return grid, grid_names, reverse, pos, lo, d**-0.5
+
+
 def _dkv_part(q, k, v, do, ld, part: PartLayout, cfg: KernelConfig, out_dtype, dq0=None):
     """(dk, dv) [B, Tk, H, D] of one part, in part key order (gathered rows for a summary
     part). ``part`` is the backward layout's: key tiles of ``block_k`` rows split over
@@ -828,10 +838,8 @@ def _dkv_part(q, k, v, do, ld, part: PartLayout, cfg: KernelConfig, out_dtype, d
     rows = bk // wgs  # key rows of one compute warpgroup
     n_slots = cfg.max_concurrent_steps
     rule = part.spec.rule
-    grid, grid_names, reverse = _launch_order(_tile_work(part.bwd), h, b, "k_seq", cfg.heavy_first)
-    pos, lo = _positions(part)
+    grid, grid_names, reverse, pos, lo, scale = _key_tile_setup(part, cfg, h, b, d)
     per_head_lo = lo.shape[0] > 1
-    scale = d**-0.5
     scale2 = scale * LOG2E
     in_place = cfg.pv_from_registers
     with_dq = dq0 is not None
@@ -1065,6 +1073,248 @@ def _dkv_part(q, k, v, do, ld, part: PartLayout, cfg: KernelConfig, out_dtype, d
              dq0.astype(jnp.float32))
     return _launch_in_place(plgpu, entry, args, state, grid, grid_names, wgs, cfg,
                             _name("dkvdq", part))
+
+
+def dkvdq_query_major(q, k, v, do, ld, part: PartLayout, cfg: KernelConfig, out_dtype, dq0):
+    """(dk, dv, dq) of one part, as ``_dkv_part(..., dq0=dq0)``, in FlashAttention-3's
+    layout: each step is a [128 queries x 128 keys] tile, and each compute warpgroup
+    takes 64 of the step's *query* rows for S, dP and dq (``_dkv_part`` splits the key
+    rows and streams 64-row query blocks).
+
+    Why (session 11): with the key-major split a step's matmuls are 64 x 64 x 64 and
+    the lse, delta of the streamed queries are column vectors of the warpgroup's tile
+    (~32 registers each); at 128-row query blocks that form spills (1,016 bytes,
+    session 10). Here:
+    - S_w = Q_w K^T and dP_w = dO_w V^T are 64 x 128 x 64 (N = 128, K and V from
+      shared memory once per program), lse and delta are row vectors (2 registers);
+    - dq_w = dS_w K is the warpgroup's own (64 query rows, A operand from registers on
+      the GPU) and goes to dq by a TMA bulk reduction of its rows: the warpgroups
+      never wait on each other for dq;
+    - P and dS (bf16) are staged in shared memory, and the key tile's dV = P^T dO and
+      dK = dS^T Q are split by *kind*: warpgroup 0 accumulates dV, warpgroup 1 dK,
+      each a [128, D] float32 accumulator (64 registers, as dK and dV of 64 rows
+      were). The one wait per step is for both warpgroups' P and dS.
+    Registers per compute thread, peak: S and dP (64 each) + the dK or dV
+    accumulator (64) + dq (32) while P, dS are packed to bf16.
+
+    Measured (session 12, H200, fixed l=128 c=32 merged f+b, BENCHMARKS.md): correct
+    (gradients within 1.4e-5 of the key-major kernel's) but slower: 1.69 against
+    1.64 ms at (2, 16384, 8, 64), 3.74 against 3.58 at (8, 12288, 8, 64); ptxas spills
+    800 bytes (232 registers after setmaxnreg). Hence opt-in
+    (pallas_gpu.MOSAIC_DKVDQ_FORM), kept as the starting point for a form that fits.
+
+    Barriers, per step: ``staged`` (both warpgroups' P and dS are in shared memory:
+    dV, dK may read them), ``released`` (both dV/dK matmuls have completed: P and dS
+    may be overwritten), ``free[slot]`` (the memory warpgroup may refill the slot).
+    Query blocks arrive as two 64-row halves per stream (Q, dO, and the halves' lse,
+    delta), each with its own barrier, so that no shared-memory view is sliced at a
+    traced offset."""
+    plgpu = _plgpu()
+    b, t, h, d = q.shape
+    tk = k.shape[1]
+    dtype = q.dtype
+    bq, bk = part.block_q, part.block_k
+    wgs = cfg.compute_wgs
+    if wgs != 2 or bq != wgs * WGMMA_M or bk % WGMMA_M:
+        raise ValueError(f"dkvdq_query_major takes 2 compute warpgroups and {2 * WGMMA_M}-row "
+                         f"query blocks (got {wgs}, block_q={bq}, block_k={bk})")
+    rows = bq // wgs  # query rows of one compute warpgroup
+    n_slots = cfg.max_concurrent_steps
+    rule = part.spec.rule
+    grid, grid_names, reverse, pos, lo, scale = _key_tile_setup(part, cfg, h, b, d)
+    per_head_lo = lo.shape[0] > 1
+    scale2 = scale * LOG2E
+    # On the GPU: dq's dS from registers, dK and dV accumulated in place, S and dP issued
+    # together. The interpreter has neither register operands nor run_state.
+    fast = cfg.pv_from_registers and not cfg.interpret
+
+    def kernel(tab_ref, lo_ref, q_ref, k_ref, v_ref, do_ref, ld_ref, dk_ref, dv_ref, dq_ref,
+               scoped):
+        (ks, vs, qdo_smem, ld_smem, pds_smem, dq_smem), bars = scoped
+        kv_ready, qdo_ready, ld_ready, free, staged, released = bars
+        hi, ki, bi, wg, n_full, steps = _program(tab_ref, "k_seq", reverse)
+
+        @pl.when(wg < wgs)
+        def _compute():
+            _set_registers(plgpu, cfg, compute=True)
+            src = (bi, pl.ds(ki * bk, bk), hi)
+            # Warpgroup 0 brings the K tile, 1 the V tile; both use both.
+            pl.when(wg == 0)(lambda: plgpu.copy_gmem_to_smem(k_ref.at[src], ks, kv_ready.at[0]))
+            pl.when(wg == 1)(lambda: plgpu.copy_gmem_to_smem(v_ref.at[src], vs, kv_ready.at[1]))
+            plgpu.barrier_wait(kv_ready.at[0])
+            plgpu.barrier_wait(kv_ready.at[1])
+            lo_h = lo_ref[hi] if per_head_lo else lo_ref[0]
+            wgmma_layout = plgpu.Layout.WGMMA
+            row_layout = wgmma_layout.reduce(1)
+            col_layout = wgmma_layout.reduce(0)
+
+            def half(slot, stream, w):  # barrier index of a 64-row half of a slot
+                return (slot * 2 + stream) * wgs + w
+
+            def wait_rows(slot, w):
+                plgpu.barrier_wait(qdo_ready.at[half(slot, 0, w)])
+                plgpu.barrier_wait(qdo_ready.at[half(slot, 1, w)])
+
+            def reduce_dq(qb, dq):
+                """Adds this warpgroup's dq rows ([rows, D] float32, unscaled)."""
+                stage = dq_smem.at[wg]
+                dst = dq_ref.at[bi, pl.ds(qb * bq + wg * rows, rows), hi]
+                if cfg.interpret:  # no TMA reduction in the interpreter
+                    stage[...] = dq * scale
+                    dq_ref[bi, pl.ds(qb * bq + wg * rows, rows), hi] = (
+                        dq_ref[bi, pl.ds(qb * bq + wg * rows, rows), hi] + stage[...])
+                else:
+                    plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # its last copy read it
+                    stage[...] = dq * scale
+                    plgpu.commit_smem()
+                    plgpu.copy_smem_to_gmem(stage, dst, reduction_op="add")
+
+            def probabilities(t_, slot, s, masked: bool):
+                plgpu.barrier_wait(ld_ready.at[slot * wgs + wg])
+                lse2 = plgpu.load(ld_smem.at[slot, wg, 0], layout=row_layout)
+                p = jnp.exp2(s * scale2 - lax.broadcast_in_dim(lse2, s.shape, [0]))
+                if masked:
+                    # positions of the rows and of the columns as vectors, broadcast
+                    # only at the comparison (2-D index grids: 1,140 bytes of spills
+                    # against 800 and 1.72 against 1.69 ms, session 12 call 4)
+                    qb = tab_ref[ki, 2 + t_]
+                    q_idx = plgpu.broadcasted_iota(jnp.int32, (rows,), 0, layout=row_layout)
+                    k_idx = plgpu.broadcasted_iota(jnp.int32, (bk,), 0, layout=col_layout)
+                    q_pos = lax.broadcast_in_dim(pos.q(q_idx + (qb * bq + wg * rows)), s.shape, [0])
+                    k_pos = lax.broadcast_in_dim(pos.k(k_idx + ki * bk, lo_h), s.shape, [1])
+                    p = jnp.where(rule.in_kernel(q_pos, k_pos), p, 0.0)
+                return p
+
+            def step(t_, acc, masked: bool):
+                slot = lax.rem(t_, n_slots)
+                qs = qdo_smem.at[slot, 0, wg]
+                dos = qdo_smem.at[slot, 1, wg]
+                plgpu.barrier_wait(qdo_ready.at[half(slot, 0, wg)])
+                plgpu.barrier_wait(qdo_ready.at[half(slot, 1, wg)])
+                if fast:  # S and dP together; the exponentials while dP runs
+                    p, dp = _wgmma_pair(plgpu, (rows, bk), (qs, ks.T), (dos, vs.T),
+                                        lambda s: probabilities(t_, slot, s, masked))
+                else:
+                    p = probabilities(t_, slot, _wgmma_value(plgpu, (rows, bk), qs, ks.T), masked)
+                    dp = _wgmma_value(plgpu, (rows, bk), dos, vs.T)
+                delta = plgpu.load(ld_smem.at[slot, wg, 1], layout=row_layout)
+                ds = p * (dp - lax.broadcast_in_dim(delta, dp.shape, [0]))
+                p16, ds16 = p.astype(dtype), ds.astype(dtype)
+
+                @pl.when(t_ > 0)
+                def _():  # the last step's dV and dK have read P and dS
+                    plgpu.barrier_wait(released)
+
+                pds_smem.at[0, wg][...] = p16
+                pds_smem.at[1, wg][...] = ds16
+                plgpu.commit_smem()
+                plgpu.barrier_arrive(staged)
+                wait_rows(slot, 1 - wg)  # dV, dK read the other warpgroup's rows too
+                qb = tab_ref[ki, 2 + t_]
+                # warpgroup 0: dV += P^T dO, warpgroup 1: dK += dS^T Q, over both halves
+                kind, other = pds_smem.at[wg], qdo_smem.at[slot, 1 - wg]
+
+                if fast:
+                    def matmuls(refs):
+                        acc_ref, dq_ref_ = refs
+                        # dq = dS K needs nobody else's rows. (dS from its staged copy
+                        # instead: 1.99 against 1.73 ms, session 12 call 3.)
+                        plgpu.wgmma(dq_ref_, ds16, ks)
+                        plgpu.barrier_wait(staged)
+                        for w in range(wgs):
+                            plgpu.wgmma(acc_ref, kind.at[w].T, other.at[w])
+                        # groups complete in order: wait for dq only
+                        reduce_dq(qb, plgpu.wgmma_accumulator_load(dq_ref_, wait_n=wgs))
+
+                    # (dq's accumulator as a second state, not a scope inside this one:
+                    # the latter does not lower in JAX 0.11.2)
+                    dq_zero = plgpu.layout_cast(jnp.zeros((rows, d), jnp.float32), wgmma_layout)
+                    acc, _ = pl.run_state(matmuls)((plgpu.ACC.init(acc), plgpu.ACC.init(dq_zero)))
+                else:
+                    reduce_dq(qb, _wgmma_value(plgpu, (rows, d), pds_smem.at[1, wg], ks))
+                    plgpu.barrier_wait(staged)
+
+                    def both(acc_ref):
+                        for w in range(wgs):
+                            plgpu.wgmma(acc_ref, kind.at[w].T, other.at[w])
+                        return acc_ref[...]
+
+                    acc = acc + pl.run_scoped(both, plgpu.ACC((bk, d), jnp.float32))
+                plgpu.barrier_arrive(released)
+                plgpu.barrier_arrive(free.at[slot])
+                return acc
+
+            acc = plgpu.layout_cast(jnp.zeros((bk, d), jnp.float32), wgmma_layout)
+            acc = lax.fori_loop(0, n_full, functools.partial(step, masked=False), acc)
+            acc = lax.fori_loop(n_full, steps, functools.partial(step, masked=True), acc)
+
+            @pl.when(steps > 0)
+            def _drain():  # both warpgroups' last matmuls are done: K, V are free
+                plgpu.barrier_wait(released)
+
+            if not cfg.interpret:
+                plgpu.wait_smem_to_gmem(0)  # the last reductions, before the staging reuse
+            # Warpgroup 0 holds dV, 1 holds dK (still to be scaled), written 64 rows at a
+            # time through the dq staging tile.
+            factor = jnp.where(wg == 0, 1.0, scale).astype(jnp.float32)
+            stage = dq_smem.at[wg]
+            for r in range(0, bk, rows):
+                stage[...] = (acc[r:r + rows] * factor).astype(out_dtype)
+                plgpu.commit_smem()
+                dst = (bi, pl.ds(ki * bk + r, rows), hi)
+                pl.when(wg == 0)(lambda: plgpu.copy_smem_to_gmem(stage, dv_ref.at[dst]))
+                pl.when(wg == 1)(lambda: plgpu.copy_smem_to_gmem(stage, dk_ref.at[dst]))
+                plgpu.wait_smem_to_gmem(0)
+
+        @pl.when(wg == wgs)
+        def _memory():
+            _set_registers(plgpu, cfg, compute=False)
+
+            def fetch(t_, slot):
+                start = tab_ref[ki, 2 + t_] * bq
+                for w in range(wgs):
+                    rows_w = (bi, pl.ds(start + w * rows, rows), hi)
+                    for stream, ref in enumerate((q_ref, do_ref)):
+                        plgpu.copy_gmem_to_smem(ref.at[rows_w], qdo_smem.at[slot, stream, w],
+                                                qdo_ready.at[(slot * 2 + stream) * wgs + w])
+                    plgpu.copy_gmem_to_smem(ld_ref.at[bi, hi, :, pl.ds(start + w * rows, rows)],
+                                            ld_smem.at[slot, w], ld_ready.at[slot * wgs + w])
+
+            _stream(steps, n_slots, fetch, (free,))
+
+    def entry(tab_ref, lo_ref, q_ref, k_ref, v_ref, do_ref, ld_ref, dk_ref, dv_ref, dq_ref):
+        tr = _smem_transforms(dtype, d)
+        smem = (
+            # K and V tiles: two buffers, not views of one (a view's constant index,
+            # closed over by the in-place matmuls' run_state, does not lower)
+            plgpu.SMEM((bk, d), dtype, transforms=tr),
+            plgpu.SMEM((bk, d), dtype, transforms=tr),
+            plgpu.SMEM((n_slots, 2, wgs, rows, d), dtype, transforms=tr),  # Q, dO halves
+            plgpu.SMEM((n_slots, wgs, 2, rows), jnp.float32),  # lse2, delta halves
+            plgpu.SMEM((2, wgs, rows, bk), dtype, transforms=_smem_transforms(dtype, bk)),  # P, dS
+            plgpu.SMEM((wgs, rows, d), jnp.float32),  # dq staging (and dK, dV at the end)
+        )
+        bars = (
+            plgpu.Barrier(num_barriers=2),  # K, V landed
+            plgpu.Barrier(num_barriers=n_slots * 2 * wgs),  # Q, dO halves landed
+            plgpu.Barrier(num_barriers=n_slots * wgs),  # lse, delta halves landed
+            plgpu.Barrier(num_arrivals=wgs, num_barriers=n_slots),  # slot free
+            plgpu.Barrier(num_arrivals=wgs),  # P, dS staged by both
+            plgpu.Barrier(num_arrivals=wgs),  # dV, dK done reading them
+        )
+        pl.run_scoped(
+            lambda *scoped: kernel(tab_ref, lo_ref, q_ref, k_ref, v_ref, do_ref, ld_ref,
+                                   dk_ref, dv_ref, dq_ref, scoped),
+            smem, bars, collective_axes="wg")
+
+    if jnp.dtype(out_dtype) != jnp.dtype(jnp.float32):
+        raise ValueError("dkvdq_query_major stages dk, dv in its float32 dq buffer: out_dtype float32")
+    out = jax.ShapeDtypeStruct((b, tk, h, d), out_dtype)
+    args = (jnp.asarray(part.bwd), jnp.asarray(lo), q, k, v, do, ld)
+    state = (filled_after(do, out.shape, 1.0, out.dtype), filled_after(do, out.shape, 2.0, out.dtype),
+             dq0.astype(jnp.float32))
+    return _launch_in_place(plgpu, entry, args, state, grid, grid_names, wgs, cfg,
+                            _name("dkvdq_qm", part))
 
 
 def bwd_smem_bytes(d: int, dtype, dq_part: PartLayout, kv_part: PartLayout,

@@ -1096,6 +1096,15 @@ def _diag_bwd_chained(q, k, v, do, lse, delta, init, part: PartLayout, cfg: Kern
 # it applies to bf16 at head dim 64 only (_mosaic_dkv_applies). mosaic_summary_dq (the
 # default for merged heads) is the same kernel also emitting the part's dq.
 MOSAIC_DKV_TILES = (64, 128)
+# The form of that kernel where it also emits dq: "key_major" (mosaic_gpu._dkv_part,
+# the warpgroups split the key tile, 64-row query blocks streamed: MOSAIC_DKV_TILES) or
+# "query_major" (mosaic_gpu.dkvdq_query_major, FlashAttention-3's layout: 128 x 128
+# steps whose query rows the warpgroups split; tiles MOSAIC_DKVDQ_QM_TILES). Key-major
+# by default: query-major was slower on an H200 (fixed merged f+b 1.69 against 1.64 ms
+# at (2, 16384, 8, 64), 3.74 against 3.58 at (8, 12288, 8, 64); session 12), its
+# registers spill.
+MOSAIC_DKVDQ_FORM = "key_major"
+MOSAIC_DKVDQ_QM_TILES = (128, 128)
 # mosaic_gpu.KernelConfig's scheduling knobs for that kernel (see there). Both on: on an
 # H200, fixed merged f+b at (2, 16384, 8, 64) 1.761 ms with both off, 1.697 with
 # max_registers alone, 1.769 with overlap_wgmma alone, 1.687 with both (the kernel
@@ -1114,8 +1123,17 @@ def _hopper_or_newer(interpret: bool) -> bool:
     return cc is None or float(cc) >= 9.0
 
 
+def _mosaic_dkv_tiles(with_dq: bool) -> tuple[int, int]:
+    """(block_q, block_k) of the Mosaic dK/dV kernel's layout, with or without dq."""
+    if with_dq and MOSAIC_DKVDQ_FORM == "query_major":
+        return MOSAIC_DKVDQ_QM_TILES
+    if MOSAIC_DKVDQ_FORM not in ("key_major", "query_major"):
+        raise ValueError(f"MOSAIC_DKVDQ_FORM={MOSAIC_DKVDQ_FORM!r}: use 'key_major' or 'query_major'")
+    return MOSAIC_DKV_TILES
+
+
 def _mosaic_dkv_applies(dtype, t: int, d: int, interpret: bool) -> bool:
-    bq, bk = MOSAIC_DKV_TILES
+    bq, bk = (max(a, b) for a, b in zip(_mosaic_dkv_tiles(False), _mosaic_dkv_tiles(True)))
     return (jnp.dtype(dtype).itemsize == 2 and d == 64 and t % bk == 0 and t % bq == 0
             and _hopper_or_newer(interpret))
 
@@ -1135,6 +1153,9 @@ def _mosaic_dkv_call(q, k, v, do, lse, delta, part: PartLayout, cfg: KernelConfi
     (float32 [B, T, Hg, D]) also dq0 plus the part's dq (``mosaic_summary_dq``)."""
     mcfg = _mosaic_config(cfg, max_concurrent_steps=2, **MOSAIC_DKV_OPTIONS)
     ld = jnp.stack([lse * LOG2E, delta], axis=2)  # [B, Hg, 2, T]: the kernel's lse2, delta
+    if dq0 is not None and (part.block_q, part.block_k) == MOSAIC_DKVDQ_QM_TILES \
+            and MOSAIC_DKVDQ_FORM == "query_major":
+        return mosaic_gpu.dkvdq_query_major(q, k, v, do, ld, part, mcfg, jnp.float32, dq0)
     return mosaic_gpu._dkv_part(q, k, v, do, ld, part, mcfg, jnp.float32, dq0=dq0)
 
 
@@ -1549,10 +1570,12 @@ def attention(
         dq_mode = "off" if summary_dkv_block_q else "merged"
     mosaic_summary_dkv = mosaic and mosaic_summary_dkv
     # The gathered parts' dK/dV kernel at its own tiles, where it wants other ones.
+    # (With both mosaic_summary_dkv and the query-major form, groups without dq take the
+    # key-major kernel at the query-major tiles.)
     if mosaic_summary_dkv or dq_mode == "all":
-        layout = _with_dkv_tiles(layout, pattern, *MOSAIC_DKV_TILES)
+        layout = _with_dkv_tiles(layout, pattern, *_mosaic_dkv_tiles(dq_mode != "off"))
     elif dq_mode == "merged":
-        layout = _with_dkv_tiles(layout, pattern, *MOSAIC_DKV_TILES, merged_only=True)
+        layout = _with_dkv_tiles(layout, pattern, *_mosaic_dkv_tiles(True), merged_only=True)
     elif summary_dkv_block_q and summary_dkv_block_q != block_q:
         layout = _with_dkv_tiles(layout, pattern, summary_dkv_block_q)
     mosaic_forward = (mosaic_forward and gathered and fuse_parts
