@@ -799,6 +799,20 @@ def _dq_part(q, k, v, do, ld, part: PartLayout, cfg: KernelConfig, out_dtype):
                    (jnp.asarray(part.fwd), jnp.asarray(lo), q, k, v, do, ld), _name("dq", part))
 
 
+def _reduce_add(plgpu, cfg: KernelConfig, stage, ref, index, value) -> None:
+    """ref[index] += value through the shared-memory tile ``stage``: a TMA bulk reduction
+    on the GPU (once the stage's last copy has read it), a read-add-write in the
+    interpreter, which has no TMA reduction."""
+    if cfg.interpret:
+        stage[...] = value
+        ref[index] = ref[index] + stage[...]
+    else:
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+        stage[...] = value
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(stage, ref.at[index], reduction_op="add")
+
+
 def _key_tile_setup(part: PartLayout, cfg: KernelConfig, h: int, b: int, d: int):
     """What a dK/dV kernel (one program per key tile) derives from its part: the launch
     grid, its axis names and order flag, the closed-form positions, the per-head summary
@@ -870,16 +884,8 @@ def _dkv_part(q, k, v, do, ld, part: PartLayout, cfg: KernelConfig, out_dtype, d
 
             def reduce_dq(t_, share):
                 """Adds ``share`` ([bq, D] float32, unscaled) to the query block's dq."""
-                stage = dq_smem.at[wg]
                 rows_q = (bi, pl.ds(tab_ref[ki, 2 + t_] * bq, bq), hi)
-                if cfg.interpret:  # no TMA reduction in the interpreter
-                    stage[...] = share * scale
-                    dq_ref[rows_q] = dq_ref[rows_q] + stage[...]
-                else:
-                    plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # its last copy read it
-                    stage[...] = share * scale
-                    plgpu.commit_smem()
-                    plgpu.copy_smem_to_gmem(stage, dq_ref.at[rows_q], reduction_op="add")
+                _reduce_add(plgpu, cfg, dq_smem.at[wg], dq_ref, rows_q, share * scale)
 
             def wait_ts_free(t_):
                 """Before this step's first write to ts: the last step's designated
@@ -1132,6 +1138,9 @@ def dkvdq_query_major(q, k, v, do, ld, part: PartLayout, cfg: KernelConfig, out_
                scoped):
         (ks, vs, qdo_smem, ld_smem, pds_smem, dq_smem), bars = scoped
         kv_ready, qdo_ready, ld_ready, free, staged, released = bars
+
+        def half(slot, stream, w):  # qdo_ready's index of a 64-row half (stream 0: Q, 1: dO)
+            return (slot * 2 + stream) * wgs + w
         hi, ki, bi, wg, n_full, steps = _program(tab_ref, "k_seq", reverse)
 
         @pl.when(wg < wgs)
@@ -1148,28 +1157,16 @@ def dkvdq_query_major(q, k, v, do, ld, part: PartLayout, cfg: KernelConfig, out_
             row_layout = wgmma_layout.reduce(1)
             col_layout = wgmma_layout.reduce(0)
 
-            def half(slot, stream, w):  # barrier index of a 64-row half of a slot
-                return (slot * 2 + stream) * wgs + w
-
             def wait_rows(slot, w):
                 plgpu.barrier_wait(qdo_ready.at[half(slot, 0, w)])
                 plgpu.barrier_wait(qdo_ready.at[half(slot, 1, w)])
 
             def reduce_dq(qb, dq):
                 """Adds this warpgroup's dq rows ([rows, D] float32, unscaled)."""
-                stage = dq_smem.at[wg]
-                dst = dq_ref.at[bi, pl.ds(qb * bq + wg * rows, rows), hi]
-                if cfg.interpret:  # no TMA reduction in the interpreter
-                    stage[...] = dq * scale
-                    dq_ref[bi, pl.ds(qb * bq + wg * rows, rows), hi] = (
-                        dq_ref[bi, pl.ds(qb * bq + wg * rows, rows), hi] + stage[...])
-                else:
-                    plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # its last copy read it
-                    stage[...] = dq * scale
-                    plgpu.commit_smem()
-                    plgpu.copy_smem_to_gmem(stage, dst, reduction_op="add")
+                rows_q = (bi, pl.ds(qb * bq + wg * rows, rows), hi)
+                _reduce_add(plgpu, cfg, dq_smem.at[wg], dq_ref, rows_q, dq * scale)
 
-            def probabilities(t_, slot, s, masked: bool):
+            def probabilities(qb, slot, s, masked: bool):
                 plgpu.barrier_wait(ld_ready.at[slot * wgs + wg])
                 lse2 = plgpu.load(ld_smem.at[slot, wg, 0], layout=row_layout)
                 p = jnp.exp2(s * scale2 - lax.broadcast_in_dim(lse2, s.shape, [0]))
@@ -1177,7 +1174,6 @@ def dkvdq_query_major(q, k, v, do, ld, part: PartLayout, cfg: KernelConfig, out_
                     # positions of the rows and of the columns as vectors, broadcast
                     # only at the comparison (2-D index grids: 1,140 bytes of spills
                     # against 800 and 1.72 against 1.69 ms, session 12 call 4)
-                    qb = tab_ref[ki, 2 + t_]
                     q_idx = plgpu.broadcasted_iota(jnp.int32, (rows,), 0, layout=row_layout)
                     k_idx = plgpu.broadcasted_iota(jnp.int32, (bk,), 0, layout=col_layout)
                     q_pos = lax.broadcast_in_dim(pos.q(q_idx + (qb * bq + wg * rows)), s.shape, [0])
@@ -1187,15 +1183,15 @@ def dkvdq_query_major(q, k, v, do, ld, part: PartLayout, cfg: KernelConfig, out_
 
             def step(t_, acc, masked: bool):
                 slot = lax.rem(t_, n_slots)
+                qb = tab_ref[ki, 2 + t_]  # the step's query block
                 qs = qdo_smem.at[slot, 0, wg]
                 dos = qdo_smem.at[slot, 1, wg]
-                plgpu.barrier_wait(qdo_ready.at[half(slot, 0, wg)])
-                plgpu.barrier_wait(qdo_ready.at[half(slot, 1, wg)])
+                wait_rows(slot, wg)
                 if fast:  # S and dP together; the exponentials while dP runs
                     p, dp = _wgmma_pair(plgpu, (rows, bk), (qs, ks.T), (dos, vs.T),
-                                        lambda s: probabilities(t_, slot, s, masked))
+                                        lambda s: probabilities(qb, slot, s, masked))
                 else:
-                    p = probabilities(t_, slot, _wgmma_value(plgpu, (rows, bk), qs, ks.T), masked)
+                    p = probabilities(qb, slot, _wgmma_value(plgpu, (rows, bk), qs, ks.T), masked)
                     dp = _wgmma_value(plgpu, (rows, bk), dos, vs.T)
                 delta = plgpu.load(ld_smem.at[slot, wg, 1], layout=row_layout)
                 ds = p * (dp - lax.broadcast_in_dim(delta, dp.shape, [0]))
@@ -1210,7 +1206,6 @@ def dkvdq_query_major(q, k, v, do, ld, part: PartLayout, cfg: KernelConfig, out_
                 plgpu.commit_smem()
                 plgpu.barrier_arrive(staged)
                 wait_rows(slot, 1 - wg)  # dV, dK read the other warpgroup's rows too
-                qb = tab_ref[ki, 2 + t_]
                 # warpgroup 0: dV += P^T dO, warpgroup 1: dK += dS^T Q, over both halves
                 kind, other = pds_smem.at[wg], qdo_smem.at[slot, 1 - wg]
 
@@ -1276,7 +1271,7 @@ def dkvdq_query_major(q, k, v, do, ld, part: PartLayout, cfg: KernelConfig, out_
                     rows_w = (bi, pl.ds(start + w * rows, rows), hi)
                     for stream, ref in enumerate((q_ref, do_ref)):
                         plgpu.copy_gmem_to_smem(ref.at[rows_w], qdo_smem.at[slot, stream, w],
-                                                qdo_ready.at[(slot * 2 + stream) * wgs + w])
+                                                qdo_ready.at[half(slot, stream, w)])
                     plgpu.copy_gmem_to_smem(ld_ref.at[bi, hi, :, pl.ds(start + w * rows, rows)],
                                             ld_smem.at[slot, w], ld_ready.at[slot * wgs + w])
 

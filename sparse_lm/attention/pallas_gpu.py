@@ -1125,11 +1125,9 @@ def _hopper_or_newer(interpret: bool) -> bool:
 
 def _mosaic_dkv_tiles(with_dq: bool) -> tuple[int, int]:
     """(block_q, block_k) of the Mosaic dK/dV kernel's layout, with or without dq."""
-    if with_dq and MOSAIC_DKVDQ_FORM == "query_major":
-        return MOSAIC_DKVDQ_QM_TILES
     if MOSAIC_DKVDQ_FORM not in ("key_major", "query_major"):
         raise ValueError(f"MOSAIC_DKVDQ_FORM={MOSAIC_DKVDQ_FORM!r}: use 'key_major' or 'query_major'")
-    return MOSAIC_DKV_TILES
+    return MOSAIC_DKVDQ_QM_TILES if with_dq and MOSAIC_DKVDQ_FORM == "query_major" else MOSAIC_DKV_TILES
 
 
 def _mosaic_dkv_applies(dtype, t: int, d: int, interpret: bool) -> bool:
