@@ -37,6 +37,7 @@ from flax.core import meta as flax_meta
 from sparse_lm.attention import LayerPattern, PatternSpec, attention
 from sparse_lm.attention import load as load_attention_impl
 from sparse_lm.config import REMOVED_FIELDS, ConfigError, removed_field_error
+from sparse_lm.layer_norm import LAYER_NORM_IMPLS, layer_norm, layer_norm_residual
 
 AXIS_NAMES = ("vocab", "embed", "mlp", "heads", "head_dim", "pos", "layers")
 # config.attention fields passed to the pallas_gpu kernel when it runs (see
@@ -79,20 +80,25 @@ def _param(
 
 
 class LayerNorm(nnx.Module):
-    """LayerNorm computed in float32 (bf16 variance is too coarse), output in ``dtype``."""
+    """LayerNorm computed in float32 (bf16 variance is too coarse), output in ``dtype``.
 
-    def __init__(self, dim: int, *, dtype: Any, param_dtype: Any, rngs: nnx.Rngs):
+    ``sparse_lm.layer_norm``: its backward keeps only the input and two row statistics;
+    ``impl`` (``model.layer_norm_impl``) picks XLA's fusions or a Pallas kernel for it.
+    """
+
+    def __init__(self, dim: int, *, dtype: Any, param_dtype: Any, rngs: nnx.Rngs, impl: str = "xla"):
         self.scale = _param(rngs, nnx.initializers.ones, (dim,), ("embed",), param_dtype)
         self.bias = _param(rngs, nnx.initializers.zeros, (dim,), ("embed",), param_dtype)
         self.dtype = dtype
+        self.impl = impl
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        x = x.astype(jnp.float32)
-        mean = x.mean(-1, keepdims=True)
-        var = jnp.square(x - mean).mean(-1, keepdims=True)
-        y = (x - mean) * jax.lax.rsqrt(var + 1e-5)
-        y = y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
-        return y.astype(self.dtype)
+        return layer_norm(x, self.scale[...], self.bias[...], self.dtype, self.impl)
+
+    def with_residual(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """(norm(x), x): use the second output for x's other use, so that its gradient
+        is added to the norm's in the norm's own backward pass."""
+        return layer_norm_residual(x, self.scale[...], self.bias[...], self.dtype, self.impl)
 
 
 def dropout_keep_mask(key: jax.Array, rate: float, shape: tuple[int, ...]) -> tuple[jax.Array, float]:
@@ -124,6 +130,19 @@ def dropout_keep_mask(key: jax.Array, rate: float, shape: tuple[int, ...]) -> tu
         words = jax.lax.bitcast_convert_type(words, jnp.dtype(f"uint{width}"))
     bits = words.reshape(-1)[:n].reshape(shape)
     return bits >= drop, 1.0 - drop / 2**width
+
+
+def to_stream(x: jax.Array, dtype: Any) -> jax.Array:
+    """x rounded to the residual stream's dtype, and stored that way.
+
+    XLA skips a rounding to a narrower type when every consumer widens the value again
+    (its default ``--xla_allow_excess_precision``), and here every consumer does (the
+    LayerNorms and sums work in float32): a bfloat16 stream would then stay float32 in
+    memory and save no bytes. The optimization barrier makes XLA store the rounded
+    value, and in the backward pass the rounded cotangent.
+    """
+    y = x.astype(dtype)
+    return jax.lax.optimization_barrier(y) if jnp.dtype(dtype).itemsize < 4 else y
 
 
 def _dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
@@ -216,12 +235,14 @@ class Block(nnx.Module):
         param_dtype: Any,
         rngs: nnx.Rngs,
         kernel_options: tuple[tuple[str, Any], ...] = (),
+        residual_dtype: Any = jnp.float32,
+        layer_norm_impl: str = "xla",
     ):
         scale = 1.0 / math.sqrt(2 * num_layers)
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.norm_attn = LayerNorm(d_model, **kw)
+        self.norm_attn = LayerNorm(d_model, impl=layer_norm_impl, **kw)
         self.attn = Attention(d_model, num_heads, qk_dim, v_dim, scale, **kw)
-        self.norm_ff = LayerNorm(d_model, **kw)
+        self.norm_ff = LayerNorm(d_model, impl=layer_norm_impl, **kw)
         self.ff = FeedForward(d_model, d_ff, scale, **kw)
         # Static Python data (tuples of frozen dataclasses): part of the graph
         # definition, so each layer's pattern is fixed at trace time.
@@ -229,24 +250,31 @@ class Block(nnx.Module):
         self.dropout = dropout
         self.impl = impl
         self.kernel_options = kernel_options  # for pallas_gpu only (gpu_kernel_options)
+        self.residual_dtype = residual_dtype
 
     def qkv(self, h: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-        """Queries, keys and values [..., H, D] of the residual stream h (float32)."""
+        """Queries, keys and values [..., H, D] of the residual stream h."""
         return self.attn.project(self.norm_attn(h))
 
     def finish(self, h: jax.Array, o: jax.Array, key: jax.Array | None) -> jax.Array:
-        """H + a + b given the attention heads' output o [..., H, Dv]."""
+        """H + a + b given the attention heads' output o [..., H, Dv].
+
+        Each residual sum is taken in float32 and rounded to the stream's dtype
+        (``model.residual_dtype``); in float32 that is the exact float32 sum.
+        """
         k_attn, k_ff = (None, None) if key is None else tuple(jax.random.split(key))
         a = _dropout(self.attn.output(o), self.dropout, k_attn).astype(jnp.float32)
-        b = _dropout(self.ff(self.norm_ff(h + a)), self.dropout, k_ff).astype(jnp.float32)
-        return h + a + b
+        h_a = to_stream(h.astype(jnp.float32) + a, self.residual_dtype)
+        y, h_a = self.norm_ff.with_residual(h_a)
+        b = _dropout(self.ff(y), self.dropout, k_ff).astype(jnp.float32)
+        return to_stream(h_a.astype(jnp.float32) + b, self.residual_dtype)
 
     def attend(self, q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
         """The layer's (sparse) attention: heads' output [..., H, Dv]."""
         return attention(q, k, v, self.pattern, impl=self.impl, gpu_kernel_options=self.kernel_options)
 
     def forward(self, h: jax.Array, key: jax.Array | None) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
-        """h: float32 residual stream [B, T, d_model] -> (next stream, (keys, values))."""
+        """h: residual stream [B, T, d_model] -> (next stream, (keys, values))."""
         q, k, v = self.qkv(h)
         return self.finish(h, self.attend(q, k, v), key), (k, v)
 
@@ -332,6 +360,12 @@ class Transformer(nnx.Module):
         self.seq_len = int(np.prod(self.pos_shape)) if seq_len is None else int(seq_len)
         self.dropout = float(_get(model_cfg, "dropout", 0.0))
         self.dtype = _dtype(_get(model_cfg, "dtype", "bfloat16"), "dtype")
+        # The residual stream between blocks. float32 by default; bfloat16 halves the
+        # bytes of every LayerNorm, residual sum and their backward passes (the
+        # element-wise work that dominates a step outside matmuls and attention).
+        self.residual_dtype = _dtype(_get(model_cfg, "residual_dtype", "float32"), "residual_dtype")
+        # LayerNorm's backward: XLA's fusions, or one Pallas kernel (sparse_lm.layer_norm).
+        self.layer_norm_impl = str(_get(model_cfg, "layer_norm_impl", "xla"))
         param_dtype = _dtype(_get(model_cfg, "param_dtype", "float32"), "param_dtype")
         self.remat = str(_get(model_cfg, "remat", "none"))
         self.scan_layers = bool(_get(model_cfg, "scan_layers", False))
@@ -365,6 +399,8 @@ class Transformer(nnx.Module):
             dtype=self.dtype,
             param_dtype=param_dtype,
             kernel_options=kernel_options,
+            residual_dtype=self.residual_dtype,
+            layer_norm_impl=self.layer_norm_impl,
         )
         if self.scan_layers:
             self.period = pattern_period(patterns)
@@ -391,7 +427,7 @@ class Transformer(nnx.Module):
         else:
             self.period = 1
             self.blocks = nnx.List([Block(p, rngs=rngs, **block_kw) for p in patterns])
-        self.final_norm = LayerNorm(d, **kw)
+        self.final_norm = LayerNorm(d, impl=self.layer_norm_impl, **kw)
         self.head = _param(rngs, nnx.initializers.normal(d**-0.5), (d, self.vocab_size), ("embed", "vocab"), param_dtype)
         self.head_bias = _param(rngs, nnx.initializers.zeros, (self.vocab_size,), ("vocab",), param_dtype)
 
@@ -415,6 +451,16 @@ class Transformer(nnx.Module):
             raise ConfigError(f"model.ff_ratio={ff_ratio} times d_model={self.d_model} must be a positive integer.")
         if self.remat not in REMAT_MODES:
             raise ConfigError(f"model.remat={self.remat!r}; choose one of {', '.join(map(repr, REMAT_MODES))}.")
+        if self.residual_dtype not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16)):
+            raise ConfigError(
+                f"model.residual_dtype={self.residual_dtype.name!r}; the residual stream is "
+                "'float32' (the default) or 'bfloat16'."
+            )
+        if self.layer_norm_impl not in LAYER_NORM_IMPLS:
+            raise ConfigError(
+                f"model.layer_norm_impl={self.layer_norm_impl!r}; choose one of "
+                f"{', '.join(map(repr, LAYER_NORM_IMPLS))}."
+            )
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"model.dropout={self.dropout} must be in [0, 1).")
         self.spec.validate(self.seq_len, self.num_heads)
@@ -434,12 +480,13 @@ class Transformer(nnx.Module):
         """Residual stream input at ``positions`` whose previous bytes are ``prev_tokens``.
 
         Where the position is 0 there is no previous byte and the learned start vector
-        is used instead (``prev_tokens`` is ignored there). Returns float32.
+        is used instead (``prev_tokens`` is ignored there). Returns the residual
+        stream's dtype (``model.residual_dtype``), summed in float32.
         """
         tok = self.token_embed[...].astype(jnp.float32)[prev_tokens]
         start = self.start[...].astype(jnp.float32)
         x = jnp.where((positions == 0)[..., None], start, tok)
-        return x + self.position_embedding(positions)
+        return to_stream(x + self.position_embedding(positions), self.residual_dtype)
 
     def logits(self, h: jax.Array) -> jax.Array:
         """Final norm and output projection of the residual stream -> float32 logits."""

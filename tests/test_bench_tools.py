@@ -115,6 +115,19 @@ def test_bench_dropout_compares_the_two_masks(capsys):
     assert "faster" in capsys.readouterr().out
 
 
+def test_bench_layer_norm_times_both_backwards_and_checks_they_agree(tmp_path, capsys):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_layer_norm", REPO_ROOT / "scripts" / "bench_layer_norm.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = mod.main(["--shape", "2,128,128", "--reps", "2", "--out", str(tmp_path / "ln.json")])
+    assert out["xla_ms"] > 0 and out["pallas_gpu_ms"] > 0
+    assert out["max_rel_diff"] < 1e-2  # bf16 gradients of the two backwards
+    assert json.loads((tmp_path / "ln.json").read_text())["shape"] == [2, 128, 128]
+    assert "pallas_gpu" in capsys.readouterr().out
+
+
 def test_check_kernel_training_checks_every_impl_spec_before_training(tmp_path):
     # The bad spec is the last one: nothing may train (or be written) before the refusal.
     result = run_script("check_kernel_training.py", "--data", str(tmp_path / "unused"),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import jax
+import jax.extend
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
@@ -175,6 +176,65 @@ def test_float32_params_with_bfloat16_compute():
     assert 1e-4 < diff < 0.5
 
 
+def _eqns(jaxpr):
+    """Every equation of a jaxpr, inside nested jaxprs too."""
+    for eqn in jaxpr.eqns:
+        yield eqn
+        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+            yield from _eqns(sub)
+
+
+def test_a_bfloat16_residual_stream_is_stored_in_bfloat16_and_stays_close_to_float32():
+    tokens = random_tokens()
+    m32 = build_model(tiny_config(dtype="bfloat16"), nnx.Rngs(0))
+    m16 = build_model(tiny_config(dtype="bfloat16", residual_dtype="bfloat16"), nnx.Rngs(0))
+    h = m16._embed_sequence(tokens)
+    assert h.dtype == jnp.bfloat16 and m16.blocks[0](h, None).dtype == jnp.bfloat16
+    assert m32._embed_sequence(tokens).dtype == jnp.float32
+
+    # The roundings are pinned by optimization barriers (one after the embedding, two
+    # per block), or XLA would fold them away and keep the stream in float32.
+    def barriers(model):
+        graphdef, state = nnx.split(model)
+        jaxpr = jax.make_jaxpr(lambda s, t: nnx.merge(graphdef, s)(t))(state, tokens).jaxpr
+        return [e for e in _eqns(jaxpr) if e.primitive.name == "optimization_barrier"]
+
+    found = barriers(m16)
+    assert len(found) == 1 + 2 * 2
+    assert all(v.aval.dtype == jnp.bfloat16 and v.aval.shape == (2, SEQ_LEN, 32) for e in found for v in e.outvars)
+    assert barriers(m32) == []
+
+    l32, l16 = m32(tokens), m16(tokens)
+    diff = float(jnp.abs(l16 - l32).max()) / float(jnp.abs(l32).max())
+    assert 0.0 < diff < 2e-2  # a real change of precision, and a small one
+
+    def loss_grads(model):
+        graphdef, state = nnx.split(model)
+        return jax.grad(lambda s: nnx.merge(graphdef, s)(tokens).mean())(state)
+
+    g32, g16 = loss_grads(m32), loss_grads(m16)
+    for a, b in zip(jax.tree.leaves(g16), jax.tree.leaves(g32)):
+        assert a.dtype == b.dtype == jnp.float32 and bool(jnp.isfinite(a).all())
+    num = sum(float(jnp.sum(jnp.square(a - b))) for a, b in zip(jax.tree.leaves(g16), jax.tree.leaves(g32)))
+    den = sum(float(jnp.sum(jnp.square(b))) for b in jax.tree.leaves(g32))
+    assert (num / den) ** 0.5 < 5e-2
+
+
+@pytest.mark.parametrize("residual_dtype", ["float32", "bfloat16"])
+def test_the_pallas_layer_norm_backward_gives_the_models_gradients(residual_dtype):
+    tokens = random_tokens(batch=8)  # 256 rows: the kernel's 128-row programs apply
+    grads = {}
+    for impl in ("xla", "pallas_gpu"):
+        model = build_model(tiny_config(layer_norm_impl=impl, residual_dtype=residual_dtype), nnx.Rngs(0))
+        graphdef, state = nnx.split(model)
+        loss = lambda s: nnx.merge(graphdef, s)(tokens).mean()  # noqa: E731
+        assert ("pallas_call" in str(jax.make_jaxpr(jax.grad(loss))(state))) == (impl == "pallas_gpu")
+        grads[impl] = jax.grad(loss)(state)
+    tol = 1e-5 if residual_dtype == "float32" else 2e-2
+    for a, b in zip(jax.tree.leaves(grads["pallas_gpu"]), jax.tree.leaves(grads["xla"])):
+        np.testing.assert_allclose(a, b, rtol=tol, atol=tol * float(jnp.abs(b).max()))
+
+
 def test_parameters_carry_logical_axis_names():
     model = build_model(tiny_config("fixed", "merged", num_layers=1), nnx.Rngs(0))
     specs = nnx.get_partition_spec(nnx.state(model, nnx.Param))
@@ -213,6 +273,9 @@ def test_image_positions_factorize_into_row_column_and_channel_tables():
         (dict(model=dict(d_model=30)), ConfigError, "divisible"),
         (dict(model=dict(qk_ratio=0.3)), ConfigError, "qk_ratio"),
         (dict(model=dict(remat="some")), ConfigError, "remat"),
+        (dict(model=dict(residual_dtype="float16")), ConfigError, "residual_dtype='float16'.*'bfloat16'"),
+        (dict(model=dict(residual_dtype="bf17")), ConfigError, "residual_dtype='bf17' is not a dtype"),
+        (dict(model=dict(layer_norm_impl="triton")), ConfigError, "layer_norm_impl='triton'.*'pallas_gpu'"),
         (dict(attention=dict(pattern="strided", stride=12)), PatternError, "multiple"),
         (dict(attention=dict(pattern="fixed", summary=16)), PatternError, "c <= l"),
         (dict(attention=dict(pattern="diagonal")), PatternError, "unknown attention pattern"),
