@@ -260,6 +260,12 @@ class Block(nnx.Module):
         """Queries, keys and values [..., H, D] of the residual stream h."""
         return self.attn.project(self.norm_attn(h))
 
+    def qkv_and_stream(self, h: jax.Array) -> tuple[tuple[jax.Array, jax.Array, jax.Array], jax.Array]:
+        """``qkv(h)``, and h handed through the first norm (``LayerNorm.with_residual``):
+        give that h to ``finish``, so that its gradient joins the norm's backward."""
+        y, h = self.norm_attn.with_residual(h)
+        return self.attn.project(y), h
+
     def finish(self, h: jax.Array, o: jax.Array, key: jax.Array | None) -> jax.Array:
         """H + a + b given the attention heads' output o [..., H, Dv].
 
@@ -279,7 +285,7 @@ class Block(nnx.Module):
 
     def forward(self, h: jax.Array, key: jax.Array | None) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
         """h: residual stream [B, T, d_model] -> (next stream, (keys, values))."""
-        q, k, v = self.qkv(h)
+        (q, k, v), h = self.qkv_and_stream(h)
         return self.finish(h, self.attend(q, k, v), key), (k, v)
 
     def __call__(self, h: jax.Array, key: jax.Array | None) -> jax.Array:
@@ -614,7 +620,7 @@ class Transformer(nnx.Module):
             # layers, 6 * d_model bf16 values per token and layer), so the backward pass
             # reruns no matmul, only element-wise work.
             policy = REMAT_POLICIES["dots"] if self.remat == "save_attention_dots" else None
-            q, k, v = nnx.remat(lambda b, x: b.qkv(x), policy=policy)(block, h)
+            (q, k, v), h = nnx.remat(lambda b, x: b.qkv_and_stream(x), policy=policy)(block, h)
             o = block.attend(q, k, v)
             return nnx.remat(lambda b, x, o_, k_: b.finish(x, o_, k_), policy=policy)(block, h, o, key)
         # Rematerialize each block: the backward pass recomputes what the policy does
