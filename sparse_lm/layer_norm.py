@@ -15,8 +15,10 @@ writes dx and per-block partial sums of the scale and bias gradients. XLA's fusi
 instead write dy * xhat in float32 and read it back for those column sums, and read x
 and dy again for dx. ``layer_norm_residual`` also hands x through as a second output for
 its other use (the residual sum), so that use's cotangent is added to dx in the same
-pass. (Written in session 13 and checked in the interpreter and by lowering for CUDA;
-not yet timed on a GPU, so "xla" stays the default.)
+pass. Under a multi-device mesh it runs per batch shard (``jax.shard_map``), as the
+attention kernels do. (Written in session 13 and checked in the interpreter, under a
+mesh of virtual devices and by lowering for CUDA; not yet timed on a GPU, so "xla"
+stays the default.)
 
 (The same treatment of bias + GELU, keeping only the matmul output instead of it and
 its tanh, was measured slower on an H200: XLA then materialised the float32 gradient
@@ -26,12 +28,16 @@ and summed the bias gradient in a separate pass; BENCHMARKS.md, "Session 13".)
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
+from jax.sharding import PartitionSpec as P
+
+from sparse_lm.attention.adapt import BATCH_AXES, ambient_mesh
 
 LAYER_NORM_EPS = 1e-5
 LAYER_NORM_IMPLS = ("xla", "pallas_gpu")
@@ -117,10 +123,10 @@ def layer_norm_residual(
 
 
 def _backward(x, mean, rstd, scale, bias, dy, dx_through, impl):
-    if impl == "pallas_gpu" and (blocks := _pallas_blocks(x)) is not None:
-        dx, dscale, dbias = _pallas_backward(x, mean, rstd, scale, dy, dx_through, *blocks)
-    else:
-        dx, dscale, dbias = _xla_backward(x, mean, rstd, scale, dy, dx_through)
+    grads = _sharded_pallas_backward(x, mean, rstd, scale, dy, dx_through) if impl == "pallas_gpu" else None
+    if grads is None:  # the XLA backward, or a shape the kernel cannot take
+        grads = _xla_backward(x, mean, rstd, scale, dy, dx_through)
+    dx, dscale, dbias = grads
     return dx.astype(x.dtype), dscale.astype(scale.dtype), dbias.astype(bias.dtype)
 
 
@@ -136,12 +142,49 @@ def _xla_backward(x, mean, rstd, scale, dy, dx_through):
     return dx, (dyf * xhat).sum(axes), dyf.sum(axes)
 
 
-def _pallas_blocks(x: jax.Array) -> tuple[int, int] | None:
-    """(rows per loop step, loop steps per program) of the Pallas backward for x, or
-    None where it does not apply (Triton blocks are powers of two: d must be one, and
-    the rows a multiple of one step); those shapes take the XLA backward."""
-    d = x.shape[-1]
-    n = x.size // d if d else 0
+def _sharded_pallas_backward(x, mean, rstd, scale, dy, dx_through):
+    """The Pallas backward per shard of the batch, or None where it does not apply.
+
+    XLA cannot partition a Pallas call; under a multi-device mesh (``jax.set_mesh``)
+    the kernel runs under ``jax.shard_map`` with the leading (batch) axis split over
+    the data-parallel axes as the attention kernels do (``attention.adapt``), each
+    shard returning its own partial sums of dscale and dbias, added up here.
+    """
+    mesh = ambient_mesh()
+    batch = ()
+    if mesh is not None:
+        batch = tuple(a for a in BATCH_AXES if a in mesh.axis_names and mesh.shape[a] > 1)
+        if batch and x.shape[0] % math.prod(mesh.shape[a] for a in batch):
+            batch = ()  # a batch the mesh cannot split: every device computes all of it
+    shards = math.prod(mesh.shape[a] for a in batch) if batch else 1
+    blocks = _pallas_blocks((x.shape[0] // shards, *x.shape[1:]))
+    if blocks is None:
+        return None
+
+    def local(x, mean, rstd, scale, dy, *through):
+        dx, dscale, dbias = _pallas_backward(x, mean, rstd, scale, dy, *(through or (None,)), *blocks)
+        return dx, dscale[None], dbias[None]
+
+    args = (x, mean, rstd, scale, dy) + (() if dx_through is None else (dx_through,))
+    if mesh is None:
+        dx, dscale, dbias = local(*args)
+    else:
+        lead = batch or None
+        row, stat = P(lead, *[None] * (x.ndim - 1)), P(lead, *[None] * (mean.ndim - 1))
+        specs = (row, stat, stat, P(None), row) + (() if dx_through is None else (row,))
+        dx, dscale, dbias = jax.shard_map(
+            local, mesh=mesh, in_specs=specs, out_specs=(row, P(lead, None), P(lead, None)),
+            check_vma=False,  # Pallas outputs carry no varying-axes annotation
+        )(*args)
+    return dx, dscale.sum(0), dbias.sum(0)
+
+
+def _pallas_blocks(shape: tuple[int, ...]) -> tuple[int, int] | None:
+    """(rows per loop step, loop steps per program) of the Pallas backward for an x of
+    ``shape``, or None where it does not apply (Triton blocks are powers of two: d
+    must be one, and the rows a multiple of one step); those take the XLA backward."""
+    d = shape[-1]
+    n = math.prod(shape) // d if d else 0
     if d < 16 or d & (d - 1) or d > ROW_CHUNK_ELEMENTS:
         return None
     rows = ROW_CHUNK_ELEMENTS // d

@@ -154,3 +154,37 @@ def test_the_pallas_backward_lowers_for_cuda_at_the_enwik8_shape(monkeypatch):
     with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((1,), ("x",), abstract_device=device)):
         text = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(x, s, s).lower(lowering_platforms=("cuda",)).as_text()
     assert "triton" in text and "layer_norm_bwd" in text
+
+
+_SHARDED = """
+import json, jax, jax.numpy as jnp, numpy as np
+from sparse_lm.layer_norm import layer_norm_residual
+mesh = jax.make_mesh((2, 2), ("data", "tensor"), axis_types=(jax.sharding.AxisType.Auto,) * 2)  # as the trainer's
+out = {}
+for batch in (4, 3):  # 3 rows of the batch cannot split over data=2: every device takes all
+    k = jax.random.split(jax.random.key(batch), 4)
+    x = 1.0 + jax.random.normal(k[0], (batch, 64, 128))
+    scale, bias = 1.0 + 0.1 * jax.random.normal(k[1], (128,)), jnp.zeros(128)
+    cy, cx = jax.random.normal(k[2], x.shape), jax.random.normal(k[3], x.shape)
+    def loss(impl):
+        def f(x, s, b):
+            y, x_out = layer_norm_residual(x, s, b, jnp.float32, impl)
+            return jnp.sum(y * cy) + jnp.sum(x_out * cx)
+        return jax.jit(jax.grad(f, argnums=(0, 1, 2)))
+    want = loss("xla")(x, scale, bias)
+    with jax.set_mesh(mesh):
+        text = loss("pallas_gpu").trace(x, scale, bias).jaxpr.pretty_print()
+        got = loss("pallas_gpu")(x, scale, bias)
+    out[str(batch)] = dict(shard_map="shard_map" in text, pallas="pallas_call" in text,
+                           err=max(float(jnp.max(jnp.abs(g - w)) / jnp.max(jnp.abs(w))) for g, w in zip(got, want)))
+print(json.dumps(out))
+"""
+
+
+def test_the_pallas_backward_runs_per_batch_shard_under_a_mesh():
+    from tests.helpers import run_python
+
+    out = run_python(_SHARDED, devices=4)
+    for batch in ("4", "3"):
+        assert out[batch]["shard_map"] and out[batch]["pallas"], out
+        assert out[batch]["err"] < 1e-5, out
