@@ -20,6 +20,9 @@ attention kernels do. (Written in session 13 and checked in the interpreter, und
 mesh of virtual devices and by lowering for CUDA; not yet timed on a GPU, so "xla"
 stays the default.)
 
+The custom VJP means forward-mode differentiation (``jax.jvp``, ``jax.jacfwd``) of a
+model using it is not available; training and evaluation use reverse mode only.
+
 (The same treatment of bias + GELU, keeping only the matmul output instead of it and
 its tanh, was measured slower on an H200: XLA then materialised the float32 gradient
 and summed the bias gradient in a separate pass; BENCHMARKS.md, "Session 13".)
@@ -150,7 +153,7 @@ def _sharded_pallas_backward(x, mean, rstd, scale, dy, dx_through):
     the data-parallel axes as the attention kernels do (``attention.adapt``), each
     shard returning its own partial sums of dscale and dbias, added up here.
     """
-    mesh = ambient_mesh()
+    mesh = ambient_mesh() if x.ndim >= 2 else None  # a 1-D x has no batch axis to split
     batch = ()
     if mesh is not None:
         batch = tuple(a for a in BATCH_AXES if a in mesh.axis_names and mesh.shape[a] > 1)
@@ -228,7 +231,8 @@ def _ln_bwd_kernel(x_ref, dy_ref, mean_ref, rstd_ref, scale_ref, *refs, rows: in
 
 
 def _interpret() -> bool:
-    """The Pallas interpreter unless the default backend is a GPU (tests on CPU)."""
+    """The Pallas interpreter unless the default backend is a GPU (as the attention
+    kernels decide): a computation placed on the CPU of a GPU host is not supported."""
     return jax.default_backend() != "gpu"
 
 
@@ -245,25 +249,28 @@ def _pallas_backward(x, mean, rstd, scale, dy, dx_through, rows: int, steps: int
     if dx_through is not None:
         args.append(flat(dx_through))
         in_specs.append(row_spec)
-    interpret = _interpret()
-    params = None
-    if not interpret:
-        from jax.experimental.pallas import triton as pltriton
-
-        params = pltriton.CompilerParams(num_warps=NUM_WARPS, num_stages=1)
     kernel = functools.partial(_ln_bwd_kernel, rows=rows, steps=steps, with_through=dx_through is not None)
-    dx, dscale, dbias = pl.pallas_call(
-        kernel,
-        grid=(n // per_program,),
-        in_specs=in_specs,
-        out_specs=[row_spec, sum_spec, sum_spec],
-        out_shape=[
-            jax.ShapeDtypeStruct((n, d), x.dtype),
-            jax.ShapeDtypeStruct((n // per_program, d), jnp.float32),
-            jax.ShapeDtypeStruct((n // per_program, d), jnp.float32),
-        ],
-        interpret=interpret,
-        compiler_params=params,
-        name="layer_norm_bwd",
-    )(*args)
+
+    def launch(interpret: bool):
+        params = None
+        if not interpret:
+            from jax.experimental.pallas import triton as pltriton
+
+            params = pltriton.CompilerParams(num_warps=NUM_WARPS, num_stages=1)
+        return pl.pallas_call(
+            kernel,
+            grid=(n // per_program,),
+            in_specs=in_specs,
+            out_specs=[row_spec, sum_spec, sum_spec],
+            out_shape=[
+                jax.ShapeDtypeStruct((n, d), x.dtype),
+                jax.ShapeDtypeStruct((n // per_program, d), jnp.float32),
+                jax.ShapeDtypeStruct((n // per_program, d), jnp.float32),
+            ],
+            interpret=interpret,
+            compiler_params=params,
+            name="layer_norm_bwd",
+        )
+
+    dx, dscale, dbias = launch(_interpret())(*args)
     return dx.reshape(x.shape), dscale.sum(0), dbias.sum(0)

@@ -156,6 +156,19 @@ def test_the_pallas_backward_lowers_for_cuda_at_the_enwik8_shape(monkeypatch):
     assert "triton" in text and "layer_norm_bwd" in text
 
 
+def test_the_pallas_backward_under_vmap():
+    x, scale, bias, cot = inputs(jnp.float32)
+    x = jnp.concatenate([x] * 4, axis=1)  # [2, 64, 64] -> 64 rows per vmapped slice
+    cot = jnp.concatenate([cot] * 4, axis=1)
+
+    def grads(impl):
+        f = lambda r, c: jnp.sum(layer_norm(r, scale, bias, jnp.float32, impl) * c)  # noqa: E731
+        return jax.vmap(jax.grad(f), in_axes=(0, 0))(x, cot)
+
+    assert "pallas_call" in str(jax.make_jaxpr(lambda: grads("pallas_gpu"))())
+    np.testing.assert_allclose(grads("pallas_gpu"), grads("xla"), rtol=1e-5, atol=1e-5)
+
+
 _SHARDED = """
 import json, jax, jax.numpy as jnp, numpy as np
 from sparse_lm.layer_norm import layer_norm_residual
@@ -176,7 +189,13 @@ for batch in (4, 3):  # 3 rows of the batch cannot split over data=2: every devi
         text = loss("pallas_gpu").trace(x, scale, bias).jaxpr.pretty_print()
         got = loss("pallas_gpu")(x, scale, bias)
     out[str(batch)] = dict(shard_map="shard_map" in text, pallas="pallas_call" in text,
+                           split="P('data', None, None)" in text,
                            err=max(float(jnp.max(jnp.abs(g - w)) / jnp.max(jnp.abs(w))) for g, w in zip(got, want)))
+with jax.set_mesh(mesh):  # one row of 16,384 features: no batch axis, nothing to split
+    v = jax.random.normal(jax.random.key(0), (16384,))
+    g = jax.grad(lambda v: jnp.sum(layer_norm_residual(v, jnp.ones(16384), jnp.zeros(16384), jnp.float32,
+                                                       "pallas_gpu")[0] * v))(v)
+out["1d_finite"] = bool(jnp.isfinite(g).all())
 print(json.dumps(out))
 """
 
@@ -188,3 +207,5 @@ def test_the_pallas_backward_runs_per_batch_shard_under_a_mesh():
     for batch in ("4", "3"):
         assert out[batch]["shard_map"] and out[batch]["pallas"], out
         assert out[batch]["err"] < 1e-5, out
+    assert out["4"]["split"] and not out["3"]["split"], out  # 4 rows split over data=2, 3 cannot
+    assert out["1d_finite"]
