@@ -40,7 +40,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.sharding import PartitionSpec as P
 
-from sparse_lm.attention.adapt import BATCH_AXES, ambient_mesh
+from sparse_lm.attention.adapt import ambient_mesh, batch_split
 
 LAYER_NORM_EPS = 1e-5
 LAYER_NORM_IMPLS = ("xla", "pallas_gpu")
@@ -53,7 +53,7 @@ NUM_WARPS = 4
 
 
 def _normalize(x: jax.Array, scale: jax.Array, bias: jax.Array, out_dtype: Any):
-    """(y, row mean, row 1/std) of x, all statistics in float32, the statistics [...]."""
+    """(y, row means, row 1/std) of x [..., d]; the statistics are float32 [...]."""
     xf = x.astype(jnp.float32)
     mean = xf.mean(-1)
     rstd = lax.rsqrt(jnp.square(xf - mean[..., None]).mean(-1) + LAYER_NORM_EPS)
@@ -154,12 +154,8 @@ def _sharded_pallas_backward(x, mean, rstd, scale, dy, dx_through):
     shard returning its own partial sums of dscale and dbias, added up here.
     """
     mesh = ambient_mesh() if x.ndim >= 2 else None  # a 1-D x has no batch axis to split
-    batch = ()
-    if mesh is not None:
-        batch = tuple(a for a in BATCH_AXES if a in mesh.axis_names and mesh.shape[a] > 1)
-        if batch and x.shape[0] % math.prod(mesh.shape[a] for a in batch):
-            batch = ()  # a batch the mesh cannot split: every device computes all of it
-    shards = math.prod(mesh.shape[a] for a in batch) if batch else 1
+    batch = batch_split(mesh, x.shape[0]) if mesh is not None else ()
+    shards = math.prod(mesh.shape[a] for a in batch)
     blocks = _pallas_blocks((x.shape[0] // shards, *x.shape[1:]))
     if blocks is None:
         return None

@@ -62,11 +62,17 @@ def head_shards(pattern: LayerPattern, mesh) -> int:
     return 1
 
 
+def batch_split(mesh, rows: int) -> tuple[str, ...]:
+    """The data-parallel axes of ``mesh`` (those of size > 1) that split a batch of
+    ``rows``, or () where they cannot split it evenly (e.g. sampling one sequence):
+    then every device takes the whole batch."""
+    batch = tuple(a for a in BATCH_AXES if a in mesh.axis_names and mesh.shape[a] > 1)
+    return batch if rows % math.prod(mesh.shape[a] for a in batch) == 0 else ()
+
+
 def run_sharded(kernel: KernelFn, q, k, v, pattern: LayerPattern, mesh, **options) -> jax.Array:
     """``kernel(q, k, v, pattern, **options)`` under shard_map over ``mesh``."""
-    batch = tuple(a for a in BATCH_AXES if a in mesh.axis_names and mesh.shape[a] > 1)
-    if batch and q.shape[0] % math.prod(mesh.shape[a] for a in batch):
-        batch = ()  # a batch the mesh cannot split (e.g. sampling one sequence): replicate it
+    batch = batch_split(mesh, q.shape[0])
     shards = head_shards(pattern, mesh)
     heads = HEAD_AXIS if shards > 1 else None
     local_pattern = tuple(pattern[: len(pattern) // shards])
