@@ -4,11 +4,12 @@
 
 The model's block norms go through ``sparse_lm.layer_norm.layer_norm_residual``; its
 backward is either XLA's fusions (``model.layer_norm_impl=xla``) or one Pallas kernel
-(``pallas_gpu``). This times the gradient of (norm(x), x) for both, median of 20 calls
-after a warm-up, on the default backend (on CPU the kernel runs in the Pallas
-interpreter, so only a GPU gives meaningful figures), checks that they agree, and
-counts the bytes each must move at least (read x, dy and the residual cotangent, write
-dx) against the time.
+(``pallas_gpu``). This times the gradient of (norm(x), x) for both (median of 20 samples
+of 10 calls dispatched back to back, after a warm-up) on the default backend (on CPU
+the kernel runs in the Pallas interpreter, so only a GPU gives meaningful figures),
+checks that they agree, and counts the bytes each must move at least (read x, dy and
+the residual cotangent, write dx) against the time. ``--sweep`` also times the kernel
+over its tuning constants.
 """
 
 from __future__ import annotations
@@ -26,16 +27,24 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from sparse_lm import layer_norm as ln  # noqa: E402
 from sparse_lm.layer_norm import layer_norm_residual  # noqa: E402
 
 
-def median_ms(f, args, reps: int) -> float:
+def median_ms(f, args, reps: int, calls: int = 10) -> float:
+    """Median over ``reps`` samples of the mean time of ``calls`` calls dispatched back to
+    back: one wait per sample, so the host's dispatch and the wait are not counted per
+    call, as in a training step. (Waiting on every call, session 14's first version
+    gave the kernel 0.36 ms at [8, 12288, 512] bf16 on an H200, where the step's
+    profile shows 0.14 ms per call.)"""
     jax.block_until_ready(f(*args))
     times = []
     for _ in range(reps):
         t0 = time.perf_counter()
-        jax.block_until_ready(f(*args))
-        times.append(time.perf_counter() - t0)
+        for _ in range(calls):
+            out = f(*args)
+        jax.block_until_ready(out)
+        times.append((time.perf_counter() - t0) / calls)
     return statistics.median(times) * 1e3
 
 
@@ -45,6 +54,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--out", default=None, help="JSON results here")
+    ap.add_argument("--sweep", action="store_true",
+                    help="also time the Pallas backward over its block sizes, warps and stages "
+                         "(sparse_lm.layer_norm's ROW_CHUNK_ELEMENTS, ROWS_PER_PROGRAM, NUM_WARPS, NUM_STAGES)")
     args = ap.parse_args(argv)
     shape = tuple(int(s) for s in args.shape.split(","))
     dtype = jnp.dtype(args.dtype)
@@ -74,10 +86,41 @@ def main(argv: list[str] | None = None) -> dict:
         out[f"{impl}_ms"] = ms
         print(f"  {impl:10s} {ms:8.3f} ms   {min_bytes / ms / 1e9:6.2f} TB/s of the minimum bytes")
     print(f"  largest difference of the gradients, relative to their largest value: {diff:.2e}")
+    if args.sweep:
+        out["sweep"] = sweep(grads, inputs, args.reps, min_bytes)
     if args.out:
         with open(args.out, "w") as f:
             json.dump(out, f, indent=1)
     return out
+
+
+def sweep(grads, inputs, reps: int, min_bytes: int) -> list[dict]:
+    """Time the Pallas backward at each setting of its tuning constants (set on the module
+    for the trace; each grads() call traces afresh), restoring them afterwards."""
+    names = ("ROW_CHUNK_ELEMENTS", "ROWS_PER_PROGRAM", "NUM_WARPS", "NUM_STAGES")
+    saved = {n: getattr(ln, n) for n in names}
+    rows = []
+    try:
+        for chunk in (2048, 4096, 8192):
+            for per_program in (32, 64, 128, 256):
+                for warps in (4, 8):
+                    for stages in (1, 2):
+                        for n, v in zip(names, (chunk, per_program, warps, stages)):
+                            setattr(ln, n, v)
+                        try:
+                            ms = median_ms(grads("pallas_gpu"), inputs, reps)
+                        except Exception as e:  # a setting Triton cannot compile: report, go on
+                            print(f"  {chunk=} {per_program=} {warps=} {stages=}: {type(e).__name__}")
+                            continue
+                        rows.append(dict(zip(names, (chunk, per_program, warps, stages)), ms=ms))
+                        print(f"  {chunk=:5d} {per_program=:4d} {warps=} {stages=}  {ms:7.3f} ms"
+                              f"  {min_bytes / ms / 1e9:5.2f} TB/s")
+    finally:
+        for n, v in saved.items():
+            setattr(ln, n, v)
+    best = min(rows, key=lambda r: r["ms"])
+    print(f"  fastest: {best}")
+    return rows
 
 
 if __name__ == "__main__":

@@ -78,9 +78,9 @@ def base_config() -> ml_collections.ConfigDict:
     # The residual stream between blocks: float32, or bfloat16 (half the bytes of the
     # LayerNorms and residual sums; sums still taken in float32, rounded once per block).
     c.model.residual_dtype = "float32"
-    # LayerNorm's backward: "xla" (fused by XLA) or "pallas_gpu" (one Pallas kernel that
-    # reads x and dy once; session 13, not yet timed on a GPU).
-    c.model.layer_norm_impl = "xla"
+    # LayerNorm's backward: "auto" (the Pallas kernel on GPU, XLA elsewhere), "xla" (fused
+    # by XLA) or "pallas_gpu" (one Pallas kernel that reads x and dy once).
+    c.model.layer_norm_impl = "auto"
     c.model.remat = "none"  # none | full | save_attention | save_attention_dots | dots | dots_no_batch
     # Stack the blocks' parameters on a 'layers' axis and apply them with a scan: compile
     # time stops growing with depth. Parameter trees (checkpoints) differ between layouts.

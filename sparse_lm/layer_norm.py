@@ -16,9 +16,9 @@ instead write dy * xhat in float32 and read it back for those column sums, and r
 and dy again for dx. ``layer_norm_residual`` also hands x through as a second output for
 its other use (the residual sum), so that use's cotangent is added to dx in the same
 pass. Under a multi-device mesh it runs per batch shard (``jax.shard_map``), as the
-attention kernels do. (Written in session 13 and checked in the interpreter, under a
-mesh of virtual devices and by lowering for CUDA; not yet timed on a GPU, so "xla"
-stays the default.)
+attention kernels do. ``impl="auto"`` (the default) takes the kernel on GPU and XLA's
+fusions elsewhere: on an H200 the kernel made the 8-layer enwik8 step 77.3 -> 74.8 ms
+(same machine; BENCHMARKS.md, "Session 14").
 
 The custom VJP means forward-mode differentiation (``jax.jvp``, ``jax.jacfwd``) of a
 model using it is not available; training and evaluation use reverse mode only.
@@ -43,13 +43,14 @@ from jax.sharding import PartitionSpec as P
 from sparse_lm.attention.adapt import ambient_mesh, batch_split
 
 LAYER_NORM_EPS = 1e-5
-LAYER_NORM_IMPLS = ("xla", "pallas_gpu")
+LAYER_NORM_IMPLS = ("auto", "xla", "pallas_gpu")
 # The Pallas backward's work per step of its row loop: ROW_CHUNK_ELEMENTS values of each
 # [rows, d] operand (32 float32 registers per thread at 4 warps), and up to
 # ROWS_PER_PROGRAM rows per program, whose partial sums of dscale and dbias it writes.
 ROW_CHUNK_ELEMENTS = 4096
 ROWS_PER_PROGRAM = 128
 NUM_WARPS = 4
+NUM_STAGES = 1
 
 
 def _normalize(x: jax.Array, scale: jax.Array, bias: jax.Array, out_dtype: Any):
@@ -61,9 +62,14 @@ def _normalize(x: jax.Array, scale: jax.Array, bias: jax.Array, out_dtype: Any):
     return y.astype(out_dtype), mean, rstd
 
 
-def _check_impl(impl: str) -> None:
+def resolve_impl(impl: str) -> str:
+    """The backward ``impl`` runs: "auto" is the Pallas kernel where the default backend
+    is a GPU (its Triton lowering), XLA's fusions elsewhere (the interpreter is slow)."""
     if impl not in LAYER_NORM_IMPLS:
         raise ValueError(f"layer norm impl {impl!r}; choose one of {', '.join(map(repr, LAYER_NORM_IMPLS))}.")
+    if impl == "auto":
+        return "pallas_gpu" if jax.default_backend() == "gpu" else "xla"
+    return impl
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
@@ -101,28 +107,26 @@ def _layer_norm_residual_bwd(out_dtype, impl, res, cts):
 _layer_norm_residual.defvjp(_layer_norm_residual_fwd, _layer_norm_residual_bwd)
 
 
-def layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, out_dtype: Any, impl: str = "xla") -> jax.Array:
+def layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, out_dtype: Any, impl: str = "auto") -> jax.Array:
     """LayerNorm over the last axis, computed in float32, returned as ``out_dtype``.
 
     x [..., d] in any float dtype; scale, bias [d] (their gradients come back in their
     own dtype, summed in float32). The backward saves x, its row means and 1/std.
-    ``impl``: "xla" (jnp, fused by XLA) or "pallas_gpu" (the backward as one Pallas
-    kernel; see the module docstring).
+    ``impl``: "xla" (jnp, fused by XLA), "pallas_gpu" (the backward as one Pallas
+    kernel; see the module docstring) or "auto" (the kernel on GPU, else XLA).
     """
-    _check_impl(impl)
-    return _layer_norm(x, scale, bias, jnp.dtype(out_dtype), impl)
+    return _layer_norm(x, scale, bias, jnp.dtype(out_dtype), resolve_impl(impl))
 
 
 def layer_norm_residual(
-    x: jax.Array, scale: jax.Array, bias: jax.Array, out_dtype: Any, impl: str = "xla"
+    x: jax.Array, scale: jax.Array, bias: jax.Array, out_dtype: Any, impl: str = "auto"
 ) -> tuple[jax.Array, jax.Array]:
     """(``layer_norm(x, ...)``, x): the second output is x itself, for x's other use.
 
     Use it there instead of x: its cotangent is then added to dx inside the LayerNorm's
     backward (one pass over the stream) rather than by a separate sum.
     """
-    _check_impl(impl)
-    return _layer_norm_residual(x, scale, bias, jnp.dtype(out_dtype), impl)
+    return _layer_norm_residual(x, scale, bias, jnp.dtype(out_dtype), resolve_impl(impl))
 
 
 def _backward(x, mean, rstd, scale, bias, dy, dx_through, impl):
@@ -252,7 +256,7 @@ def _pallas_backward(x, mean, rstd, scale, dy, dx_through, rows: int, steps: int
         if not interpret:
             from jax.experimental.pallas import triton as pltriton
 
-            params = pltriton.CompilerParams(num_warps=NUM_WARPS, num_stages=1)
+            params = pltriton.CompilerParams(num_warps=NUM_WARPS, num_stages=NUM_STAGES)
         return pl.pallas_call(
             kernel,
             grid=(n // per_program,),

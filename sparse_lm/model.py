@@ -38,6 +38,7 @@ from sparse_lm.attention import LayerPattern, PatternSpec, attention
 from sparse_lm.attention import load as load_attention_impl
 from sparse_lm.config import REMOVED_FIELDS, ConfigError, removed_field_error
 from sparse_lm.layer_norm import LAYER_NORM_IMPLS, layer_norm, layer_norm_residual
+from sparse_lm.layer_norm import resolve_impl as resolve_layer_norm_impl
 
 AXIS_NAMES = ("vocab", "embed", "mlp", "heads", "head_dim", "pos", "layers")
 # config.attention fields passed to the pallas_gpu kernel when it runs (see
@@ -83,10 +84,11 @@ class LayerNorm(nnx.Module):
     """LayerNorm computed in float32 (bf16 variance is too coarse), output in ``dtype``.
 
     ``sparse_lm.layer_norm``: its backward keeps only the input and two row statistics;
-    ``impl`` (``model.layer_norm_impl``) picks XLA's fusions or a Pallas kernel for it.
+    ``impl`` (``model.layer_norm_impl``) picks XLA's fusions or a Pallas kernel for it
+    ("auto": the kernel on GPU).
     """
 
-    def __init__(self, dim: int, *, dtype: Any, param_dtype: Any, rngs: nnx.Rngs, impl: str = "xla"):
+    def __init__(self, dim: int, *, dtype: Any, param_dtype: Any, rngs: nnx.Rngs, impl: str = "auto"):
         self.scale = _param(rngs, nnx.initializers.ones, (dim,), ("embed",), param_dtype)
         self.bias = _param(rngs, nnx.initializers.zeros, (dim,), ("embed",), param_dtype)
         self.dtype = dtype
@@ -100,7 +102,7 @@ class LayerNorm(nnx.Module):
         backward, that use's gradient is then added to dx inside the kernel; XLA fuses
         the same sum into its own dx pass, so the XLA path leaves it to autodiff (the
         form timed in session 13)."""
-        if self.impl == "xla":
+        if resolve_layer_norm_impl(self.impl) == "xla":
             return self(x), x
         return layer_norm_residual(x, self.scale[...], self.bias[...], self.dtype, self.impl)
 
@@ -240,7 +242,7 @@ class Block(nnx.Module):
         rngs: nnx.Rngs,
         kernel_options: tuple[tuple[str, Any], ...] = (),
         residual_dtype: Any = jnp.float32,
-        layer_norm_impl: str = "xla",
+        layer_norm_impl: str = "auto",
     ):
         scale = 1.0 / math.sqrt(2 * num_layers)
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
@@ -374,8 +376,9 @@ class Transformer(nnx.Module):
         # bytes of every LayerNorm, residual sum and their backward passes (the
         # element-wise work that dominates a step outside matmuls and attention).
         self.residual_dtype = _dtype(_get(model_cfg, "residual_dtype", "float32"), "residual_dtype")
-        # LayerNorm's backward: XLA's fusions, or one Pallas kernel (sparse_lm.layer_norm).
-        self.layer_norm_impl = str(_get(model_cfg, "layer_norm_impl", "xla"))
+        # LayerNorm's backward: XLA's fusions, or one Pallas kernel (sparse_lm.layer_norm);
+        # "auto" takes the kernel on GPU.
+        self.layer_norm_impl = str(_get(model_cfg, "layer_norm_impl", "auto"))
         param_dtype = _dtype(_get(model_cfg, "param_dtype", "float32"), "param_dtype")
         self.remat = str(_get(model_cfg, "remat", "none"))
         self.scan_layers = bool(_get(model_cfg, "scan_layers", False))

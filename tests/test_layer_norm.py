@@ -134,6 +134,19 @@ def test_shapes_the_kernel_cannot_take_fall_back_to_the_xla_backward(shape):
         np.testing.assert_array_equal(g, w)
 
 
+def test_auto_takes_the_kernel_on_gpu_and_xla_elsewhere(monkeypatch):
+    assert ln.resolve_impl("auto") == "xla"  # this CPU: the interpreter would be slow
+    x = jax.random.normal(jax.random.key(0), (2, 64, 128))  # a shape the kernel takes
+    scale, bias = jnp.ones((128,)), jnp.zeros((128,))
+    f = lambda x, s, b: jnp.sum(layer_norm(x, s, b, jnp.float32) ** 3)  # noqa: E731 - default impl
+    assert not _kernel_ran(f, x, scale, bias)
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert ln.resolve_impl("auto") == "pallas_gpu"
+    assert ln.resolve_impl("xla") == "xla" and ln.resolve_impl("pallas_gpu") == "pallas_gpu"
+    monkeypatch.setattr(ln, "_interpret", lambda: True)  # no GPU here: run its kernel interpreted
+    assert _kernel_ran(f, x, scale, bias)
+
+
 def test_an_unknown_impl_is_refused_with_the_choices():
     x, scale, bias, _ = inputs(jnp.float32)
     with pytest.raises(ValueError, match="'xla', 'pallas_gpu'"):
