@@ -132,7 +132,7 @@ class Executables:
 def throughput_row(execs: Executables, config: ml_collections.ConfigDict, name: str) -> dict:
     bench, compiled, compile_s, _ = execs.get(config, name)
     b = config.data.batch_size
-    times, _ = time_steps(bench, compiled, b)
+    times, pipelined, _ = time_steps(bench, compiled, b)
     step_s = statistics.median(times)
     devices = bench.mesh.size
     row = {
@@ -146,6 +146,7 @@ def throughput_row(execs: Executables, config: ml_collections.ConfigDict, name: 
         "memory": memory_report(compiled),
         "step_times_s": times,
         "step_s": step_s,
+        "pipelined_step_s": pipelined,
         "tokens_per_s": b * config.data.seq_len / step_s,
     }
     log(f"[throughput] {name}: compiled in {compile_s:.1f} s, median step {step_s * 1e3:.1f} ms, "

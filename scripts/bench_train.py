@@ -9,7 +9,10 @@ For each attention impl (default: the config's sparse kernel and cuDNN dense att
 the same model otherwise), in one process: the train step is compiled ahead of time
 from abstract inputs, the compiler's memory analysis is printed, then the compiled
 executable runs ``--warmup`` untimed and ``--steps`` timed steps on random tokens (the
-step alone: no input pipeline) and the median step time is reported.
+step alone: no input pipeline) and the median step time is reported, each step waited
+for. Then as many steps run dispatched back to back, as train.py runs between its log
+steps, and their mean is reported too ("pipelined"): the host's dispatch of the next
+step overlaps the device's work, as in training.
 
 FLOP convention (printed with the results): model FLOPs only, rematerialisation not
 counted. Matmuls: 2 FLOPs per multiply-add of every projection, feed-forward and output
@@ -167,9 +170,11 @@ def memory_report(compiled) -> dict:
 
 
 def time_steps(bench: Bench, compiled, batch_size: int, profile_dir: str | None = None
-               ) -> tuple[list[float], dict | None]:
+               ) -> tuple[list[float], float, dict | None]:
     """Seconds of each timed step; every step waits for the whole new state, so a step's
-    time includes its optimizer update and nothing of the next step. With ``profile_dir``,
+    time includes its optimizer update and nothing of the next step. Then the mean
+    seconds per step of as many steps dispatched back to back (one wait at the end), the
+    training loop's steady state. With ``profile_dir``,
     then traces ``--profile_steps`` more steps and returns their kernel breakdown."""
     state = bench.init_on_mesh()
     batch = bench.random_batch(batch_size)
@@ -182,6 +187,13 @@ def time_steps(bench: Bench, compiled, batch_size: int, profile_dir: str | None 
         state, metrics = compiled(state, batch)
         jax.block_until_ready((state, metrics))
         times.append(time.perf_counter() - t0)
+    # As train.py runs between its log steps: the next step is dispatched while this one
+    # runs, so the host's dispatch (and the sync above) leave no gap on the device.
+    t0 = time.perf_counter()
+    for _ in range(FLAGS.steps):
+        state, metrics = compiled(state, batch)
+    jax.block_until_ready((state, metrics))
+    pipelined = (time.perf_counter() - t0) / FLAGS.steps
     loss = float(jax.device_get(metrics["loss"]))
     if not np.isfinite(loss):
         raise FloatingPointError(f"the benchmarked step produced a non-finite loss {loss}")
@@ -201,7 +213,7 @@ def time_steps(bench: Bench, compiled, batch_size: int, profile_dir: str | None 
         except ValueError as e:  # CPU: the trace is there (host events) but has no kernels
             breakdown = {"error": str(e), "trace_dir": profile_dir}
     del state
-    return times, breakdown
+    return times, pipelined, breakdown
 
 
 def device_memory_limit() -> int | None:
@@ -278,7 +290,7 @@ def run_impl(base: ml_collections.ConfigDict, impl: str) -> dict:
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
     profile_dir = os.path.join(FLAGS.profile, impl) if FLAGS.profile else None
-    times, breakdown = time_steps(bench, compiled, b, profile_dir)
+    times, pipelined, breakdown = time_steps(bench, compiled, b, profile_dir)
     step_s = statistics.median(times)
     flops = model_flops(config, impl if impl == "cudnn_dense" else resolved)
     tokens = b * config.data.seq_len
@@ -295,6 +307,7 @@ def run_impl(base: ml_collections.ConfigDict, impl: str) -> dict:
         "xla_cost_flops": float(cost.get("flops", 0.0)) if cost else None,
         "step_times_s": times,
         "step_s": step_s,
+        "pipelined_step_s": pipelined,
         "steps_per_s": 1.0 / step_s,
         "tokens_per_s": tokens / step_s,
         "flops": flops,
@@ -303,7 +316,7 @@ def run_impl(base: ml_collections.ConfigDict, impl: str) -> dict:
         "mfu": flops["train_step"] / step_s / (peak * 1e12 * jax.device_count()) if peak else None,
     }
     log(f"[{resolved}] median step {step_s * 1e3:.1f} ms, {result['tokens_per_s']:,.0f} tokens/s, "
-        f"{result['model_tflops_per_s']:.1f} model TFLOP/s")
+        f"{result['model_tflops_per_s']:.1f} model TFLOP/s; {pipelined * 1e3:.1f} ms per step dispatched back to back")
     if breakdown is not None:
         if "error" not in breakdown:
             try:  # the source lines are a help: a backend without HLO text loses only them
@@ -323,7 +336,8 @@ def run_impl(base: ml_collections.ConfigDict, impl: str) -> dict:
 
 
 def table(results: list[dict]) -> str:
-    head = f"{'impl':<14}{'batch':>6}{'step ms':>10}{'tokens/s':>12}{'TFLOP/s':>9}{'MFU':>7}{'peak mem':>11}{'vs dense':>9}"
+    head = (f"{'impl':<14}{'batch':>6}{'step ms':>10}{'tokens/s':>12}{'TFLOP/s':>9}{'MFU':>7}{'peak mem':>11}"
+            f"{'vs dense':>9}{'pipelined':>11}{'vs dense':>9}")
     dense = next((r for r in results if r.get("impl") == "cudnn_dense" and "error" not in r), None)
     rows = [head]
     for r in results:
@@ -332,9 +346,11 @@ def table(results: list[dict]) -> str:
             continue
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
         speed = f"{r['steps_per_s'] / dense['steps_per_s']:.2f}x" if dense else "-"
+        piped = f"{dense['pipelined_step_s'] / r['pipelined_step_s']:.2f}x" if dense else "-"
         rows.append(
             f"{r['resolved_impl']:<14}{r['batch_size']:>6}{r['step_s'] * 1e3:>10.1f}{r['tokens_per_s']:>12,.0f}"
             f"{r['model_tflops_per_s']:>9.3g}{mfu:>7}{gib(r['memory'].get('estimated_peak_bytes')):>11}{speed:>9}"
+            f"{r['pipelined_step_s'] * 1e3:>11.1f}{piped:>9}"
         )
         if "max_batch" in r:
             rows.append(f"{'':<14}largest batch that fits: {r['max_batch'].get('max_batch', r['max_batch'])}")

@@ -41,7 +41,7 @@ def test_bench_train_reports_step_time_flops_and_memory(smoke_report):
     report, stdout = smoke_report
     (r,) = report["results"]
     assert r["resolved_impl"] == "reference" and r["batch_size"] == 8
-    assert len(r["step_times_s"]) == 3 and r["step_s"] > 0
+    assert len(r["step_times_s"]) == 3 and r["step_s"] > 0 and r["pipelined_step_s"] > 0
     assert r["tokens_per_s"] == pytest.approx(8 * 512 / r["step_s"])
     assert r["flops"]["train_step"] == pytest.approx(
         8 * (3 * r["flops"]["matmul_fwd"] / 8 + 3.5 * r["flops"]["attention_fwd"] / 8))
