@@ -81,8 +81,10 @@ def compilation_cache(folder: str | Path):
     Each run of ``train_and_evaluate`` jits a new step function, so a second run of the
     same config in one process compiles it again; through the cache it loads the first
     run's executable instead (the same program: the same results, bit for bit). Only
-    compilations of a second or more are stored (JAX's default threshold). Subprocesses
-    given the same folder (``script_env(compile_cache=...)``) share the entries.
+    compilations longer than ``$JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS`` are stored
+    (tests/conftest.py sets 0.1 s). Subprocesses given the same folder
+    (``script_env(compile_cache=...)``) share the entries. (tests/conftest.py also gives
+    the whole run one cache; a block with its own folder starts from an empty one.)
     """
     import jax
     from jax.experimental.compilation_cache import compilation_cache as cache
