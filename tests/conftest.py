@@ -23,8 +23,9 @@ _SEQUENTIAL_CPU = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
 # they compile (small interpreted kernels, small models): LLVM's optimization level 0
 # compiles faster than the default for the same results up to float rounding order
 # (tests/test_pallas_gpu.py::test_column_backward_*: 32 -> 24 s; the Mosaic GPU, decode
-# and TPU-interpreter tests 249 -> 227 s, on two cores). Entry points run by the tests
-# as subprocesses get their own XLA_FLAGS (tests/helpers.py) and the default level.
+# and TPU-interpreter tests 249 -> 227 s, on two cores). Subprocesses the tests start
+# get the same flags (tests/helpers.py's xla_flags): the resume tests compare a run in
+# this process with runs in subprocesses bit for bit.
 _FAST_COMPILE = "--xla_backend_optimization_level=0"
 for _flag in (_SEQUENTIAL_CPU, _FAST_COMPILE):
     if _flag.split("=")[0] not in os.environ.get("XLA_FLAGS", ""):

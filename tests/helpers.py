@@ -15,6 +15,15 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 
+def xla_flags(devices: int) -> str:
+    """XLA_FLAGS for a subprocess with ``devices`` virtual CPU devices: this process's own
+    flags (tests/conftest.py's, so that a run in a subprocess computes bit for bit what
+    the same run in the test process does) plus the device count."""
+    own = [f for f in os.environ.get("XLA_FLAGS", "").split()
+           if not f.startswith("--xla_force_host_platform_device_count")]
+    return " ".join([*own, f"--xla_force_host_platform_device_count={devices}"])
+
+
 def smoke_config(name: str, shared_data: Path, **overrides):
     """``configs/<name>.py:smoke`` with its data path set to the real sample in shared_data."""
     import importlib
@@ -42,7 +51,7 @@ def run_python(code: str, *, devices: int = 1, timeout: int = 600, env: dict | N
     A fresh process is needed because the device count is fixed when JAX starts.
     """
     full_env = dict(os.environ)
-    full_env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    full_env["XLA_FLAGS"] = xla_flags(devices)
     full_env["PYTHONPATH"] = str(REPO_ROOT)
     full_env["JAX_PLATFORMS"] = "cpu"
     if env:
@@ -66,7 +75,7 @@ def script_env(devices: int = 1, compile_cache: str | Path | None = None) -> dic
     ``compilation_cache``), so that processes compiling the same program compile it once.
     """
     env = dict(os.environ)
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    env["XLA_FLAGS"] = xla_flags(devices)
     env["JAX_PLATFORMS"] = "cpu"
     env["PYTHONUNBUFFERED"] = "1"  # so a test can read progress while the script runs
     if compile_cache is not None:

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.helpers import REPO_ROOT
+from tests.helpers import REPO_ROOT, xla_flags
 from sparse_lm.metrics import read_metrics
 
 NUM_PROCESSES = 2
@@ -43,7 +43,7 @@ def _env(devices: int) -> dict:
                              "SPARSE_LM_PROCESS_ID", "JAX_COORDINATOR", "SLURM_"))
     }
     env.update(
-        XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+        XLA_FLAGS=xla_flags(devices),
         JAX_PLATFORMS="cpu",
         PYTHONPATH=str(REPO_ROOT),
     )

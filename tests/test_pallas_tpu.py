@@ -35,6 +35,7 @@ from sparse_lm.attention import (
     reference_attention,
 )
 from sparse_lm.attention import pallas_tpu
+from tests.helpers import xla_flags
 
 REPO = Path(__file__).resolve().parents[1]
 TOL = {jnp.float32: 1e-5, jnp.bfloat16: 1e-2}
@@ -228,8 +229,7 @@ def test_errors_name_the_constraint():
 # imported, and must not leak into the other tests of this process.
 _SHARD_SCRIPT = textwrap.dedent(
     """
-    import os, sys
-    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+    import sys
     import jax, jax.numpy as jnp, numpy as np
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
     from sparse_lm.attention import PatternError, PatternSpec, attention, reference_attention
@@ -293,7 +293,7 @@ _SHARD_SCRIPT = textwrap.dedent(
 
 def test_shard_map_composition(seed):
     env = dict(os.environ)
-    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+    env["XLA_FLAGS"] = xla_flags(4)
     env["JAX_PLATFORMS"] = "cpu"
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     proc = subprocess.run(
