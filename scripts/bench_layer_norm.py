@@ -15,6 +15,7 @@ over its tuning constants.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import statistics
@@ -98,30 +99,28 @@ def sweep(grads, inputs, reps: int, min_bytes: int) -> list[dict]:
     """Time the Pallas backward at each setting of its tuning constants (set on the module
     for the trace; each grads() call traces afresh), restoring them afterwards."""
     names = ("ROW_CHUNK_ELEMENTS", "ROWS_PER_PROGRAM", "NUM_WARPS", "NUM_STAGES")
+    grid = itertools.product((2048, 4096, 8192), (32, 64, 128, 256), (4, 8), (1, 2))
     saved = {n: getattr(ln, n) for n in names}
     rows = []
     try:
-        for chunk in (2048, 4096, 8192):
-            for per_program in (32, 64, 128, 256):
-                for warps in (4, 8):
-                    for stages in (1, 2):
-                        for n, v in zip(names, (chunk, per_program, warps, stages)):
-                            setattr(ln, n, v)
-                        try:
-                            ms = median_ms(grads("pallas_gpu"), inputs, reps)
-                        except Exception as e:  # a setting Triton cannot compile: report, go on
-                            print(f"  {chunk=} {per_program=} {warps=} {stages=}: {type(e).__name__}")
-                            continue
-                        rows.append(dict(zip(names, (chunk, per_program, warps, stages)), ms=ms))
-                        print(f"  {chunk=:5d} {per_program=:4d} {warps=} {stages=}  {ms:7.3f} ms"
-                              f"  {min_bytes / ms / 1e9:5.2f} TB/s")
+        for values in grid:
+            setting = dict(zip(names, values))
+            for n, v in setting.items():
+                setattr(ln, n, v)
+            label = " ".join(f"{n}={v}" for n, v in setting.items())
+            try:
+                ms = median_ms(grads("pallas_gpu"), inputs, reps)
+            except Exception as e:  # a setting Triton cannot compile: report, go on
+                print(f"  {label}: {type(e).__name__}")
+                continue
+            rows.append({**setting, "ms": ms})
+            print(f"  {label}  {ms:7.3f} ms  {min_bytes / ms / 1e9:5.2f} TB/s")
     finally:
         for n, v in saved.items():
             setattr(ln, n, v)
-    best = min(rows, key=lambda r: r["ms"])
-    print(f"  fastest: {best}")
+    if rows:
+        print(f"  fastest: {min(rows, key=lambda r: r['ms'])}")
     return rows
-
 
 if __name__ == "__main__":
     main()
