@@ -277,13 +277,20 @@ def _softmax_start(plgpu, rows: int, d: int):
             plgpu.layout_cast(jnp.zeros((rows,), jnp.float32), layout.reduce(1)))
 
 
-def _softmax_step(s, acc, m_prev, l_prev):
-    """One online-softmax step of base-2 scores ``s`` [rows, keys]: (p, acc rescaled,
-    m, l). A row with no allowed key so far has max -inf: it is shifted by 0 instead."""
-    m_next = jnp.maximum(m_prev, s.max(axis=1))
+def _softmax_step(s, scale2: float, acc, m_prev, l_prev):
+    """One online-softmax step of raw scores ``s`` [rows, keys] (masked ones -inf) whose
+    base-2 scores are ``s * scale2``: (p, acc rescaled, m, l), m and l in base 2. A row
+    with no allowed key so far has max -inf: it is shifted by 0 instead.
+
+    The scale is applied to the row max, not to the tile: p = exp2(s * scale2 - m) is
+    then one fused multiply-add per score before the exponential, instead of a multiply
+    of the whole tile and a subtraction (scale2 > 0, so the max commutes with it).
+    Measured on an H200 (session 15): the merged forward 1.076 -> 1.040 ms at (8, 12288,
+    8, 64). The same change made Triton's forward (``pallas_gpu._fwd_tile``) slower."""
+    m_next = jnp.maximum(m_prev, s.max(axis=1) * scale2)
     m_shift = jnp.where(m_next == -jnp.inf, 0.0, m_next)
     alpha = jnp.exp2(m_prev - m_shift)
-    p = jnp.exp2(s - lax.broadcast_in_dim(m_shift, s.shape, [0]))
+    p = jnp.exp2(s * scale2 - lax.broadcast_in_dim(m_shift, s.shape, [0]))
     l_next = alpha * l_prev + p.sum(axis=1)
     return p, acc * lax.broadcast_in_dim(alpha, acc.shape, [0]), m_next, l_next
 
@@ -441,12 +448,11 @@ def _part_forward(q, k, v, part: PartLayout, cfg: KernelConfig, out_dtype):
                 plgpu.barrier_wait(k_ready.at[slot])
                 s = _wgmma_value(plgpu, (rows, bk), qs, k_smem.at[slot].T)
                 plgpu.barrier_arrive(k_free.at[slot])
-                s = s * scale2
                 if masked:
                     kb = tab_ref[qi, 2 + t_]
                     k_pos = pos.k(k_cols + kb * bk, lo_h)
                     s = jnp.where(rule.in_kernel(q_pos, k_pos), s, -jnp.inf)
-                p, acc, m_next, l_next = _softmax_step(s, acc, m_prev, l_prev)
+                p, acc, m_next, l_next = _softmax_step(s, scale2, acc, m_prev, l_prev)
                 plgpu.barrier_wait(v_ready.at[slot])
                 # FA3 (pv_from_registers, GPU only): P from registers into acc in place.
                 acc = _accumulate(plgpu, acc, p.astype(dtype),
@@ -556,10 +562,9 @@ def merged_forward(q, k, v, kg, vg, own: PartLayout, summary: PartLayout, cfg: K
 
                 s = pl.run_scoped(scores, plgpu.ACC((rows, bk), jnp.float32))
                 plgpu.barrier_arrive(k_free.at[slot])
-                s = s * scale2
                 if mask is not None:
                     s = jnp.where(mask(t_), s, -jnp.inf)
-                p, acc, m_next, l_next = _softmax_step(s, acc, m_prev, l_prev)
+                p, acc, m_next, l_next = _softmax_step(s, scale2, acc, m_prev, l_prev)
                 p16 = p.astype(dtype)
                 if turns:
                     acc, l_next, m_next, p16 = lax.optimization_barrier((acc, l_next, m_next, p16))

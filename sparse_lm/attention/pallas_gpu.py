@@ -1361,9 +1361,12 @@ def _with_dkv_tiles(layout: Layout, pattern: LayerPattern, block_q: int,
 # TF/s; cuDNN's forward ~443). Timed in session 9 on an H200 (BENCHMARKS.md, "Session
 # 9"): forward 0.443 vs Triton's 0.470 ms at (2, 16384, 8, 64), 1.076 vs 1.141 at
 # (8, 12288, 8, 64), 2.76 vs 3.44 at (1, 65536, 8, 64); f+b 1.5%, 1% and 6% faster.
-# Off by default: at the enwik8 layer f+b gains ~1% (attention is ~35% of that step,
-# whose time with it was not measured), its 30-layer step compiled in 223 s against 144
-# s for the default (one run each), and D=128 is untimed on a GPU.
+# Session 15, with the scale folded into the exponent's FMA, same call: forward 0.428 vs
+# Triton's 0.471 ms at (2, 16384, 8, 64), 1.040 vs 1.145 at (8, 12288, 8, 64); f+b 2.6%
+# and 4.5% faster. Off by default: the 30-layer enwik8 step was not faster with it in
+# session 14 (265.9 vs 264.3 ms, another machine), it compiled in 212 s against 117 s
+# (before each layer stopped lowering its own copy of the kernel: see
+# mosaic_gpu._one_kernel_per_signature), and D=128 is untimed on a GPU.
 MOSAIC_FWD_TILES = (128, 128)
 # Its launch options: the warpgroups' turns (mosaic_gpu.merged_forward's pingpong: 0.492
 # -> 0.466 ms at (2, 16384, 8, 64), 1.146 -> 1.088 at (8, 12288, 8, 64) before the
