@@ -1033,6 +1033,33 @@ def test_mosaic_forward_lowers_for_cuda_with_the_warpgroups_taking_turns():
     assert "mgpu_attn_fwd_merged" in text and "sparse_attn_fwd_v2" not in text
 
 
+def test_layers_running_the_same_mosaic_kernel_share_one_lowered_module():
+    """Three layers of the enwik8 shape (merged fixed heads, forward and backward): one
+    Mosaic forward module and one dK/dV+dq module in the lowered program, each called
+    three times. Before, every call lowered its own module, unique by the name Mosaic
+    GPU stamps on it, so a 30-layer model carried 30 copies of each kernel to build."""
+    import re
+
+    pattern = PatternSpec("fixed", 128, 32, combine="merged").layer_pattern(0, 8)
+    x = jax.ShapeDtypeStruct((8, 12288, 8, 64), jnp.bfloat16)
+
+    def loss(q, k, v):
+        o = q * 2  # an intermediate, as a model's queries are
+        for _ in range(3):
+            o = pallas_gpu.attention(o, k, v, pattern, interpret=False, mosaic_forward=True)
+        return o.astype(jnp.float32).sum()
+
+    device = jax.sharding.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=None, platform="gpu")
+    with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((1,), ("x",), abstract_device=device)):
+        text = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(x, x, x).lower(
+            lowering_platforms=("cuda",)).as_text()
+    kernels = [line for line in text.split("\n") if "@mosaic_gpu_v2" in line]
+    hashes = {re.search(r'kernel_hash = "((?:[^"\\]|\\.)*)"', line).group(1) for line in kernels}
+    assert len(kernels) == len(hashes) == 2
+    callers = re.findall(r"call @(merged_forward\w*|_dkv_part\w*)\(", text)
+    assert sorted(callers) == ["_dkv_part"] * 3 + ["merged_forward"] * 3
+
+
 def test_mosaic_kernels_raise_and_lower_registers_in_pairs(monkeypatch):
     """setmaxnreg.inc waits for registers the memory warpgroup must give back: a kernel
     that raises the compute warpgroups' limit without lowering the memory warpgroup's
@@ -1047,6 +1074,10 @@ def test_mosaic_kernels_raise_and_lower_registers_in_pairs(monkeypatch):
         return real(n, action=action)
 
     monkeypatch.setattr(plgpu, "set_max_registers", spy)
+    # The kernels are traced once per signature, whose layouts are cached by identity:
+    # new layouts, so that this lowering traces them again.
+    for cached in (build_layout, pallas_gpu._with_dkv_tiles, pallas_gpu._with_fwd_tiles):
+        cached.cache_clear()
     lowered_for_cuda(PatternSpec("fixed", 128, 32, combine="merged"), mosaic_forward=True)
     # Two kernels (the merged forward, the dK/dV+dq kernel), each traced once.
     assert calls.count("increase") == calls.count("decrease") == 2, calls

@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 import math
 
 import jax
@@ -410,6 +411,40 @@ def _launch_in_place(plgpu, entry, args, state, grid, grid_names, wgs, cfg, name
     return pl.run_state(body)((*args, *state))[len(args):]
 
 
+def _one_kernel_per_signature(*static: str):
+    """A kernel launcher behind ``jax.jit``, the arguments ``static`` (layouts, the
+    configuration, dtypes, flags) static: within one program, calls with the same static
+    arguments and operand shapes share one traced and lowered kernel.
+
+    Mosaic GPU stamps every module it lowers with a unique name (``dump_basename``, a
+    process-wide counter), and that name is part of the kernel's hash. Called directly,
+    the 30 layers of a model that run the same kernel lowered to 30 modules that differed
+    in that name only (checked on the lowered text: 30 distinct ``kernel_hash`` values),
+    so nothing identified them as one kernel. Through the jit, the layers call one
+    lowered module.
+
+    Interpreted kernels (``cfg.interpret``) are called as they are. Jitted, they hung
+    tests/test_mosaic_gpu.py's strided gradient test on the two-core test machine: each
+    warpgroup of an interpreted kernel blocks a CPU thread at its barriers, and (the
+    likely reason) a cached kernel is dispatched at once, no longer behind a compile,
+    so two of them were in flight together."""
+
+    def wrap(fn):
+        jitted = jax.jit(fn, static_argnames=static)
+        signature = inspect.signature(fn)
+
+        @functools.wraps(fn)
+        def call(*args, **kwargs):
+            if signature.bind(*args, **kwargs).arguments["cfg"].interpret:
+                return fn(*args, **kwargs)
+            return jitted(*args, **kwargs)
+
+        return call
+
+    return wrap
+
+
+@_one_kernel_per_signature("part", "cfg", "out_dtype")
 def _part_forward(q, k, v, part: PartLayout, cfg: KernelConfig, out_dtype):
     """(o [B, T, H, D] out_dtype, lse [B, H, T] float32) of one part, in part order.
 
@@ -493,6 +528,7 @@ def _part_forward(q, k, v, part: PartLayout, cfg: KernelConfig, out_dtype):
                    cfg, (jnp.asarray(part.fwd), jnp.asarray(lo), q, k, v), _name("fwd", part))
 
 
+@_one_kernel_per_signature("own", "summary", "cfg", "out_dtype", "pingpong")
 def merged_forward(q, k, v, kg, vg, own: PartLayout, summary: PartLayout, cfg: KernelConfig,
                    out_dtype, pingpong: bool = True):
     """(o [B, T, H, D] out_dtype, lse [B, H, T] float32) of a head group whose softmax
@@ -693,6 +729,7 @@ def _group_forward(q, k, v, group: GroupLayout, cfg: KernelConfig):
 # backwards are independent and there is no merge backward.
 
 
+@_one_kernel_per_signature("part", "cfg", "out_dtype")
 def _dq_part(q, k, v, do, ld, part: PartLayout, cfg: KernelConfig, out_dtype):
     """dq [B, T, H, D] of one part, in part order (layout ``part``: the forward's)."""
     plgpu = _plgpu()
@@ -827,6 +864,7 @@ def _key_tile_setup(part: PartLayout, cfg: KernelConfig, h: int, b: int, d: int)
     return grid, grid_names, reverse, pos, lo, d**-0.5
 
 
+@_one_kernel_per_signature("part", "cfg", "out_dtype")
 def _dkv_part(q, k, v, do, ld, part: PartLayout, cfg: KernelConfig, out_dtype, dq0=None):
     """(dk, dv) [B, Tk, H, D] of one part, in part key order (gathered rows for a summary
     part). ``part`` is the backward layout's: key tiles of ``block_k`` rows split over
@@ -1086,6 +1124,7 @@ def _dkv_part(q, k, v, do, ld, part: PartLayout, cfg: KernelConfig, out_dtype, d
                             _name("dkvdq", part))
 
 
+@_one_kernel_per_signature("part", "cfg", "out_dtype")
 def dkvdq_query_major(q, k, v, do, ld, part: PartLayout, cfg: KernelConfig, out_dtype, dq0):
     """(dk, dv, dq) of one part, as ``_dkv_part(..., dq0=dq0)``, in FlashAttention-3's
     layout: each step is a [128 queries x 128 keys] tile, and each compute warpgroup
