@@ -1363,7 +1363,7 @@ def _with_dkv_tiles(layout: Layout, pattern: LayerPattern, block_q: int,
 # (8, 12288, 8, 64), 2.76 vs 3.44 at (1, 65536, 8, 64); f+b 1.5%, 1% and 6% faster.
 # Session 15, with the scale folded into the exponent's FMA, same call: forward 0.428 vs
 # Triton's 0.471 ms at (2, 16384, 8, 64), 1.040 vs 1.145 at (8, 12288, 8, 64); f+b 2.6%
-# and 4.5% faster. Off by default: the 30-layer enwik8 step was not faster with it in
+# and ~4% faster. Off by default: the 30-layer enwik8 step was not faster with it in
 # session 14 (265.9 vs 264.3 ms, another machine), it compiled in 212 s against 117 s
 # (before each layer stopped lowering its own copy of the kernel: see
 # mosaic_gpu._one_kernel_per_signature), and D=128 is untimed on a GPU.
