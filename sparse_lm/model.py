@@ -102,9 +102,10 @@ class LayerNorm(nnx.Module):
         backward, that use's gradient is then added to dx inside the kernel; XLA fuses
         the same sum into its own dx pass, so the XLA path leaves it to autodiff (the
         form timed in session 13)."""
-        if resolve_layer_norm_impl(self.impl) == "xla":
+        impl = resolve_layer_norm_impl(self.impl)
+        if impl == "xla":
             return self(x), x
-        return layer_norm_residual(x, self.scale[...], self.bias[...], self.dtype, self.impl)
+        return layer_norm_residual(x, self.scale[...], self.bias[...], self.dtype, impl)
 
 
 def dropout_keep_mask(key: jax.Array, rate: float, shape: tuple[int, ...]) -> tuple[jax.Array, float]:
