@@ -32,7 +32,10 @@ D=64); ``--mosaic-summary-dq`` that kernel also emitting dq for every head group
 (``mosaic_summary_dq=True``, rows ``_mosaicdq``; the default does so for merged groups
 only); ``--no-mosaic-dq`` the summary dK/dV and dq from Triton's kernels
 (``mosaic_summary_dq=False``, rows ``_nomdq``: the default before session 7, with
-reproducible dq). ``--shapes 1x65536x8x64,...`` picks shapes (B x T x H x D).
+reproducible dq). ``--mosaic-forward`` merged fixed heads' forward from the Mosaic GPU
+kernel (``mosaic_forward=True``, rows ``_mosaicfwd``; bf16), ``--mosaic-forward-persistent``
+that kernel as one program per SM (``mosaic_forward_persistent=True``, rows
+``_mosaicfwdpers``; bf16 at D=64). ``--shapes 1x65536x8x64,...`` picks shapes (B x T x H x D).
 """
 
 from __future__ import annotations
@@ -80,7 +83,13 @@ MOSAIC_DQ_VARIANT = ("_mosaicdq", {"mosaic_summary_dq": True})
 # The summary part's dK/dV and dq from Triton's kernels (reproducible dq; the default
 # before session 7).
 NO_MOSAIC_DQ_VARIANT = ("_nomdq", {"mosaic_summary_dq": False})
-FIXED_ONLY = {"_splitlaunch", "_sdkv128", "_mosaicdkv", "_mosaicdq", "_nomdq"}  # same kernels elsewhere
+# Merged fixed heads' forward from the Mosaic GPU kernel, one program per query tile, or
+# persistent (one program per SM walking the tiles).
+MOSAIC_FWD_VARIANT = ("_mosaicfwd", {"mosaic_forward": True})
+MOSAIC_FWD_PERSISTENT_VARIANT = ("_mosaicfwdpers", {"mosaic_forward": True,
+                                                    "mosaic_forward_persistent": True})
+FIXED_ONLY = {"_splitlaunch", "_sdkv128", "_mosaicdkv", "_mosaicdq", "_nomdq", "_mosaicfwd",
+              "_mosaicfwdpers"}  # same kernels elsewhere
 # Partial results between launches in float32 (the default: the input dtype): patterns
 # of several parts only.
 WIDE_CHAIN_VARIANT = ("_f32chain", {"narrow_chain": False})
@@ -97,7 +106,9 @@ EXTRA_VARIANTS = {"v1": [V1_VARIANT], "mosaic": [MOSAIC_VARIANT],
                   "summary_dkv_128": [SUMMARY_DKV_128_VARIANT],
                   "mosaic_summary_dkv": [MOSAIC_DKV_VARIANT],
                   "mosaic_summary_dq": [MOSAIC_DQ_VARIANT],
-                  "no_mosaic_dq": [NO_MOSAIC_DQ_VARIANT]}
+                  "no_mosaic_dq": [NO_MOSAIC_DQ_VARIANT],
+                  "mosaic_forward": [MOSAIC_FWD_VARIANT],
+                  "mosaic_forward_persistent": [MOSAIC_FWD_PERSISTENT_VARIANT]}
 
 
 def variants(extra: tuple[str, ...] = ()) -> list[tuple[str, dict]]:
@@ -653,6 +664,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--no-mosaic-dq", action="store_true",
                     help="also check and time mosaic_summary_dq=False (the summary dK/dV and dq "
                          "from Triton's kernels, reproducible dq) for the fixed pattern")
+    ap.add_argument("--mosaic-forward", action="store_true",
+                    help="also check and time mosaic_forward=True (merged fixed heads' forward from "
+                         "the Mosaic GPU kernel; bf16) for the fixed pattern")
+    ap.add_argument("--mosaic-forward-persistent", action="store_true",
+                    help="also check and time mosaic_forward_persistent=True (that kernel as one "
+                         "program per SM walking the query tiles; bf16, D=64) for the fixed pattern")
     ap.add_argument("--wide-chain", action="store_true",
                     help="also check and time narrow_chain=False (float32 partial results) for strided and fixed")
     ap.add_argument("--shapes", type=parse_shapes, default=None,

@@ -50,7 +50,9 @@ from sparse_lm.train import TrainProgram  # noqa: E402
 
 config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/enwik8.py or configs/enwik8.py:small.")
 flags.DEFINE_string("out", None, "Where to write the JSON results.")
-flags.DEFINE_list("impls", ["auto", "cudnn_dense"], "Attention impls to compare, same model otherwise.")
+flags.DEFINE_list("impls", ["auto", "cudnn_dense"],
+                  "Attention impls to compare, same model otherwise; an impl may set boolean attention "
+                  "options after a '+' (auto+mosaic_forward, auto+colaunch=false).")
 flags.DEFINE_integer("steps", 20, "Timed steps (median reported).")
 flags.DEFINE_integer("warmup", 3, "Untimed steps first.")
 flags.DEFINE_float("peak_tflops", 0.0, "Dense bf16 peak per device; 0: from the device kind.")
@@ -275,29 +277,35 @@ def gib(n: int | None) -> str:
     return "?" if n is None else f"{n / 2**30:.2f} GiB"
 
 
-def run_impl(base: ml_collections.ConfigDict, impl: str) -> dict:
+def run_impl(base: ml_collections.ConfigDict, spec: str) -> dict:
+    """Compile, time (and optionally profile and search the batch of) one --impls entry."""
+    impl, options = config_lib.parse_impl_variant(spec, base.attention)
     config = copy.deepcopy(base)
     config.attention.impl = impl
+    config.attention.update(options)
     resolved = resolve_impl(impl)
+    label = "+".join([resolved, *(n if v else f"{n}=false" for n, v in options.items())])
     bench = Bench(config)
     b = config.data.batch_size
     t0 = time.perf_counter()
     compiled = bench.compile(b)
     compile_s = time.perf_counter() - t0
     mem = memory_report(compiled)
-    log(f"[{resolved}] compiled in {compile_s:.1f} s; memory analysis (per device): "
+    log(f"[{label}] compiled in {compile_s:.1f} s; memory analysis (per device): "
         + ", ".join(f"{k.replace('_in_bytes', '').replace('_bytes', '')}={gib(v)}" for k, v in mem.items()))
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
-    profile_dir = os.path.join(FLAGS.profile, impl) if FLAGS.profile else None
+    profile_dir = os.path.join(FLAGS.profile, spec) if FLAGS.profile else None
     times, pipelined, breakdown = time_steps(bench, compiled, b, profile_dir)
     step_s = statistics.median(times)
     flops = model_flops(config, impl if impl == "cudnn_dense" else resolved)
     tokens = b * config.data.seq_len
     peak = peak_tflops(jax.devices()[0])
     result = {
-        "impl": impl,
+        "impl": spec,
         "resolved_impl": resolved,
+        "label": label,
+        "attention_options": options,
         "num_params": bench.num_params,
         "batch_size": b,
         "seq_len": config.data.seq_len,
@@ -315,7 +323,7 @@ def run_impl(base: ml_collections.ConfigDict, impl: str) -> dict:
         "peak_tflops_per_device": peak,
         "mfu": flops["train_step"] / step_s / (peak * 1e12 * jax.device_count()) if peak else None,
     }
-    log(f"[{resolved}] median step {step_s * 1e3:.1f} ms, {result['tokens_per_s']:,.0f} tokens/s, "
+    log(f"[{label}] median step {step_s * 1e3:.1f} ms, {result['tokens_per_s']:,.0f} tokens/s, "
         f"{result['model_tflops_per_s']:.1f} model TFLOP/s; {pipelined * 1e3:.1f} ms per step dispatched back to back")
     if breakdown is not None:
         if "error" not in breakdown:
@@ -324,11 +332,11 @@ def run_impl(base: ml_collections.ConfigDict, impl: str) -> dict:
             except Exception as e:  # noqa: BLE001
                 breakdown = {**breakdown, "sources": {}, "sources_error": repr(e)}
         result["profile"] = breakdown
-        log(f"[{resolved}] profile: {breakdown['error']}" if "error" in breakdown
-            else profiling.format_breakdown(f"[{resolved}] profile ({profile_dir})", breakdown,
+        log(f"[{label}] profile: {breakdown['error']}" if "error" in breakdown
+            else profiling.format_breakdown(f"[{label}] profile ({profile_dir})", breakdown,
                                             step_s * 1e3, sources=breakdown["sources"]))
     if FLAGS.find_max_batch:
-        log(f"[{resolved}] searching the largest batch that fits:")
+        log(f"[{label}] searching the largest batch that fits:")
         result["max_batch"] = find_max_batch(bench, known_fit=b)
     del compiled, bench
     jax.clear_caches()  # the next impl's compile should not keep this one's executables
@@ -336,24 +344,25 @@ def run_impl(base: ml_collections.ConfigDict, impl: str) -> dict:
 
 
 def table(results: list[dict]) -> str:
-    head = (f"{'impl':<14}{'batch':>6}{'step ms':>10}{'tokens/s':>12}{'TFLOP/s':>9}{'MFU':>7}{'peak mem':>11}"
+    w = max([14] + [len(r.get("label", r["impl"])) + 1 for r in results])
+    head = (f"{'impl':<{w}}{'batch':>6}{'step ms':>10}{'tokens/s':>12}{'TFLOP/s':>9}{'MFU':>7}{'peak mem':>11}"
             f"{'vs dense':>9}{'pipelined':>11}{'vs dense':>9}")
-    dense = next((r for r in results if r.get("impl") == "cudnn_dense" and "error" not in r), None)
+    dense = next((r for r in results if r.get("resolved_impl") == "cudnn_dense" and "error" not in r), None)
     rows = [head]
     for r in results:
         if "error" in r:
-            rows.append(f"{r['impl']:<14}  failed: {r['error'][:80]}")
+            rows.append(f"{r['impl']:<{w}}  failed: {r['error'][:80]}")
             continue
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
         speed = f"{r['steps_per_s'] / dense['steps_per_s']:.2f}x" if dense else "-"
         piped = f"{dense['pipelined_step_s'] / r['pipelined_step_s']:.2f}x" if dense else "-"
         rows.append(
-            f"{r['resolved_impl']:<14}{r['batch_size']:>6}{r['step_s'] * 1e3:>10.1f}{r['tokens_per_s']:>12,.0f}"
+            f"{r['label']:<{w}}{r['batch_size']:>6}{r['step_s'] * 1e3:>10.1f}{r['tokens_per_s']:>12,.0f}"
             f"{r['model_tflops_per_s']:>9.3g}{mfu:>7}{gib(r['memory'].get('estimated_peak_bytes')):>11}{speed:>9}"
             f"{r['pipelined_step_s'] * 1e3:>11.1f}{piped:>9}"
         )
         if "max_batch" in r:
-            rows.append(f"{'':<14}largest batch that fits: {r['max_batch'].get('max_batch', r['max_batch'])}")
+            rows.append(f"{'':<{w}}largest batch that fits: {r['max_batch'].get('max_batch', r['max_batch'])}")
     rows.append(f"FLOPs: {FLOP_CONVENTION}")
     return "\n".join(rows)
 
@@ -384,6 +393,11 @@ def main(argv) -> None:
     device = jax.devices()[0]
     log(f"{distributed.process_summary()}; device kind {device.device_kind!r}")
     log(f"FLOP convention: {FLOP_CONVENTION}")
+    for spec in FLAGS.impls:  # every entry checked before the first compile
+        try:
+            config_lib.parse_impl_variant(spec, config.attention)
+        except config_lib.ConfigError as e:
+            raise app.UsageError(f"--impls {e}") from None
     results = []
     for impl in FLAGS.impls:
         try:

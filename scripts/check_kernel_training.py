@@ -25,23 +25,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import jax  # noqa: E402
 
 from configs.enwik8 import get_config  # noqa: E402
+from sparse_lm.config import ConfigError, parse_impl_variant  # noqa: E402
 from sparse_lm.metrics import read_metrics  # noqa: E402
 from sparse_lm.train import train_and_evaluate  # noqa: E402
 
 
 def parse_spec(spec: str, attention) -> tuple[str, dict[str, bool]]:
-    """'impl+name[=true|false]+...' -> (impl, {name: value}) over boolean attention fields."""
-    impl, *items = spec.split("+")
-    options = {}
-    for item in items:
-        name, _, value = item.partition("=")
-        if name not in attention or not isinstance(attention[name], bool):
-            raise SystemExit(f"--impls {spec}: '{name}' is not a boolean attention option of the "
-                             f"config (those are: {', '.join(k for k, v in attention.items() if isinstance(v, bool))})")
-        if value.lower() not in ("", "true", "false"):
-            raise SystemExit(f"--impls {spec}: '{item}' must be {name}, {name}=true or {name}=false")
-        options[name] = value.lower() != "false"
-    return impl, options
+    """'impl+name[=true|false]+...' -> (impl, {name: value}); exits naming the problem."""
+    try:
+        return parse_impl_variant(spec, attention)
+    except ConfigError as e:
+        raise SystemExit(f"--impls {e}") from None
 
 
 def main() -> int:

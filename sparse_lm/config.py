@@ -100,6 +100,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.attention.diag_bwd = True  # the fixed pattern's own-block dq, dk, dv in one kernel per block
     c.attention.delta_in_dq = True  # the backward's rowsum(do * o) from the first dQ kernel, not XLA
     c.attention.mosaic_forward = False  # merged fixed heads' forward by Mosaic GPU (bf16; f+b 1-6% faster, see pallas_gpu)
+    c.attention.mosaic_forward_persistent = False  # ... launched as one program per SM (D=64; untimed, see pallas_gpu)
     c.attention.mosaic_summary_dkv = False  # the fixed pattern's summary dK/dV by Mosaic GPU (bf16, D=64)
     # ... and its dq too, by TMA reductions. Unset: the kernel's default, on for merged
     # fixed heads where it applies (faster; dq not bitwise reproducible run to run);
@@ -161,6 +162,28 @@ def base_config() -> ml_collections.ConfigDict:
 
 def pattern_spec(config: ml_collections.ConfigDict) -> PatternSpec:
     return PatternSpec.from_config(config.attention)
+
+
+def parse_impl_variant(spec: str, attention: ml_collections.ConfigDict) -> tuple[str, dict[str, bool]]:
+    """'impl+name[=true|false]+...' -> (impl, {name: value}): an attention impl with some
+    of the config's boolean attention options set, as the benchmark and check scripts
+    take them (``pallas_gpu+mosaic_forward``, ``auto+colaunch=false``). Raises
+    ConfigError naming the options that exist."""
+    impl, *items = spec.split("+")
+    if impl not in IMPL_NAMES:
+        raise ConfigError(f"{spec}: attention impl {impl!r} is not one of {', '.join(IMPL_NAMES)}")
+    # Boolean fields, unset ones (placeholder(bool), e.g. mosaic_summary_dq) included.
+    booleans = [k for k in attention.keys() if attention.get_type(k) is bool]
+    options = {}
+    for item in items:
+        name, _, value = item.partition("=")
+        if name not in booleans:
+            raise ConfigError(f"{spec}: '{name}' is not a boolean attention option of the config "
+                              f"(those are: {', '.join(booleans)})")
+        if value.lower() not in ("", "true", "false"):
+            raise ConfigError(f"{spec}: '{item}' must be {name}, {name}=true or {name}=false")
+        options[name] = value.lower() != "false"
+    return impl, options
 
 
 def validate(config: ml_collections.ConfigDict) -> None:

@@ -47,7 +47,8 @@ AXIS_NAMES = ("vocab", "embed", "mlp", "heads", "head_dim", "pos", "layers")
 # when set (0 leaves the kernel's default: 64x64 tiles, or 32x32 where a strided part
 # needs them; 4 warps; 2 stages; the summary dK/dV kernel at block_q).
 GPU_KERNEL_FLAGS = ("colaunch", "narrow_chain", "column_bwd", "diag_bwd", "delta_in_dq",
-                    "mosaic_forward", "mosaic_summary_dkv", "mosaic_summary_dq")
+                    "mosaic_forward", "mosaic_forward_persistent", "mosaic_summary_dkv",
+                    "mosaic_summary_dq")
 GPU_KERNEL_TUNING = ("block_q", "block_k", "num_warps", "num_stages", "summary_dkv_block_q")
 REMAT_POLICIES: dict[str, Callable[..., bool] | None] = {
     "full": None,  # save nothing: recompute the whole block in the backward pass
@@ -344,6 +345,9 @@ def gpu_kernel_options(attn_cfg: Any) -> tuple[tuple[str, Any], ...]:
     if removed:
         raise removed_field_error("attention", removed)
     flags = [(n, bool(v)) for n in GPU_KERNEL_FLAGS if (v := _get(attn_cfg, n, None)) is not None]
+    if dict(flags).get("mosaic_forward_persistent") and not dict(flags).get("mosaic_forward"):
+        raise ConfigError("attention.mosaic_forward_persistent=True is a launch form of the Mosaic "
+                          "forward: set attention.mosaic_forward=True too, or leave it off.")
     tuning = []
     for n in GPU_KERNEL_TUNING:
         v = _get(attn_cfg, n, 0) or 0

@@ -24,11 +24,12 @@ def run_script(name: str, *args: str, timeout: int = 600) -> subprocess.Complete
 
 @pytest.fixture(scope="module")
 def smoke_report(shared_data, tmp_path_factory):
-    """One --smoke run of bench_train.py with --find_max_batch and --profile."""
+    """One --smoke run of bench_train.py with --find_max_batch and --profile, of an impl
+    with an attention option set (as a GPU session compares kernel options)."""
     tmp = tmp_path_factory.mktemp("bench_train")
     out = tmp / "bt.json"
     result = run_script(
-        "bench_train.py", "--smoke", "--impls", "auto", f"--out={out}",
+        "bench_train.py", "--smoke", "--impls", "auto+colaunch=false", f"--out={out}",
         f"--config=configs/enwik8.py:smoke",
         f"--config.data.path={shared_data / 'text' / 'enwik8_first_1MB.xml'}",
         "--find_max_batch", "--device_memory_gb=0.3", "--max_batch=64",
@@ -41,12 +42,22 @@ def test_bench_train_reports_step_time_flops_and_memory(smoke_report):
     report, stdout = smoke_report
     (r,) = report["results"]
     assert r["resolved_impl"] == "reference" and r["batch_size"] == 8
+    assert r["impl"] == "auto+colaunch=false" and r["attention_options"] == {"colaunch": False}
+    assert report["config"]["attention"]["colaunch"] is True  # the base config, not the variant
     assert len(r["step_times_s"]) == 3 and r["step_s"] > 0 and r["pipelined_step_s"] > 0
     assert r["tokens_per_s"] == pytest.approx(8 * 512 / r["step_s"])
     assert r["flops"]["train_step"] == pytest.approx(
         8 * (3 * r["flops"]["matmul_fwd"] / 8 + 3.5 * r["flops"]["attention_fwd"] / 8))
     assert r["memory"]["estimated_peak_bytes"] > 0
-    assert "impl" in stdout.splitlines()[-3] or "reference" in stdout
+    assert any(line.startswith("reference+colaunch=false ") for line in stdout.splitlines())
+
+
+def test_bench_train_refuses_a_bad_impl_option_before_compiling(tmp_path):
+    result = run_script("bench_train.py", "--smoke", "--impls", "auto,auto+fast",
+                        f"--out={tmp_path / 'bt.json'}", timeout=120)
+    assert result.returncode != 0
+    assert "'fast' is not a boolean attention option" in result.stderr and "colaunch" in result.stderr
+    assert "] compiled in" not in result.stderr + result.stdout and not (tmp_path / "bt.json").exists()
 
 
 def test_max_batch_search_starts_at_the_timed_batch_and_brackets_the_limit(smoke_report):
@@ -151,6 +162,10 @@ def test_check_kernel_training_impl_specs_set_options_on_and_off():
     assert ckt.parse_spec("pallas_gpu", attention) == ("pallas_gpu", {})
     assert ckt.parse_spec("pallas_gpu+mosaic_forward+colaunch=False", attention) == (
         "pallas_gpu", {"mosaic_forward": True, "colaunch": False})
+    # An option unset by default (the kernel decides) can be set either way.
+    assert ckt.parse_spec("auto+mosaic_summary_dq=false", attention) == ("auto", {"mosaic_summary_dq": False})
+    with pytest.raises(SystemExit, match="'fast' is not one of"):
+        ckt.parse_spec("fast+colaunch", attention)
     for removed in REMOVED_FIELDS["attention"]:  # options that no longer exist
         with pytest.raises(SystemExit, match=f"'{removed}' is not a boolean attention option"):
             ckt.parse_spec(f"pallas_gpu+{removed}", attention)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import functools
+import re
+
 import jax
 import jax.extend
 import jax.numpy as jnp
@@ -569,6 +571,24 @@ def test_config_kernel_flags_reach_the_kernel_also_when_false():
     # colaunch is on by default in the kernel: a config's False must still turn it off.
     assert _forward_jaxpr_text().count("name=sparse_attn_fwd_v2") == 1
     assert _forward_jaxpr_text(colaunch=False).count("name=sparse_attn_fwd_v2") == 2
+
+
+def test_config_persistent_forward_reaches_the_kernel_and_needs_the_mosaic_forward():
+    def forward_kernels(**attention) -> set[str]:
+        # bf16 at head dim 64 and T = 128: where the Mosaic forward applies.
+        cfg = tiny_config("fixed", "merged", num_layers=1, pos_shape=(8, 16), d_model=64,
+                          num_heads=1, dtype="bfloat16")
+        cfg.attention.update(stride=16, summary=4, impl="pallas_gpu", **attention)
+        cfg.data.seq_len = 128
+        model = build_model(cfg, nnx.Rngs(0))
+        text = str(jax.make_jaxpr(lambda t: model(t))(random_tokens(length=128)))
+        return set(re.findall(r"mgpu_attn_fwd_merged\w*", text))
+
+    assert forward_kernels(mosaic_forward=True) == {"mgpu_attn_fwd_merged"}
+    assert forward_kernels(mosaic_forward=True, mosaic_forward_persistent=True) == {
+        "mgpu_attn_fwd_merged_persistent"}
+    with pytest.raises(ConfigError, match="set attention.mosaic_forward=True too"):
+        forward_kernels(mosaic_forward_persistent=True)
 
 
 def test_config_launch_parameters_reach_the_kernel_and_zero_keeps_its_defaults(monkeypatch):

@@ -303,6 +303,12 @@ def test_bench_script_variants_parse_and_take_the_fused_path_at_bench_shapes():
     assert bench.applies("_sdkv128", "fixed", jnp.bfloat16) and not bench.applies("_sdkv128", "strided", jnp.bfloat16)
     assert bench.extra_variants(bench.parse_args(["o.json", "--mosaic-summary-dkv"])) == ("mosaic_summary_dkv",)
     assert bench.applies("_mosaicdkv", "fixed", jnp.bfloat16) and not bench.applies("_mosaicdkv", "local", jnp.bfloat16)
+    both = bench.parse_args(["o.json", "--mosaic-forward", "--mosaic-forward-persistent"])
+    assert bench.extra_variants(both) == ("mosaic_forward", "mosaic_forward_persistent")
+    assert bench.kernel_fn(bench.MOSAIC_FWD_PERSISTENT_VARIANT[1]).keywords == {
+        "mosaic_forward": True, "mosaic_forward_persistent": True}
+    assert bench.applies("_mosaicfwdpers", "fixed", jnp.bfloat16)
+    assert not bench.applies("_mosaicfwdpers", "strided", jnp.bfloat16)
     fixed = PatternSpec("fixed", 128, 32, combine="merged")
     assert bench.mosaic_dkv_taken(fixed, (1, 16384, 2, 64), 64, 64)
     assert not bench.mosaic_dkv_taken(fixed, (1, 16384, 2, 128), 64, 64)  # D=128: Triton's kernel
@@ -1011,6 +1017,81 @@ def test_mosaic_forward_matches_reference_and_the_triton_forward(spec, shape):
     assert "mgpu_attn_fwd_merged" in mosaic_kernels(pattern, shape, mosaic_forward=True)
     assert_matches_reference(spec, 0, shape, jnp.bfloat16, mosaic_forward=True)
     assert_matches_default_launches(pattern, shape, jnp.bfloat16, mosaic_forward=True)
+
+
+@pytest.mark.parametrize("spec,shape", [
+    (PatternSpec("fixed", 64, 16, combine="merged", distinct_summaries=True), (1, 256, 4, 64)),
+    (PatternSpec("fixed", 128, 32, combine="merged"), (2, 512, 2, 64)),
+], ids=["l64-distinct-summaries", "l128-B2"])
+def test_persistent_mosaic_forward_matches_reference_and_the_triton_forward(spec, shape):
+    """``mosaic_forward_persistent``: a few programs walk all the (head, query tile,
+    batch) items (three in the interpreter, so each runs several, of different lengths,
+    back to back, with the key stream, the query slots and the turns carried across
+    items)."""
+    pattern = spec.layer_pattern(0, shape[2])
+    opts = dict(mosaic_forward=True, mosaic_forward_persistent=True)
+    assert "mgpu_attn_fwd_merged_persistent" in mosaic_kernels(pattern, shape, **opts)
+    assert_matches_reference(spec, 0, shape, jnp.bfloat16, **opts)
+    assert_matches_default_launches(pattern, shape, jnp.bfloat16, **opts)
+
+
+def test_persistent_mosaic_forward_lowers_for_cuda():
+    text = lowered_for_cuda(PatternSpec("fixed", 128, 32, combine="merged"), mosaic_forward=True,
+                            mosaic_forward_persistent=True)
+    assert "mgpu_attn_fwd_merged_persistent" in text
+
+
+def test_persistent_forward_needs_the_mosaic_forward_and_falls_back_where_it_does_not_fit():
+    merged = PatternSpec("fixed", 64, 16, combine="merged").layer_pattern(0, 2)
+    with pytest.raises(PatternError, match="mosaic_forward=True"):
+        mosaic_kernels(merged, (1, 128, 2, 64), mosaic_forward_persistent=True)
+    # D=128: two query slots and the output tile do not fit next to the key slots.
+    assert not pallas_gpu._mosaic_forward_persistent_fits(128, jnp.bfloat16, False)
+    kernels = mosaic_kernels(merged, (1, 128, 2, 128), mosaic_forward=True,
+                             mosaic_forward_persistent=True)
+    assert "mgpu_attn_fwd_merged" in kernels and "mgpu_attn_fwd_merged_persistent" not in kernels
+
+
+def test_work_items_start_longest_first_with_heads_fastest():
+    from sparse_lm.attention import mosaic_gpu
+
+    items = mosaic_gpu._work_items(np.array([1, 3, 2]), h=2, b=2, heavy_first=True)
+    assert items.tolist() == [[0, 1, 0], [1, 1, 0], [0, 1, 1], [1, 1, 1],
+                              [0, 2, 0], [1, 2, 0], [0, 2, 1], [1, 2, 1],
+                              [0, 0, 0], [1, 0, 0], [0, 0, 1], [1, 0, 1]]
+    plain = mosaic_gpu._work_items(np.array([1, 3, 2]), h=1, b=1, heavy_first=False)
+    assert plain[:, 1].tolist() == [0, 1, 2]
+
+
+def test_persistent_schedule_runs_every_item_once_with_balanced_programs():
+    from sparse_lm.attention import mosaic_gpu
+
+    cost = np.sort(np.random.default_rng(0).integers(1, 40, size=500))[::-1]
+    table, counts = mosaic_gpu._persistent_schedule(cost, 7)
+    runs = np.concatenate([table[p, :n] for p, n in enumerate(counts)])
+    assert sorted(runs.tolist()) == list(range(500))
+    assert (table[np.arange(table.shape[1])[None, :] >= counts[:, None]] == -1).all()
+    for p, n in enumerate(counts):  # each program's items in the given (longest-first) order
+        assert (np.diff(table[p, :n]) > 0).all()
+    loads = np.array([cost[table[p, :n]].sum() for p, n in enumerate(counts)])
+    assert loads.max() - loads.min() <= cost.max()
+    # One program per item: program p runs item p (the one-item-per-program launch).
+    table, counts = mosaic_gpu._persistent_schedule(cost[:5], 5)
+    assert table[:, 0].tolist() == list(range(5)) and counts.tolist() == [1] * 5
+
+
+def test_persistent_forward_that_does_not_fit_in_shared_memory_says_so():
+    from sparse_lm.attention import mosaic_gpu
+
+    cfg = mosaic_gpu.KernelConfig(interpret=True, compute_wgs=2, max_concurrent_steps=4,
+                                  pv_from_registers=True)
+    assert mosaic_gpu.merged_forward_smem(128, jnp.bfloat16, 128, 128, cfg, True) > mosaic_gpu.SMEM_BUDGET
+    spec = PatternSpec("fixed", 128, 32, combine="merged")
+    layout = build_layout(tuple(map(tuple, spec.layer_pattern(0, 1))), 256, 128, 128)
+    own, summary = layout.groups[0].parts
+    x = jnp.zeros((1, 256, 1, 128), jnp.bfloat16)
+    with pytest.raises(ValueError, match="shared memory.*persistent=False"):
+        mosaic_gpu.merged_forward(x, x, x, x, x, own, summary, cfg, jnp.bfloat16, persistent=True)
 
 
 def test_mosaic_forward_applies_only_to_merged_heads_where_it_can():

@@ -59,6 +59,7 @@ class KernelConfig:
     diag_bwd: bool = True  # v2: a diagonal-block part's dq, dk, dv in one kernel (_diag_bwd_call)
     delta_in_dq: bool = True  # v2: delta = rowsum(do * o) from the first dQ launch (_fused_bwd)
     mosaic_forward: bool = False  # v2: merged fixed heads' forward by Mosaic GPU (_fused_forward)
+    mosaic_forward_persistent: bool = False  # ... one program per SM walking the tiles
     mosaic_summary_dkv: bool = False  # v2: gathered parts' dK/dV by Mosaic GPU (_mosaic_dkv_call)
     # v2: ... and their dq too, by TMA reductions (_fused_bwd): "off", "merged" (groups
     # whose summary part shares its softmax with an own part) or "all"
@@ -1187,8 +1188,12 @@ def _fused_forward(q, k, v, group: GroupLayout, cfg: KernelConfig):
         opts = dict(MOSAIC_FWD_OPTIONS)
         pingpong = opts.pop("pingpong")
         mcfg = _mosaic_config(cfg, **opts)
+        # Persistent where its second query slot and output buffer fit (checked in
+        # attention(): D=64 at the default slots), else one program per tile.
+        persistent = cfg.mosaic_forward_persistent
         return mosaic_gpu.merged_forward(q, k, v, part_keys(k, summary), part_keys(v, summary),
-                                         own, summary, mcfg, q.dtype, pingpong=pingpong)
+                                         own, summary, mcfg, q.dtype, pingpong=pingpong,
+                                         persistent=persistent)
     state = None
     launches = _launch_groups(group.parts, cfg.colaunch)
     for p, (part, *rest) in enumerate(launches):
@@ -1367,11 +1372,24 @@ def _with_dkv_tiles(layout: Layout, pattern: LayerPattern, block_q: int,
 # session 14 (265.9 vs 264.3 ms, another machine), it compiled in 212 s against 117 s
 # (before each layer stopped lowering its own copy of the kernel: see
 # mosaic_gpu._one_kernel_per_signature), and D=128 is untimed on a GPU.
+# mosaic_forward_persistent (one program per SM walking the tiles, merged_forward's
+# persistent) is written against the forward's lower per-FLOP rate at short query tiles
+# (~318 TF/s at T=16,384, 17 steps per tile, against ~400 at T=65,536, 65 steps); it
+# passes the interpreter and CUDA lowering and is untimed.
 MOSAIC_FWD_TILES = (128, 128)
 # Its launch options: the warpgroups' turns (mosaic_gpu.merged_forward's pingpong: 0.492
 # -> 0.466 ms at (2, 16384, 8, 64), 1.146 -> 1.088 at (8, 12288, 8, 64) before the
 # longest-first launch order), TMA pipeline slots, setmaxnreg (mosaic_gpu.KernelConfig).
 MOSAIC_FWD_OPTIONS = dict(pingpong=True, max_concurrent_steps=2, max_registers=True)
+
+
+def _mosaic_forward_persistent_fits(d: int, dtype, interpret: bool) -> bool:
+    """Whether the persistent Mosaic forward's buffers (two query slots, the output's
+    own staging tile) fit in shared memory at MOSAIC_FWD_TILES and MOSAIC_FWD_OPTIONS."""
+    opts = {k: v for k, v in MOSAIC_FWD_OPTIONS.items() if k != "pingpong"}
+    mcfg = mosaic_gpu.KernelConfig(interpret=interpret, compute_wgs=2,
+                                   pv_from_registers=not interpret, **opts)
+    return mosaic_gpu.merged_forward_smem(d, dtype, *MOSAIC_FWD_TILES, mcfg, True) <= mosaic_gpu.SMEM_BUDGET
 
 
 def _mosaic_forward_applies(dtype, t: int, d: int, interpret: bool) -> bool:
@@ -1429,6 +1447,7 @@ def attention(
     diag_bwd: bool = True,
     delta_in_dq: bool = True,
     mosaic_forward: bool = False,
+    mosaic_forward_persistent: bool = False,
     summary_dkv_block_q: int = 0,
     mosaic_summary_dkv: bool = False,
     mosaic_summary_dq: bool | None = None,
@@ -1448,7 +1467,7 @@ def attention(
         Groups whose strided blocks do not divide T/l take the v1 path (False), which
         permutes q, k, v and merges the parts' outputs in XLA.
       heavy_first, colaunch, narrow_chain, column_bwd, diag_bwd, delta_in_dq,
-        mosaic_forward, summary_dkv_block_q, mosaic_summary_dkv, mosaic_summary_dq: options of the v2
+        mosaic_forward, mosaic_forward_persistent, summary_dkv_block_q, mosaic_summary_dkv, mosaic_summary_dq: options of the v2
         path only; groups that take the v1 path (``fuse_parts=False``, or strided blocks
         that do not divide T/l) run without them.
       heavy_first: v2 launch order: parts of uneven work per tile (summary columns)
@@ -1502,6 +1521,16 @@ def attention(
         128, Hopper or newer (elsewhere Triton's runs). Same results up to float
         rounding order. Off by default: f+b 1-6% faster on an H200 (most at T=65,536),
         but untimed at D=128 and slower to compile (see MOSAIC_FWD_TILES).
+      mosaic_forward_persistent: with ``mosaic_forward``: that kernel launched as one
+        program per SM, each walking its share of the (head, query tile, batch) items,
+        longest first, with the key stream unbroken across items and the next item's
+        query rows loaded during the current one (``mosaic_gpu.merged_forward``'s
+        ``persistent``): what a program pays once (launch, first loads, the output
+        store) is large next to the fixed pattern's short query tiles (~17 steps at
+        T=16,384). Where its buffers do not fit in shared memory (D=128) the
+        per-tile launch runs. Same results up to float rounding order. Off by
+        default: passes the interpreter and CUDA lowering, not yet timed on a GPU.
+        Without ``mosaic_forward`` it is an error.
       summary_dkv_block_q: v2: query tile rows of the gathered (summary) parts' dK/dV
         kernel, when it should differ from ``block_q`` (0: ``block_q``). A sweep on an
         H200 found that kernel alone faster with 128-row query tiles (763 vs 825 µs at
@@ -1579,8 +1608,13 @@ def attention(
         layout = _with_dkv_tiles(layout, pattern, *_mosaic_dkv_tiles(True), merged_only=True)
     elif summary_dkv_block_q and summary_dkv_block_q != block_q:
         layout = _with_dkv_tiles(layout, pattern, summary_dkv_block_q)
+    if mosaic_forward_persistent and not mosaic_forward:
+        raise PatternError("mosaic_forward_persistent is a launch form of the Mosaic forward: "
+                           "set mosaic_forward=True too, or leave it off.")
     mosaic_forward = (mosaic_forward and gathered and fuse_parts
                       and _mosaic_forward_applies(q.dtype, t, d, bool(interpret)))
+    mosaic_forward_persistent = (mosaic_forward and mosaic_forward_persistent
+                                 and _mosaic_forward_persistent_fits(d, q.dtype, bool(interpret)))
     if mosaic_forward:
         layout = _with_fwd_tiles(layout, pattern)
     cfg = KernelConfig(
@@ -1597,6 +1631,7 @@ def attention(
         diag_bwd=diag_bwd,
         delta_in_dq=delta_in_dq,
         mosaic_forward=mosaic_forward,
+        mosaic_forward_persistent=mosaic_forward_persistent,
         mosaic_summary_dkv=mosaic_summary_dkv,
         mosaic_summary_dq=dq_mode,
     )
