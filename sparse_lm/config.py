@@ -48,7 +48,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.data = ml_collections.ConfigDict()
     c.data.name = "pystdlib"  # enwik8 | cifar10 | audio | text | pystdlib
     c.data.path = ""  # file, folder or archive, per data set
-    c.data.files = []  # 'text' only: paths or globs
+    c.data.files = ()  # 'text' only: paths or globs (a tuple, so that a flag can set it)
     c.data.download = False  # fetch the official archive when path lacks it
     c.data.download_sha256 = ""  # enwik8: expected SHA-256 of the downloaded zip ('': size check only)
     c.data.seq_len = 256

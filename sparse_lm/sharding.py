@@ -9,6 +9,7 @@ table below is the one place that maps them to mesh axes.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -41,6 +42,10 @@ class MeshError(ValueError):
 def mesh_shape(mesh_cfg: ml_collections.ConfigDict, num_devices: int) -> tuple[int, int, int]:
     """Resolves -1 entries of (data, fsdp, tensor) and checks the product."""
     sizes = [mesh_cfg.data, mesh_cfg.fsdp, mesh_cfg.tensor]
+    for name, size in zip(MESH_AXES, sizes):
+        if isinstance(size, bool) or not isinstance(size, int) or (size < 1 and size != -1):
+            raise MeshError(f"config.mesh.{name}={size!r}: each axis size must be a whole number "
+                            ">= 1, or -1 for the devices the other axes leave.")
     free = [i for i, s in enumerate(sizes) if s == -1]
     if len(free) > 1:
         raise MeshError("at most one of config.mesh.data/fsdp/tensor may be -1.")
@@ -124,7 +129,45 @@ def data_parallel_size(mesh: Mesh) -> int:
     return mesh.shape["data"] * mesh.shape["fsdp"]
 
 
+def check_host_rows(mesh: Mesh, global_rows: int, extra_leading: int = 0,
+                    process_of=lambda device: device.process_index) -> None:
+    """Raises MeshError unless every host's devices hold exactly the block of batch rows
+    that host reads: the data pipeline gives process p rows [p * L, (p + 1) * L) of each
+    global batch of ``global_rows`` (L = global_rows / processes). A mesh whose batch
+    axes have fewer shards than there are hosts (say data=1, tensor over two hosts)
+    would otherwise make an array whose "replicated" rows differ from host to host, and
+    train on it without an error. ``process_of``: a device's host (tests simulate
+    several)."""
+    sharding = batch_sharding(mesh, extra_leading)
+    shape = (1,) * extra_leading + (global_rows,)
+    held: dict[int, set[tuple[int, int]]] = {}
+    for device, index in sharding.devices_indices_map(shape).items():
+        rows = index[extra_leading]
+        held.setdefault(process_of(device), set()).add(
+            (rows.start or 0, global_rows if rows.stop is None else rows.stop))
+    n = len(held)
+    per_host = global_rows // n
+    for p, blocks in sorted(held.items()):
+        want = (p * per_host, (p + 1) * per_host)
+        lo, hi = min(b[0] for b in blocks), max(b[1] for b in blocks)
+        covered = sum(b - a for a, b in blocks)
+        if global_rows % n or (lo, hi) != want or covered != hi - lo:
+            raise MeshError(
+                f"config.mesh (data={mesh.shape['data']}, fsdp={mesh.shape['fsdp']}, "
+                f"tensor={mesh.shape['tensor']}) over {n} hosts: host {p}'s devices hold batch "
+                f"rows {sorted(blocks)} of {global_rows}, but each host reads its own "
+                f"{per_host}-row block. Make data * fsdp a multiple of the host count and keep "
+                "the tensor axis within a host (mesh.tensor at most the devices per host).")
+
+
 def global_batch(local: np.ndarray, mesh: Mesh, extra_leading: int = 0) -> jax.Array:
     """Builds the global batch array from this host's rows (the data shard it read)."""
+    if jax.process_count() > 1:
+        _check_host_rows_once(mesh, local.shape[extra_leading] * jax.process_count(), extra_leading)
     sharding = batch_sharding(mesh, extra_leading)
     return jax.make_array_from_process_local_data(sharding, local)
+
+
+@functools.lru_cache(maxsize=16)
+def _check_host_rows_once(mesh: Mesh, global_rows: int, extra_leading: int) -> None:
+    check_host_rows(mesh, global_rows, extra_leading)

@@ -170,6 +170,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
             f"{d.batch_size // accum} rows per step, which {dp} data-parallel devices cannot "
             "share evenly; make the batch size a multiple of their product."
         )
+    if jax.process_count() > 1:  # before any data is read: each host feeds its own rows
+        sharding.check_host_rows(mesh, d.batch_size // accum, extra_leading=1)
 
     train_source = data_lib.load_split(d, "train")
     valid_source = data_lib.load_split(d, "valid")

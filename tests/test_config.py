@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
+
+import pytest
 
 from tests.helpers import REPO_ROOT, run_python
 
@@ -31,6 +34,26 @@ def test_download_sha256_can_be_set_on_the_command_line():
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip().splitlines()[-1] == "abc123"
+
+
+@pytest.mark.parametrize("value,files", [
+    ("corpus/a.txt", ["corpus/a.txt"]),
+    ("('corpus/a.txt','more/*.txt')", ["corpus/a.txt", "more/*.txt"]),
+])
+def test_text_files_can_be_set_on_the_command_line(value, files):
+    """data.files, the 'text' data set's inputs: one path or glob, or a tuple of them."""
+    code = (
+        "import sys, json; from absl import flags; from sparse_lm import cli; cli.define_common_flags(); "
+        "cli.parse_flags(sys.argv); print(json.dumps(list(flags.FLAGS.config.data.files)))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code, "--config=configs/quickstart.py", "--workdir=/tmp/unused",
+         "--config.data.name=text", f"--config.data.files={value}"],
+        capture_output=True, text=True, timeout=120, cwd=REPO_ROOT,
+        env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO_ROOT), "JAX_PLATFORMS": "cpu"},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads(result.stdout.strip().splitlines()[-1]) == files
 
 
 def test_eval_batch_size_that_the_devices_cannot_share_is_a_config_error():

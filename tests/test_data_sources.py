@@ -96,6 +96,30 @@ def test_enwik8_download_verifies_and_installs(enwik8_file: Path, tmp_path: Path
     assert not any(other.iterdir())
 
 
+def test_a_failed_download_on_process_0_stops_every_host_instead_of_hanging(tmp_path: Path, monkeypatch):
+    """Multi-host: process 0 downloads, the others wait for it. If its download fails,
+    every host must stop with an error; process 0 tells them before raising its own."""
+    import jax
+    from jax.experimental import multihost_utils
+
+    told = []
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    monkeypatch.setattr(multihost_utils, "broadcast_one_to_all", lambda x: told.append(int(x)) or x)
+
+    def failing_download(*args, **kwargs):
+        raise DataError("Could not download https://example.invalid/enwik8.zip")
+
+    monkeypatch.setattr(enwik8, "download", failing_download)
+    monkeypatch.setattr(jax, "process_index", lambda: 0)
+    with pytest.raises(DataError, match="Could not download"):
+        enwik8._locate(tmp_path / "enwik8.zip", True, None)
+    assert told == [0]  # the others heard of the failure before process 0 raised
+    monkeypatch.setattr(jax, "process_index", lambda: 1)  # a host that waited for it
+    monkeypatch.setattr(multihost_utils, "broadcast_one_to_all", lambda x: np.int32(0))
+    with pytest.raises(DataError, match="process 0 could not download enwik8"):
+        enwik8._locate(tmp_path / "enwik8.zip", True, None)
+
+
 def test_download_checks_digests(enwik8_file: Path, tmp_path: Path):
     url = enwik8_file.as_uri()
     good = hashlib.sha256(enwik8_file.read_bytes()).hexdigest()

@@ -59,8 +59,18 @@ def list_audio_files(path: str) -> list[Path]:
     return files
 
 
+def _name_point(path: Path) -> float:
+    """A file's fixed point in [0, 1): the SHA-1 of its name."""
+    return int(hashlib.sha1(path.name.encode()).hexdigest(), 16) / 16**40
+
+
 def split_files(files: Sequence[Path], fractions: Sequence[float], split: str) -> list[Path]:
-    """The files of ``split``: a deterministic, name-hashed assignment by ``fractions``."""
+    """The files of ``split``: each file is placed by a hash of its own name, so the
+    split sizes follow ``fractions`` on average (not exactly), and adding or removing
+    files never moves another file between splits, as long as each split gets a file
+    by its hash. A folder too small for that (a split with a nonzero fraction and no
+    file) lends that split the training files whose hash points lie nearest to it;
+    adding files may then move those back to training."""
     fr = check_fractions(fractions)
     n = len(files)
     if n < 3:
@@ -68,18 +78,22 @@ def split_files(files: Sequence[Path], fractions: Sequence[float], split: str) -
             f"Splitting audio by file needs at least 3 files (train, valid, test), found {n}. "
             f"Add recordings, or set data.split_by='time' to cut each file in time instead."
         )
-    # A name hash rather than a random permutation: the assignment does not depend on
-    # which other files are present, so adding a file never moves another.
-    order = sorted(files, key=lambda p: (hashlib.sha1(p.name.encode()).hexdigest(), str(p)))
-    n_valid = max(1, int(round(fr[1] * n))) if fr[1] > 0 else 0
-    n_test = max(1, int(round(fr[2] * n))) if fr[2] > 0 else 0
-    n_valid = min(n_valid, n - 1 - n_test)
-    chosen = {
-        "valid": order[:n_valid],
-        "test": order[n_valid : n_valid + n_test],
-        "train": order[n_valid + n_test :],
-    }[check_split(split)]
-    return sorted(chosen)
+    point = {p: (_name_point(p), str(p)) for p in files}
+    chosen: dict[str, list[Path]] = {"train": [], "valid": [], "test": []}
+    for p in files:
+        u = point[p][0]
+        chosen["valid" if u < fr[1] else "test" if u < fr[1] + fr[2] else "train"].append(p)
+    if not chosen["train"]:  # every file hashed into valid or test: the highest trains
+        donor = max(("valid", "test"), key=lambda k: len(chosen[k]))
+        highest = max(chosen[donor], key=lambda p: point[p])
+        chosen[donor].remove(highest)
+        chosen["train"].append(highest)
+    for name, fraction, edge in (("valid", fr[1], 0.0), ("test", fr[2], fr[1])):
+        if fraction > 0 and not chosen[name] and len(chosen["train"]) > 1:
+            nearest = min(chosen["train"], key=lambda p: (point[p][0] - edge, point[p][1]))
+            chosen["train"].remove(nearest)
+            chosen[name].append(nearest)
+    return sorted(chosen[check_split(split)])
 
 
 def decode_file(path: Path, sample_rate: int) -> np.ndarray:

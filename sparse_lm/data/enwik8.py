@@ -59,16 +59,30 @@ def _locate(path: Path, want_download: bool, sha256: str | None) -> Path:
         import jax
         from jax.experimental import multihost_utils
 
+        failure = None
         if jax.process_index() == 0:
-            download(URL, zip_path, expected_size=ZIP_SIZE, sha256=sha256)
+            try:
+                download(URL, zip_path, expected_size=ZIP_SIZE, sha256=sha256)
+            except Exception as e:  # noqa: BLE001 - the other hosts must hear of it, not wait forever
+                failure = e
         if jax.process_count() > 1:
-            multihost_utils.sync_global_devices("sparse_lm enwik8 download")
+            # Process 0's outcome to every host; also the barrier after the download.
+            ok = int(multihost_utils.broadcast_one_to_all(np.int32(failure is None)))
+            if failure is not None:
+                raise failure
+            if not ok:
+                raise DataError(
+                    f"process 0 could not download enwik8 to {zip_path} (its log says why); fix "
+                    "that, or download the file once and point data.path at it."
+                )
             if not zip_path.is_file():
                 raise DataError(
                     f"process 0 downloaded enwik8 to {zip_path}, which this host cannot see; "
                     "put data.path on a filesystem every host shares, or copy the file to "
                     "each host first."
                 )
+        elif failure is not None:
+            raise failure
         data = _read_zip(zip_path)
         if data.size != UNZIPPED_SIZE:
             raise DataError(
