@@ -41,7 +41,7 @@ def main(argv):
             F.config,
             F.workdir,
             F.output or str(Path(F.workdir) / "samples"),
-            num_samples=F.num_samples or s.num_samples,
+            num_samples=s.num_samples if F.num_samples is None else F.num_samples,
             length=F.length,
             temperature=s.temperature if F.temperature is None else F.temperature,
             top_k=s.top_k if F.top_k is None else F.top_k,

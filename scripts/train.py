@@ -28,9 +28,13 @@ def main(argv):
         if summary["status"] == "preempted":
             return 3
         ev = summary["eval"]
+        figure = (f"valid bits per byte {ev['bits_per_byte']:.4f}" if "bits_per_byte" in ev
+                  else "no validation figure logged")
+        if summary["steps_run"] == 0:  # started again after the last step
+            figure = (f"already finished, nothing left to train (raise train.num_steps to go "
+                      f"on); last logged {figure}" + (f" at step {ev['step']}" if "step" in ev else ""))
         log(
-            f"Done at step {summary['step']}: valid bits per byte "
-            f"{ev.get('bits_per_byte', float('nan')):.4f}.\n"
+            f"Done at step {summary['step']}: {figure}.\n"
             f"  checkpoints: {summary['checkpoints']}\n  metrics:     {summary['metrics']}"
         )
         return 0

@@ -205,6 +205,15 @@ def validate(config: ml_collections.ConfigDict) -> None:
             f"config.train.profile_from={config.train.profile_from} must be >= 0 (0: off) and "
             f"config.train.profile_steps={config.train.profile_steps} >= 1."
         )
+    t = config.train
+    for name, meaning in (("log_every", "steps between logged metrics"),
+                          ("checkpoint_every", "steps between checkpoints; the last step always saves one"),
+                          ("keep_checkpoints", "how many of the latest checkpoints stay on disk")):
+        value = t.get(name, 1)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"config.train.{name}={value!r} must be a whole number >= 1 ({meaning}).")
+    if t.get("eval_every", 0) < 0:
+        raise ConfigError(f"config.train.eval_every={t.eval_every} must be >= 0 (0: only at the end).")
     accum = config.optim.grad_accum_steps
     if accum < 1 or d.batch_size % accum:
         raise ConfigError(

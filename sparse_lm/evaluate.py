@@ -78,16 +78,19 @@ def evaluate_checkpoint(
     min_context: int = 0,
 ) -> dict:
     """Restores a checkpoint read-only, evaluates ``split``, writes eval_<split>_<step>.json
-    (``eval_<split>_<step>_ctx<m>.json`` with ``min_context=m``)."""
+    (``eval_<split>_<step>_ctx<m>.json`` with ``min_context=m``, and ``_b<n>`` added when
+    only the first ``max_batches=n`` batches are scored)."""
     fns, params, step, mesh = restore_for_inference(config, workdir, step=step)
     source = data_lib.load_split(config.data, split)
     with jax.set_mesh(mesh):
         result = Evaluator(fns, config, mesh)(
             params, source, max_batches=max_batches, min_context=min_context
         )
-    result = {"split": split, "step": step, "min_context": min_context, **result}
+    result = {"split": split, "step": step, "min_context": min_context,
+              "max_batches": max_batches, **result}
     if jax.process_index() == 0:
-        suffix = f"_ctx{min_context}" if min_context else ""
+        # A partial evaluation never takes the whole split's file name.
+        suffix = (f"_ctx{min_context}" if min_context else "") + (f"_b{max_batches}" if max_batches else "")
         out = Path(workdir) / f"eval_{split}_{step}{suffix}.json"
         out.write_text(json.dumps(result, indent=2) + "\n")
         result["path"] = str(out)

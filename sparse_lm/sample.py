@@ -20,7 +20,7 @@ from sparse_lm import data as data_lib
 from sparse_lm import outputs
 from sparse_lm.checkpoint import restore_for_inference
 from sparse_lm.config import ConfigError
-from sparse_lm.decode import generate
+from sparse_lm.decode import Sampling, generate
 from sparse_lm.sharding import data_parallel_size
 
 TEXT_DATA = ("enwik8", "text", "pystdlib")
@@ -86,6 +86,14 @@ def sample_from_checkpoint(
     """Samples from a checkpoint and writes files under ``output``. Returns a manifest."""
     seq_len = config.data.seq_len
     length = length or config.sample.length or seq_len
+    # Every argument is checked before the (slow, for a large model) checkpoint restore.
+    if num_samples < 1 or length < 1:
+        raise ConfigError(f"--num_samples ({num_samples}) and --length ({length}) must be "
+                          "positive (--length 0 means the whole context).")
+    try:
+        Sampling(temperature, top_k, top_p).validate(int(config.model.get("vocab_size", 256)))
+    except ValueError as e:
+        raise ConfigError(f"sampling: {e}") from None
     if length > seq_len:
         raise ConfigError(
             f"--length={length} is longer than the model's context of {seq_len} bytes; ask "

@@ -25,7 +25,7 @@ from sparse_lm import data as data_lib
 from sparse_lm import profiling, sharding
 from sparse_lm.checkpoint import Checkpointer
 from sparse_lm.evaluate import Evaluator
-from sparse_lm.metrics import MetricsWriter, log
+from sparse_lm.metrics import MetricsWriter, log, read_metrics
 from sparse_lm.model import build_model
 from sparse_lm.optim import make_optimizer
 from sparse_lm.prefetch import DevicePrefetcher
@@ -221,6 +221,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
         writer = MetricsWriter(workdir, total_steps=config.train.num_steps)
         cleanup.callback(writer.close)
         step = int(jax.device_get(state.step))
+        first_step = step
         num_steps = config.train.num_steps
         tokens_per_step = d.batch_size * d.seq_len
         last_train: dict = {}
@@ -329,9 +330,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
                     )
                     break
 
+    if not last_eval and jax.process_index() == 0:
+        # Nothing evaluated in this call (a finished run started again): its last figure.
+        logged = read_metrics(workdir, "eval_valid")
+        last_eval = logged[-1] if logged else {}
     return {
         "status": status,
         "step": step,
+        "steps_run": step - first_step,
         "train": last_train,
         "eval": last_eval,
         "workdir": str(workdir),

@@ -96,6 +96,23 @@ def test_a_negative_profile_window_is_a_config_error_naming_the_fields():
         validate(cfg)
 
 
+@pytest.mark.parametrize("field,value", [
+    ("keep_checkpoints", 0),  # Orbax would keep none: the trained model deleted at the end
+    ("checkpoint_every", 0),  # step % 0 after the first step
+    ("log_every", 0),
+    ("log_every", -5),
+    ("eval_every", -1),
+])
+def test_train_intervals_that_would_lose_work_or_crash_are_config_errors(field, value):
+    from sparse_lm.config import ConfigError, base_config, validate
+
+    cfg = base_config()
+    cfg.data.path = "unused"
+    cfg.train[field] = value
+    with pytest.raises(ConfigError, match=f"config.train.{field}={value} must be"):
+        validate(cfg)
+
+
 def test_a_config_that_sets_a_removed_field_gets_an_error_naming_the_removal():
     """Config files are not locked while they build the config, so a removed field set
     there would come back silently: validate and gpu_kernel_options refuse it, and a

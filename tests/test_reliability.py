@@ -473,13 +473,24 @@ def _bad_input_cases(shared_data: Path, tmp: Path) -> dict[str, tuple[list[str],
         ),
         "every audio file unreadable": (audio, "None of the 1 audio files of the train split"),
         "unknown config file": (script_command("evaluate", "configs/nonexistent.py", tmp / "w"), "cannot load the config"),
+        # Sampling options are checked before the checkpoint is looked for (there is none).
+        "sampling option out of range": (
+            script_command("sample", ENWIK8, tmp / "w", f"--config.data.path={data}",
+                           f"--output={tmp / 's'}", "--top_k=300"),
+            "sampling: top_k=300 must be in [0, 256]",
+        ),
+        "no samples asked for": (
+            script_command("sample", ENWIK8, tmp / "w", f"--config.data.path={data}",
+                           f"--output={tmp / 's'}", "--num_samples=0"),
+            "--num_samples (0) and --length (512) must be positive",
+        ),
     }
 
 
 BAD_INPUTS = [
     "unknown config field", "missing data path", "data shorter than one sequence",
     "context length the pattern cannot take", "unwritable workdir", "every audio file unreadable",
-    "unknown config file",
+    "unknown config file", "sampling option out of range", "no samples asked for",
 ]
 
 

@@ -103,8 +103,21 @@ def test_evaluate_checkpoint_returns_the_figure_training_logged(trained_run):
     written = json.loads((workdir / f"eval_valid_{NUM_STEPS}.json").read_text())
     assert written["bits_per_byte"] == result["bits_per_byte"]
     assert written["num_bytes"] == logged["num_bytes"]
+    # A partial evaluation (the first batch) says so and leaves the whole split's file alone.
+    partial = evaluate_checkpoint(config, workdir, split="valid", max_batches=1)
+    assert partial["max_batches"] == 1 and partial["num_bytes"] < result["num_bytes"]
+    assert json.loads((workdir / f"eval_valid_{NUM_STEPS}_b1.json").read_text())["max_batches"] == 1
+    assert json.loads((workdir / f"eval_valid_{NUM_STEPS}.json").read_text()) == written
     # Evaluation reads checkpoints and never writes into them.
     assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == before
+
+
+def test_a_finished_run_started_again_trains_nothing_and_reports_its_last_figure(trained_run):
+    config, workdir, summary = trained_run
+    again = train_and_evaluate(config, workdir)
+    assert again["step"] == NUM_STEPS and again["steps_run"] == 0 and summary["steps_run"] == NUM_STEPS
+    assert again["eval"]["bits_per_byte"] == summary["eval"]["bits_per_byte"]
+    assert again["eval"]["step"] == NUM_STEPS
 
 
 def test_resumed_run_reaches_bitwise_the_same_parameters(tmp_path, shared_data, compile_cache):
