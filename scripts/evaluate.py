@@ -39,7 +39,9 @@ def main(argv):
         )
         log(
             f"{F.split} bits per byte at step {result['step']}: {result['bits_per_byte']:.4f} "
-            f"over {result['num_bytes']:,} bytes -> {result.get('path', '')}"
+            f"over {result['num_bytes']:,} bytes"
+            + (f" (its first {F.max_batches} batches only)" if F.max_batches else "")
+            + f" -> {result.get('path', '')}"
         )
         return 0
 

@@ -49,8 +49,10 @@ def trained(request, tmp_path_factory, shared_data):
 def test_evaluate_writes_the_figure_to_json(trained):
     name, workdir, flags = trained
     out = run_script("evaluate", *flags, "--split=test", "--max_batches=1")
-    result = json.loads((workdir / "eval_test_2.json").read_text())
-    assert result["step"] == 2 and result["split"] == "test"
+    # The first batch only: a partial result, named so (never the whole split's file).
+    result = json.loads((workdir / "eval_test_2_b1.json").read_text())
+    assert result["step"] == 2 and result["split"] == "test" and result["max_batches"] == 1
+    assert not (workdir / "eval_test_2.json").exists()
     assert 0 < result["bits_per_byte"] < 9 and result["num_bytes"] > 0
     assert f"{result['bits_per_byte']:.4f}" in out.stdout
 
