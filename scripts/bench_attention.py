@@ -35,7 +35,9 @@ only); ``--no-mosaic-dq`` the summary dK/dV and dq from Triton's kernels
 reproducible dq). ``--mosaic-forward`` merged fixed heads' forward from the Mosaic GPU
 kernel (``mosaic_forward=True``, rows ``_mosaicfwd``; bf16), ``--mosaic-forward-persistent``
 that kernel as one program per SM (``mosaic_forward_persistent=True``, rows
-``_mosaicfwdpers``; bf16 at D=64). ``--shapes 1x65536x8x64,...`` picks shapes (B x T x H x D).
+``_mosaicfwdpers``; bf16 at D=64), ``--mosaic-dkvdq-persistent`` the summary dK/dV+dq
+kernel likewise (``mosaic_dkvdq_persistent=True``, rows ``_dkvdqpers``), ``--persistent``
+both (rows ``_persistent``). ``--shapes 1x65536x8x64,...`` picks shapes (B x T x H x D).
 """
 
 from __future__ import annotations
@@ -88,8 +90,13 @@ NO_MOSAIC_DQ_VARIANT = ("_nomdq", {"mosaic_summary_dq": False})
 MOSAIC_FWD_VARIANT = ("_mosaicfwd", {"mosaic_forward": True})
 MOSAIC_FWD_PERSISTENT_VARIANT = ("_mosaicfwdpers", {"mosaic_forward": True,
                                                     "mosaic_forward_persistent": True})
+# The summary dK/dV+dq kernel as one program per SM walking the key tiles.
+MOSAIC_DKVDQ_PERSISTENT_VARIANT = ("_dkvdqpers", {"mosaic_dkvdq_persistent": True})
+# Both persistent forms together.
+PERSISTENT_VARIANT = ("_persistent", {"mosaic_forward": True, "mosaic_forward_persistent": True,
+                                      "mosaic_dkvdq_persistent": True})
 FIXED_ONLY = {"_splitlaunch", "_sdkv128", "_mosaicdkv", "_mosaicdq", "_nomdq", "_mosaicfwd",
-              "_mosaicfwdpers"}  # same kernels elsewhere
+              "_mosaicfwdpers", "_dkvdqpers", "_persistent"}  # same kernels elsewhere
 # Partial results between launches in float32 (the default: the input dtype): patterns
 # of several parts only.
 WIDE_CHAIN_VARIANT = ("_f32chain", {"narrow_chain": False})
@@ -108,7 +115,9 @@ EXTRA_VARIANTS = {"v1": [V1_VARIANT], "mosaic": [MOSAIC_VARIANT],
                   "mosaic_summary_dq": [MOSAIC_DQ_VARIANT],
                   "no_mosaic_dq": [NO_MOSAIC_DQ_VARIANT],
                   "mosaic_forward": [MOSAIC_FWD_VARIANT],
-                  "mosaic_forward_persistent": [MOSAIC_FWD_PERSISTENT_VARIANT]}
+                  "mosaic_forward_persistent": [MOSAIC_FWD_PERSISTENT_VARIANT],
+                  "mosaic_dkvdq_persistent": [MOSAIC_DKVDQ_PERSISTENT_VARIANT],
+                  "persistent": [PERSISTENT_VARIANT]}
 
 
 def variants(extra: tuple[str, ...] = ()) -> list[tuple[str, dict]]:
@@ -670,6 +679,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--mosaic-forward-persistent", action="store_true",
                     help="also check and time mosaic_forward_persistent=True (that kernel as one "
                          "program per SM walking the query tiles; bf16, D=64) for the fixed pattern")
+    ap.add_argument("--mosaic-dkvdq-persistent", action="store_true",
+                    help="also check and time mosaic_dkvdq_persistent=True (the summary dK/dV+dq "
+                         "kernel as one program per SM; bf16, D=64) for the fixed pattern")
+    ap.add_argument("--persistent", action="store_true",
+                    help="also check and time both persistent kernels together (the Mosaic "
+                         "forward and the dK/dV+dq kernel) for the fixed pattern")
     ap.add_argument("--wide-chain", action="store_true",
                     help="also check and time narrow_chain=False (float32 partial results) for strided and fixed")
     ap.add_argument("--shapes", type=parse_shapes, default=None,

@@ -106,6 +106,7 @@ def base_config() -> ml_collections.ConfigDict:
     # fixed heads where it applies (faster; dq not bitwise reproducible run to run);
     # False: reproducible gradients; True: every summary head group.
     c.attention.mosaic_summary_dq = ml_collections.config_dict.placeholder(bool)
+    c.attention.mosaic_dkvdq_persistent = False  # that kernel as one program per SM (untimed, see pallas_gpu)
     # pallas_gpu launch parameters, 0 = the kernel's default (tuned on an H200 with
     # scripts/tune_attention.py; another card may prefer others):
     c.attention.block_q = 0  # query tile rows (power of two >= 16 dividing T)

@@ -48,7 +48,7 @@ AXIS_NAMES = ("vocab", "embed", "mlp", "heads", "head_dim", "pos", "layers")
 # needs them; 4 warps; 2 stages; the summary dK/dV kernel at block_q).
 GPU_KERNEL_FLAGS = ("colaunch", "narrow_chain", "column_bwd", "diag_bwd", "delta_in_dq",
                     "mosaic_forward", "mosaic_forward_persistent", "mosaic_summary_dkv",
-                    "mosaic_summary_dq")
+                    "mosaic_summary_dq", "mosaic_dkvdq_persistent")
 GPU_KERNEL_TUNING = ("block_q", "block_k", "num_warps", "num_stages", "summary_dkv_block_q")
 REMAT_POLICIES: dict[str, Callable[..., bool] | None] = {
     "full": None,  # save nothing: recompute the whole block in the backward pass

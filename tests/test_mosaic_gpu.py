@@ -29,6 +29,7 @@ from sparse_lm.attention import (  # noqa: E402
     reference_attention,
 )
 from sparse_lm.attention import mosaic_gpu  # noqa: E402
+from sparse_lm.attention.part_order import part_keys  # noqa: E402
 from tests.helpers import rel_err  # noqa: E402
 
 TOL = {jnp.bfloat16: 1e-2, jnp.float32: 1e-5}
@@ -320,6 +321,62 @@ def test_backward_kernels_have_no_races():
     dk, dv = mosaic_gpu._dkv_part(q, k, k, do, ld, kv_part, cfg, jnp.float32)
     assert bool(jnp.isfinite(dk).all() & jnp.isfinite(dv).all())
     assert not interpret_pallas_call.get_races().races_found
+
+
+@pytest.mark.parametrize("with_dq", [False, True], ids=["dkv", "dkvdq"])
+def test_persistent_dkv_kernel_equals_the_per_tile_launch_without_races(with_dq, monkeypatch):
+    """``_dkv_part(persistent=True)``: three programs walk the summary part's 8 key-tile
+    items (two lengths, two heads, two batches): dk and dv equal the
+    one-program-per-tile launch's bit for bit (each tile's sums run in the same order),
+    dq within float rounding (additions in another order). One program walking all 8
+    items has no race: the K/V slots, the query stream, the staging tiles and the dq
+    turns are handed over correctly between items. (Several programs adding into the
+    same dq rows race in the interpreter, persistent or not: its stand-in for the TMA
+    reduction is a read-add-write, the GPU's reduction is atomic.)"""
+    from jax._src.pallas.mosaic_gpu.interpret import interpret_pallas_call
+
+    shape = (2, 512, 2, 64)
+    pattern = PatternSpec("fixed", 32, 16, combine="merged").layer_pattern(0, shape[2])
+    summary = mosaic_gpu.build_layout(pattern, shape[1], 64, 128).groups[0].parts[1]
+    steps = summary.bwd[:, 0] + summary.bwd[:, 1]
+    assert summary.k_index is not None and len(steps) == 2 and steps[0] != steps[1]
+    params = plgpu.InterpretGPUParams(detect_races=True)
+    cfg = mosaic_gpu.KernelConfig(interpret=True, compute_wgs=2, max_concurrent_steps=2,
+                                  pv_from_registers=False, interpret_params=params)
+    q, k, do = inputs(shape, jnp.bfloat16)
+    kg = part_keys(k, summary)
+    ld = jnp.stack([jnp.full((shape[0], shape[2], shape[1]), 4.0),
+                    jnp.ones((shape[0], shape[2], shape[1]))], axis=2)
+    dq0 = jnp.zeros(shape, jnp.float32) if with_dq else None
+
+    def run(**kw):
+        return mosaic_gpu._dkv_part(q, kg, kg, do, ld, summary, cfg, jnp.float32, dq0=dq0, **kw)
+
+    per_tile = run()
+    runs = [run(persistent=True)]  # three programs in the interpreter
+    monkeypatch.setattr(mosaic_gpu, "_resident_programs", lambda cfg, n: 1)
+    runs.append(run(persistent=True))
+    assert not interpret_pallas_call.get_races().races_found
+    for got in runs:
+        np.testing.assert_array_equal(got[0], per_tile[0])
+        np.testing.assert_array_equal(got[1], per_tile[1])
+        if with_dq:
+            assert float(jnp.abs(per_tile[2]).max()) > 0
+            np.testing.assert_allclose(got[2], per_tile[2], rtol=1e-5, atol=1e-5)
+
+
+def test_persistent_dkv_kernel_that_does_not_fit_in_shared_memory_says_so():
+    cfg = mosaic_gpu.KernelConfig(interpret=True, compute_wgs=2, max_concurrent_steps=4,
+                                  pv_from_registers=False)
+    assert mosaic_gpu.dkv_smem(128, jnp.bfloat16, 64, 128, cfg, jnp.float32, True, True) \
+        > mosaic_gpu.SMEM_BUDGET
+    pattern = PatternSpec("fixed", 64, 16, combine="merged").layer_pattern(0, 1)
+    summary = mosaic_gpu.build_layout(pattern, 256, 64, 128).groups[0].parts[1]
+    x = jnp.zeros((1, 256, 1, 128), jnp.bfloat16)
+    ld = jnp.zeros((1, 1, 2, 256), jnp.float32)
+    with pytest.raises(ValueError, match="shared memory.*persistent=False"):
+        mosaic_gpu._dkv_part(x, x, x, x, ld, summary, cfg, jnp.float32,
+                             dq0=jnp.zeros(x.shape, jnp.float32), persistent=True)
 
 
 def test_selected_through_the_attention_dispatcher_and_config():

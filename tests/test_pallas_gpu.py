@@ -817,20 +817,58 @@ def test_mosaic_summary_dq_matches_reference_and_the_triton_kernels(spec, layer)
     assert_matches_default_launches(pattern, shape, jnp.bfloat16, mosaic_summary_dq=True)
 
 
-@pytest.mark.parametrize("form", ["key_major", "query_major"])
+@pytest.mark.parametrize("spec,shape", [
+    (PatternSpec("fixed", 64, 16, combine="merged", distinct_summaries=True), (1, 256, 4, 64)),
+    (PatternSpec("fixed", 128, 32, combine="merged"), (2, 512, 2, 64)),
+], ids=["l64-distinct-summaries", "l128-B2"])
+def test_persistent_dkvdq_matches_reference_and_the_triton_kernels(spec, shape):
+    """``mosaic_dkvdq_persistent``: three programs (in the interpreter) walk all the
+    (head, key tile, batch) items, of different lengths, back to back, with the query
+    stream, the K/V slots and the dq turns carried across items; alone and with the
+    persistent forward."""
+    pattern = spec.layer_pattern(0, shape[2])
+    opts = dict(mosaic_dkvdq_persistent=True)
+    assert mosaic_kernels(pattern, shape, **opts) == {"mgpu_attn_dkvdq_persistent_summary"}
+    assert_matches_reference(spec, 0, shape, jnp.bfloat16, **opts)
+    assert_matches_default_launches(pattern, shape, jnp.bfloat16, **opts)
+    both = dict(opts, mosaic_forward=True, mosaic_forward_persistent=True)
+    assert mosaic_kernels(pattern, shape, **both) == {"mgpu_attn_dkvdq_persistent_summary",
+                                                      "mgpu_attn_fwd_merged_persistent"}
+    assert_matches_reference(spec, 0, shape, jnp.bfloat16, **both)
+
+
+def test_persistent_dkvdq_lowers_for_cuda_and_needs_the_mosaic_dq():
+    text = lowered_for_cuda(PatternSpec("fixed", 128, 32, combine="merged"),
+                            mosaic_dkvdq_persistent=True, mosaic_forward=True,
+                            mosaic_forward_persistent=True)
+    assert "mgpu_attn_fwd_merged_persistent" in text
+    # The in-place dK/dV+dq launch carries no kernel name in the text: its schedule's item
+    # table, [32 key tiles x 8 heads x 2 batches, 3], tells the persistent form.
+    assert "output_operand_aliases" in text and "tensor<512x3xi32>" in text
+    # Where the Mosaic dq does not run (reproducible dq), the option changes nothing.
+    merged = PatternSpec("fixed", 64, 16, combine="merged").layer_pattern(0, 2)
+    assert mosaic_kernels(merged, (1, 256, 2, 64), mosaic_summary_dq=False,
+                          mosaic_dkvdq_persistent=True) == set()
+
+
+@pytest.mark.parametrize("form", ["key_major", "query_major", "persistent"])
 def test_mosaic_summary_dq_under_jit_with_two_head_groups(form, monkeypatch):
     """Two groups' kernels in one jitted program (a multihead layer with per-head summary
-    columns): each runs to completion and their dq are right, in both forms of the
-    Mosaic dK/dV+dq kernel (pallas_gpu.MOSAIC_DKVDQ_FORM)."""
-    monkeypatch.setattr(pallas_gpu, "MOSAIC_DKVDQ_FORM", form)
+    columns): each runs to completion and their dq are right, in every form of the
+    Mosaic dK/dV+dq kernel (pallas_gpu.MOSAIC_DKVDQ_FORM, and the key-major kernel's
+    persistent launch)."""
+    persistent = form == "persistent"
+    monkeypatch.setattr(pallas_gpu, "MOSAIC_DKVDQ_FORM", "key_major" if persistent else form)
     spec = PatternSpec("fixed", 64, 16, combine="multihead", distinct_summaries=True)
     shape = (1, 256, 4, 64)
     pattern = spec.layer_pattern(0, 4)
-    kernel = {"key_major": "mgpu_attn_dkvdq_summary", "query_major": "mgpu_attn_dkvdq_qm_summary"}[form]
-    assert mosaic_kernels(pattern, shape, mosaic_summary_dq=True) == {kernel}
+    kernel = {"key_major": "mgpu_attn_dkvdq_summary", "query_major": "mgpu_attn_dkvdq_qm_summary",
+              "persistent": "mgpu_attn_dkvdq_persistent_summary"}[form]
+    opts = dict(mosaic_summary_dq=True, mosaic_dkvdq_persistent=persistent)
+    assert mosaic_kernels(pattern, shape, **opts) == {kernel}
     q, k, v, g = fresh_inputs(shape, jnp.bfloat16)
     got = jax.jit(lambda *a: output_and_grads(
-        lambda *x: pallas_gpu.attention(*x, pattern, mosaic_summary_dq=True), *a))(q, k, v, g)
+        lambda *x: pallas_gpu.attention(*x, pattern, **opts), *a))(q, k, v, g)
     with jax.default_matmul_precision("highest"):
         want = output_and_grads(lambda *a: reference_attention(*a, pattern),
                                 *(x.astype(jnp.float32) for x in (q, k, v, g)))

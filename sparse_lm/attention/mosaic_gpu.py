@@ -200,6 +200,40 @@ def _stream(steps, n_slots, fetch, free_bars):
                 plgpu.barrier_wait(bar.at[i])
 
 
+def _stream_items(n_items, steps_of, fetcher, n_slots, free_bars):
+    """Memory warpgroup of a persistent launch: the blocks of its items 0..n_items - 1
+    (``steps_of(i)`` steps each, ``fetcher(i)(t, slot)`` fetching step t of item i) as
+    one stream, the slots running on across items, so that the next item's first blocks
+    load while the last item's final steps run; then the drain of ``_stream``."""
+    plgpu = _plgpu()
+
+    def fetch_item(i, g):
+        fetch = fetcher(i)
+
+        @pl.loop(0, steps_of(i))
+        def _step(t_):
+            j = g + t_  # this program's step count
+            slot = lax.rem(j, n_slots)
+
+            @pl.when(j >= n_slots)
+            def _wait_free():
+                # Every wait before the copies: a slot's barriers flip once per use, and
+                # the compute warpgroups release them in order.
+                for bar in free_bars:
+                    plgpu.barrier_wait(bar.at[slot])
+
+            fetch(t_, slot)
+
+        return g + steps_of(i)
+
+    total = lax.fori_loop(0, n_items, fetch_item, jnp.int32(0))
+    for i in range(n_slots):
+        @pl.when(i < total)
+        def _drain():
+            for bar in free_bars:
+                plgpu.barrier_wait(bar.at[i])
+
+
 def _wgmma_value(plgpu, shape, a, b):
     """a @ b into a fresh float32 accumulator (both operands in SMEM)."""
 
@@ -529,15 +563,19 @@ def _part_forward(q, k, v, part: PartLayout, cfg: KernelConfig, out_dtype):
                    cfg, (jnp.asarray(part.fwd), jnp.asarray(lo), q, k, v), _name("fwd", part))
 
 
-def _work_items(work: np.ndarray, h: int, b: int, heavy_first: bool) -> np.ndarray:
-    """(head, tile, batch) of every program of a query-tile launch, int32 [tiles * h * b,
-    3], in the order the programs should start: the tiles with the most steps first
+def _work_items(work: np.ndarray, h: int, b: int, heavy_first: bool,
+                batch_outer: bool = False) -> np.ndarray:
+    """(head, tile, batch) of every program of a tile launch, int32 [tiles * h * b, 3], in
+    the order the programs should start: the tiles with the most steps first
     (``heavy_first``, longest-first scheduling; else in tile order), and within a tile
     the batch, then the heads fastest, so that the programs running at once share their
-    (batch, head)'s keys in L2 with the neighbouring tiles'."""
+    (batch, head)'s keys in L2 with the neighbouring tiles'. ``batch_outer``: one batch
+    after the other, tiles within it, heads fastest (the dK/dV+dq kernel's order: with
+    every batch's query rows in flight at once it ran 5% slower, see _launch_order)."""
     tiles = np.argsort(-np.asarray(work), kind="stable") if heavy_first else np.arange(len(work))
     hh, tt, bb = np.meshgrid(np.arange(h), tiles, np.arange(b), indexing="ij")
-    order = np.stack([hh, tt, bb], axis=-1).transpose(1, 2, 0, 3)  # [tile, batch, head, 3]
+    order = np.stack([hh, tt, bb], axis=-1)  # [head, tile, batch, 3]
+    order = order.transpose(2, 1, 0, 3) if batch_outer else order.transpose(1, 2, 0, 3)
     return order.reshape(-1, 3).astype(np.int32)
 
 
@@ -745,9 +783,9 @@ def merged_forward(q, k, v, kg, vg, own: PartLayout, summary: PartLayout, cfg: K
         def _memory():
             _set_registers(plgpu, cfg, compute=False)
 
-            def fetch_item(i, g):
-                """Item i's K and V blocks into the slots that follow the g-th step."""
-                hi, qi, bi, n_own, _, steps = item(i)
+            def fetcher(i):
+                """fetch(t, slot): item i's t-th K and V blocks (own part, then summary)."""
+                hi, qi, bi, n_own, _, _ = item(i)
 
                 def fetch(t_, slot):
                     def copy(kr, vr, kb):
@@ -758,30 +796,9 @@ def merged_forward(q, k, v, kg, vg, own: PartLayout, summary: PartLayout, cfg: K
                     pl.when(t_ < n_own)(lambda: copy(k_ref, v_ref, own_tab[qi, 2 + t_]))
                     pl.when(t_ >= n_own)(lambda: copy(kg_ref, vg_ref, sum_tab[qi, 2 + t_ - n_own]))
 
-                @pl.loop(0, steps)
-                def _step(t_):
-                    j = g + t_  # this program's step count: the slots run on across items
-                    slot = lax.rem(j, n_slots)
+                return fetch
 
-                    @pl.when(j >= n_slots)
-                    def _wait_free():
-                        # Every wait before the copies: a slot's barriers flip once per
-                        # use, and the compute warpgroups release them in order.
-                        plgpu.barrier_wait(k_free.at[slot])
-                        plgpu.barrier_wait(v_free.at[slot])
-
-                    fetch(t_, slot)
-
-                return g + steps
-
-            total = lax.fori_loop(0, mine, fetch_item, jnp.int32(0))
-            # Drain: observe the last release of every used slot (the interpreter rejects
-            # deallocating a barrier whose completed phases a waiting thread missed).
-            for s_ in range(n_slots):
-                @pl.when(s_ < total)
-                def _drain():
-                    plgpu.barrier_wait(k_free.at[s_])
-                    plgpu.barrier_wait(v_free.at[s_])
+            _stream_items(mine, lambda i: item(i)[5], fetcher, n_slots, (k_free, v_free))
 
     def entry(items_ref, sched_ref, counts_ref, own_tab, sum_tab, lo_ref, q_ref, k_ref, v_ref,
               kg_ref, vg_ref, o_ref, lse_ref):
@@ -829,6 +846,18 @@ def merged_forward_smem(d: int, dtype, bq: int, bk: int, cfg: KernelConfig, pers
     total += bq * d * size if persistent else 0  # o staging
     total += 0 if cfg.pv_from_registers else bq * bk * size
     return total + bq * 4
+
+
+def dkv_smem(d: int, dtype, bq: int, bk: int, cfg: KernelConfig, out_dtype, with_dq: bool,
+             persistent: bool) -> int:
+    """Shared memory that ``_dkv_part`` allocates (buffers only)."""
+    size, out_size = jnp.dtype(dtype).itemsize, jnp.dtype(out_dtype).itemsize
+    s = cfg.max_concurrent_steps
+    total = 2 * (2 if persistent else 1) * bk * d * size  # K, V tiles
+    total += 2 * s * bq * d * size + s * 2 * bq * 4  # Q, dO, (lse, delta) blocks
+    total += 0 if cfg.pv_from_registers and not with_dq else bk * bq * size  # P^T / dS^T
+    total += 0 if out_size == size else bk * d * out_size  # dk, dv staging
+    return total + (cfg.compute_wgs * bq * d * 4 if with_dq else 0)  # dq shares
 
 
 def smem_bytes(d: int, dtype, part: PartLayout, cfg: KernelConfig, out_dtype) -> int:
@@ -1020,8 +1049,9 @@ def _key_tile_setup(part: PartLayout, cfg: KernelConfig, h: int, b: int, d: int)
     return grid, grid_names, reverse, pos, lo, d**-0.5
 
 
-@_one_kernel_per_signature("part", "cfg", "out_dtype")
-def _dkv_part(q, k, v, do, ld, part: PartLayout, cfg: KernelConfig, out_dtype, dq0=None):
+@_one_kernel_per_signature("part", "cfg", "out_dtype", "persistent")
+def _dkv_part(q, k, v, do, ld, part: PartLayout, cfg: KernelConfig, out_dtype, dq0=None,
+              persistent: bool = False):
     """(dk, dv) [B, Tk, H, D] of one part, in part key order (gathered rows for a summary
     part). ``part`` is the backward layout's: key tiles of ``block_k`` rows split over
     the compute warpgroups, query blocks of ``block_q`` rows streamed from ``part.bwd``.
@@ -1041,7 +1071,18 @@ def _dkv_part(q, k, v, do, ld, part: PartLayout, cfg: KernelConfig, out_dtype, d
     order the additions, which the interpreter needs: it has no TMA reduction, and a
     read-add-write of dq stands in. (Measured on an H200: the same speed as one
     reduction per warpgroup, whose read-add-writes race in the interpreter; with the
-    reductions dropped the kernel was only 3% faster: they are not its bottleneck.)"""
+    reductions dropped the kernel was only 3% faster: they are not its bottleneck.)
+
+    ``persistent``: one program per SM walks its share of the (head, key tile, batch)
+    items (batch by batch, longest tiles first, assigned longest-processing-time-first
+    on the host: ``_persistent_schedule``), as ``merged_forward``'s persistent form: the
+    memory warpgroup streams the query blocks across items without a break, each
+    compute warpgroup loads the next item's K and V rows into a second slot while it
+    works on the current item, and an item's dk, dv stores and dq reductions are waited
+    on only before their buffers are reused (once at the program's end for the writes).
+    What a program pays once otherwise (launch, the K/V and first query loads, the
+    pipeline's ramp, the waited stores) is spread over ~100-130 steps per key tile at
+    T=12,288-16,384, where this kernel runs ~361 TF/s, against ~450 at T=65,536."""
     plgpu = _plgpu()
     b, t, h, d = q.shape
     tk = k.shape[1]
@@ -1056,187 +1097,268 @@ def _dkv_part(q, k, v, do, ld, part: PartLayout, cfg: KernelConfig, out_dtype, d
     scale2 = scale * LOG2E
     in_place = cfg.pv_from_registers
     with_dq = dq0 is not None
+    n_kv = 2 if persistent else 1  # K/V tile slots: the next item's load into the other
+    if persistent:
+        need = dkv_smem(d, dtype, bq, bk, cfg, out_dtype, with_dq, persistent)
+        if need > SMEM_BUDGET:
+            raise ValueError(f"_dkv_part(persistent=True) at head dim {d} needs {need} bytes of "
+                             f"shared memory, over the {SMEM_BUDGET} available: use "
+                             "persistent=False or fewer pipeline slots (max_concurrent_steps)")
+        work = _tile_work(part.bwd)
+        items = _work_items(work, h, b, cfg.heavy_first, batch_outer=True)
+        n_programs = _resident_programs(cfg, len(items))
+        # An item's cost: its steps, plus about one for what the pipeline does not hide.
+        sched, counts = _persistent_schedule(work[items[:, 1]] + 1, n_programs)
+        grid, grid_names = (n_programs,), ("programs",)
 
-    def kernel(tab_ref, lo_ref, q_ref, k_ref, v_ref, do_ref, ld_ref, dk_ref, dv_ref, dq_ref,
-               scoped):
+    def kernel(sched_refs, tab_ref, lo_ref, q_ref, k_ref, v_ref, do_ref, ld_ref, dk_ref, dv_ref,
+               dq_ref, scoped):
         (k_smem, v_smem, q_smem, do_smem, ld_smem, t_smem, out_smem, dq_smem), bars = scoped
         q_ready, do_ready, ld_ready, k_ready, v_ready, free, dq_staged, dq_read = bars
-        hi, ki, bi, wg, n_full, steps = _program(tab_ref, "k_seq", reverse)
+        wg = lax.axis_index("wg")
+        if persistent:
+            items_ref, sched_ref, counts_ref = sched_refs
+            prog = lax.axis_index("programs")
+            mine = counts_ref[prog]  # this program's items
+
+            def item(i):
+                """(head, key tile, batch, full steps, steps) of this program's i-th item."""
+                w = sched_ref[prog, i]
+                ki = items_ref[w, 1]
+                return (items_ref[w, 0], ki, items_ref[w, 2], tab_ref[ki, 0],
+                        tab_ref[ki, 0] + tab_ref[ki, 1])
+        else:
+            hi0, ki0, bi0, _, full0, steps0 = _program(tab_ref, "k_seq", reverse)
+
+            def item(i):
+                del i  # one item per program
+                return hi0, ki0, bi0, full0, steps0
 
         @pl.when(wg < wgs)
         def _compute():
             _set_registers(plgpu, cfg, compute=True)
-            row0 = ki * bk + wg * rows
-            ks, vs = k_smem.at[wg], v_smem.at[wg]
-            src = (bi, pl.ds(row0, rows), hi)
-            plgpu.copy_gmem_to_smem(k_ref.at[src], ks, k_ready.at[wg])
-            plgpu.copy_gmem_to_smem(v_ref.at[src], vs, v_ready.at[wg])
-            plgpu.barrier_wait(k_ready.at[wg])
-            plgpu.barrier_wait(v_ready.at[wg])
-            lo_h = lo_ref[hi] if per_head_lo else lo_ref[0]
             wgmma_layout = plgpu.Layout.WGMMA
             col_layout = wgmma_layout.reduce(0)
             k_rows = plgpu.broadcasted_iota(jnp.int32, (rows, bq), 0, layout=wgmma_layout)
             q_cols = plgpu.broadcasted_iota(jnp.int32, (rows, bq), 1, layout=wgmma_layout)
-            k_pos = pos.k(k_rows + row0, lo_h)
             ts = None if t_smem is None else t_smem.at[wg]
 
-            def reduce_dq(t_, share):
-                """Adds ``share`` ([bq, D] float32, unscaled) to the query block's dq."""
-                rows_q = (bi, pl.ds(tab_ref[ki, 2 + t_] * bq, bq), hi)
-                _reduce_add(plgpu, cfg, dq_smem.at[wg], dq_ref, rows_q, share * scale)
+            def load_kv(i):
+                """Item i's K and V rows of this warpgroup into its slot (i % n_kv)."""
+                hi, ki, bi, _, _ = item(i)
+                slot = lax.rem(i, n_kv) * wgs + wg
+                src = (bi, pl.ds(ki * bk + wg * rows, rows), hi)
+                plgpu.copy_gmem_to_smem(k_ref.at[src], k_smem.at[slot], k_ready.at[slot])
+                plgpu.copy_gmem_to_smem(v_ref.at[src], v_smem.at[slot], v_ready.at[slot])
 
-            def wait_ts_free(t_):
-                """Before this step's first write to ts: the last step's designated
-                warpgroup has read it (its dq matmul)."""
-                if with_dq and wgs > 1:
-                    prev = lax.rem(t_ + wgs - 1, wgs)
+            if persistent:
+                pl.when(mine > 0)(lambda: load_kv(0))
+            else:
+                load_kv(0)
 
-                    @pl.when((t_ > 0) & (wg != prev))
-                    def _wait_read():
-                        plgpu.barrier_wait(dq_read.at[prev])
+            def run_item(i, g):
+                """Item i, whose first step is this program's g-th: returns g + steps."""
+                hi, ki, bi, n_full, steps = item(i)
+                kv = lax.rem(i, n_kv) * wgs  # this item's K/V slot
+                ks, vs = k_smem.at[kv + wg], v_smem.at[kv + wg]
+                plgpu.barrier_wait(k_ready.at[kv + wg])
+                plgpu.barrier_wait(v_ready.at[kv + wg])
+                if persistent:
+                    # The other slot held the last item's tiles, which every read of
+                    # has completed (the drain below); with them as the output's
+                    # staging (no out_smem) their stores must have read them too.
+                    @pl.when(i + 1 < mine)
+                    def _prefetch():
+                        if out_smem is None:
+                            plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+                        load_kv(i + 1)
+                row0 = ki * bk + wg * rows
+                src = (bi, pl.ds(row0, rows), hi)
+                lo_h = lo_ref[hi] if per_head_lo else lo_ref[0]
+                k_pos = pos.k(k_rows + row0, lo_h)
 
-            def stage_ds(t_, dst):
-                """dS^T into ts, announced to step t_'s designated warpgroup."""
-                if in_place:  # else the dV step has written ts already, after the wait
-                    wait_ts_free(t_)
-                ts[...] = dst.astype(dtype)
-                plgpu.commit_smem()
-                turn = lax.rem(t_, wgs)
-                if wgs > 1:
-                    @pl.when(wg != turn)
-                    def _staged():
-                        plgpu.barrier_arrive(dq_staged.at[turn])
+                def reduce_dq(t_, share):
+                    """Adds ``share`` ([bq, D] float32, unscaled) to the query block's dq."""
+                    rows_q = (bi, pl.ds(tab_ref[ki, 2 + t_] * bq, bq), hi)
+                    _reduce_add(plgpu, cfg, dq_smem.at[wg], dq_ref, rows_q, share * scale)
 
-            def reduce_turn(t_):
-                """Step t_'s designated warpgroup: sum_w dS_w K_w, reduced into dq."""
-                turn = lax.rem(t_, wgs)
+                def wait_ts_free(t_):
+                    """Before this step's first write to ts: the last step's designated
+                    warpgroup has read it (its dq matmul)."""
+                    if with_dq and wgs > 1:
+                        prev = lax.rem(t_ + wgs - 1, wgs)
 
-                @pl.when(wg == turn)
-                def _reduce():
+                        @pl.when((t_ > 0) & (wg != prev))
+                        def _wait_read():
+                            plgpu.barrier_wait(dq_read.at[prev])
+
+                def stage_ds(t_, dst):
+                    """dS^T into ts, announced to step t_'s designated warpgroup."""
+                    if in_place:  # else the dV step has written ts already, after the wait
+                        wait_ts_free(t_)
+                    ts[...] = dst.astype(dtype)
+                    plgpu.commit_smem()
+                    turn = lax.rem(t_, wgs)
                     if wgs > 1:
-                        plgpu.barrier_wait(dq_staged.at[turn])
+                        @pl.when(wg != turn)
+                        def _staged():
+                            plgpu.barrier_arrive(dq_staged.at[turn])
 
-                    def body(acc_ref):
-                        for w in range(wgs):  # dS_w K_w over warpgroup w's key rows
-                            plgpu.wgmma(acc_ref, t_smem.at[w].transpose((1, 0)), k_smem.at[w])
-                        return acc_ref[...]
+                def reduce_turn(t_):
+                    """Step t_'s designated warpgroup: sum_w dS_w K_w, reduced into dq."""
+                    turn = lax.rem(t_, wgs)
 
-                    share = pl.run_scoped(body, plgpu.ACC((bq, d), jnp.float32))
-                    if wgs > 1:
-                        plgpu.barrier_arrive(dq_read.at[turn])  # the wgmma completed: all read
-                    reduce_dq(t_, share)
+                    @pl.when(wg == turn)
+                    def _reduce():
+                        if wgs > 1:
+                            plgpu.barrier_wait(dq_staged.at[turn])
 
-            def add_dq(t_, dst):
-                stage_ds(t_, dst)
-                reduce_turn(t_)
+                        def body(acc_ref):
+                            for w in range(wgs):  # dS_w K_w over warpgroup w's key rows
+                                plgpu.wgmma(acc_ref, t_smem.at[w].transpose((1, 0)), k_smem.at[kv + w])
+                            return acc_ref[...]
 
-            def step(t_, carry, masked: bool):
-                dk, dv = carry
-                slot = lax.rem(t_, n_slots)
+                        share = pl.run_scoped(body, plgpu.ACC((bq, d), jnp.float32))
+                        if wgs > 1:
+                            plgpu.barrier_arrive(dq_read.at[turn])  # the wgmma completed: all read
+                        reduce_dq(t_, share)
 
-                def probabilities(st):
-                    plgpu.barrier_wait(ld_ready.at[slot])
-                    lse2 = plgpu.load(ld_smem.at[slot, 0], layout=col_layout)
-                    pt = jnp.exp2(st * scale2 - lax.broadcast_in_dim(lse2, st.shape, [1]))
-                    if masked:
-                        qb = tab_ref[ki, 2 + t_]
-                        q_pos = pos.q(q_cols + qb * bq)
-                        pt = jnp.where(rule.in_kernel(q_pos, k_pos), pt, 0.0)
-                    return pt
+                def add_dq(t_, dst):
+                    stage_ds(t_, dst)
+                    reduce_turn(t_)
 
-                plgpu.barrier_wait(q_ready.at[slot])
-                if cfg.overlap_wgmma:  # S^T and dP^T together; exp2 while dP^T runs
-                    plgpu.barrier_wait(do_ready.at[slot])
-                    pt, dpt = _wgmma_pair(plgpu, (rows, bq), (ks, q_smem.at[slot].T),
-                                          (vs, do_smem.at[slot].T), probabilities)
-                else:
-                    pt = probabilities(_wgmma_value(plgpu, (rows, bq), ks, q_smem.at[slot].T))
-                    plgpu.barrier_wait(do_ready.at[slot])
-                delta = plgpu.load(ld_smem.at[slot, 1], layout=col_layout)
-                if cfg.overlap_wgmma and in_place:
-                    # dV, dK and the designated warpgroup's dq in one accumulator scope:
-                    # one wait for the three.
-                    dst = pt * (dpt - lax.broadcast_in_dim(delta, dpt.shape, [1]))
-                    if with_dq:
-                        stage_ds(t_, dst)
+                def step(t_, carry, masked: bool):
+                    dk, dv = carry
+                    slot = lax.rem(g + t_, n_slots)  # the slots run on across items
 
-                    def matmuls(refs):
-                        dv_ref_, dk_ref_ = refs
-                        plgpu.wgmma(dv_ref_, pt.astype(dtype), do_smem.at[slot])
-                        plgpu.wgmma(dk_ref_, dst.astype(dtype), q_smem.at[slot])
+                    def probabilities(st):
+                        plgpu.barrier_wait(ld_ready.at[slot])
+                        lse2 = plgpu.load(ld_smem.at[slot, 0], layout=col_layout)
+                        pt = jnp.exp2(st * scale2 - lax.broadcast_in_dim(lse2, st.shape, [1]))
+                        if masked:
+                            qb = tab_ref[ki, 2 + t_]
+                            q_pos = pos.q(q_cols + qb * bq)
+                            pt = jnp.where(rule.in_kernel(q_pos, k_pos), pt, 0.0)
+                        return pt
+
+                    plgpu.barrier_wait(q_ready.at[slot])
+                    if cfg.overlap_wgmma:  # S^T and dP^T together; exp2 while dP^T runs
+                        plgpu.barrier_wait(do_ready.at[slot])
+                        pt, dpt = _wgmma_pair(plgpu, (rows, bq), (ks, q_smem.at[slot].T),
+                                              (vs, do_smem.at[slot].T), probabilities)
+                    else:
+                        pt = probabilities(_wgmma_value(plgpu, (rows, bq), ks, q_smem.at[slot].T))
+                        plgpu.barrier_wait(do_ready.at[slot])
+                    delta = plgpu.load(ld_smem.at[slot, 1], layout=col_layout)
+                    if cfg.overlap_wgmma and in_place:
+                        # dV, dK and the designated warpgroup's dq in one accumulator scope:
+                        # one wait for the three.
+                        dst = pt * (dpt - lax.broadcast_in_dim(delta, dpt.shape, [1]))
                         if with_dq:
-                            reduce_turn(t_)
+                            stage_ds(t_, dst)
 
-                    dv, dk = pl.run_state(matmuls)((plgpu.ACC.init(dv), plgpu.ACC.init(dk)))
+                        def matmuls(refs):
+                            dv_ref_, dk_ref_ = refs
+                            plgpu.wgmma(dv_ref_, pt.astype(dtype), do_smem.at[slot])
+                            plgpu.wgmma(dk_ref_, dst.astype(dtype), q_smem.at[slot])
+                            if with_dq:
+                                reduce_turn(t_)
+
+                        dv, dk = pl.run_state(matmuls)((plgpu.ACC.init(dv), plgpu.ACC.init(dk)))
+                        plgpu.barrier_arrive(free.at[slot])
+                        return dk, dv
+                    if with_dq and not in_place:
+                        wait_ts_free(t_)  # the dV step stages P^T in ts
+                    dv = _accumulate(plgpu, dv, pt.astype(dtype), ts, do_smem.at[slot], in_place)
+                    if not cfg.overlap_wgmma:
+                        dpt = _wgmma_value(plgpu, (rows, bq), vs, do_smem.at[slot].T)
+                    dst = pt * (dpt - lax.broadcast_in_dim(delta, dpt.shape, [1]))
+                    if with_dq:  # before dK: it stages dS^T in ts
+                        add_dq(t_, dst)
+                    if with_dq and not in_place:  # dK from the staged dS^T: no second store
+                        # (the designated warpgroup may be reading it)
+                        dk = dk + _wgmma_value(plgpu, dk.shape, ts, q_smem.at[slot])
+                    else:  # ts is free again: the dV wgmma that read it has completed.
+                        dk = _accumulate(plgpu, dk, dst.astype(dtype), ts, q_smem.at[slot], in_place)
                     plgpu.barrier_arrive(free.at[slot])
                     return dk, dv
-                if with_dq and not in_place:
-                    wait_ts_free(t_)  # the dV step stages P^T in ts
-                dv = _accumulate(plgpu, dv, pt.astype(dtype), ts, do_smem.at[slot], in_place)
-                if not cfg.overlap_wgmma:
-                    dpt = _wgmma_value(plgpu, (rows, bq), vs, do_smem.at[slot].T)
-                dst = pt * (dpt - lax.broadcast_in_dim(delta, dpt.shape, [1]))
-                if with_dq:  # before dK: it stages dS^T in ts
-                    add_dq(t_, dst)
-                if with_dq and not in_place:  # dK from the staged dS^T: no second store
-                    # (the designated warpgroup may be reading it)
-                    dk = dk + _wgmma_value(plgpu, dk.shape, ts, q_smem.at[slot])
-                else:  # ts is free again: the dV wgmma that read it has completed.
-                    dk = _accumulate(plgpu, dk, dst.astype(dtype), ts, q_smem.at[slot], in_place)
-                plgpu.barrier_arrive(free.at[slot])
-                return dk, dv
 
-            zero = plgpu.layout_cast(jnp.zeros((rows, d), jnp.float32), wgmma_layout)
-            carry = lax.fori_loop(0, n_full, functools.partial(step, masked=False),
-                                  (zero, zero))
-            dk, dv = lax.fori_loop(n_full, steps, functools.partial(step, masked=True),
-                                   carry)
-            if with_dq and not cfg.interpret:
-                plgpu.wait_smem_to_gmem(0)  # the last reductions, before the program ends
-            if with_dq and wgs > 1:
-                last = lax.rem(steps + wgs - 1, wgs)  # the last step's designated warpgroup
+                zero = plgpu.layout_cast(jnp.zeros((rows, d), jnp.float32), wgmma_layout)
+                carry = lax.fori_loop(0, n_full, functools.partial(step, masked=False),
+                                      (zero, zero))
+                dk, dv = lax.fori_loop(n_full, steps, functools.partial(step, masked=True),
+                                       carry)
+                if with_dq and not cfg.interpret and not persistent:
+                    plgpu.wait_smem_to_gmem(0)  # the last reductions, before the program ends
+                if with_dq and wgs > 1:
+                    last = lax.rem(steps + wgs - 1, wgs)  # the last step's designated warpgroup
 
-                @pl.when((steps > 0) & (wg != last))
-                def _drain_read():  # before the K tile is overwritten or freed
-                    plgpu.barrier_wait(dq_read.at[last])
-            if out_smem is None:  # the K and V tiles are free: stage in place
-                ks[...] = (dk * scale).astype(out_dtype)
-                vs[...] = dv.astype(out_dtype)
-                plgpu.commit_smem()
-                plgpu.copy_smem_to_gmem(ks, dk_ref.at[src])
-                plgpu.copy_smem_to_gmem(vs, dv_ref.at[src])
-                plgpu.wait_smem_to_gmem(0)
-            else:  # one float32 staging tile, used twice (saves shared memory)
-                os_ = out_smem.at[wg]
-                os_[...] = dk * scale
-                plgpu.commit_smem()
-                plgpu.copy_smem_to_gmem(os_, dk_ref.at[src])
-                plgpu.wait_smem_to_gmem(0)
-                os_[...] = dv
-                plgpu.commit_smem()
-                plgpu.copy_smem_to_gmem(os_, dv_ref.at[src])
-                plgpu.wait_smem_to_gmem(0)
+                    @pl.when((steps > 0) & (wg != last))
+                    def _drain_read():  # before the K tile is overwritten or freed
+                        plgpu.barrier_wait(dq_read.at[last])
+                if out_smem is None:  # the K and V tiles are free: stage in place
+                    ks[...] = (dk * scale).astype(out_dtype)
+                    vs[...] = dv.astype(out_dtype)
+                    plgpu.commit_smem()
+                    plgpu.copy_smem_to_gmem(ks, dk_ref.at[src])
+                    plgpu.copy_smem_to_gmem(vs, dv_ref.at[src])
+                    if not persistent:  # persistent: waited on before the slot's next load
+                        plgpu.wait_smem_to_gmem(0)
+                elif persistent:  # the staging tile's last store, waited on for its read only
+                    os_ = out_smem.at[wg]
+                    for value, dst_ref in ((dk * scale, dk_ref), (dv, dv_ref)):
+                        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+                        os_[...] = value
+                        plgpu.commit_smem()
+                        plgpu.copy_smem_to_gmem(os_, dst_ref.at[src])
+                else:  # one float32 staging tile, used twice (saves shared memory)
+                    os_ = out_smem.at[wg]
+                    os_[...] = dk * scale
+                    plgpu.commit_smem()
+                    plgpu.copy_smem_to_gmem(os_, dk_ref.at[src])
+                    plgpu.wait_smem_to_gmem(0)
+                    os_[...] = dv
+                    plgpu.commit_smem()
+                    plgpu.copy_smem_to_gmem(os_, dv_ref.at[src])
+                    plgpu.wait_smem_to_gmem(0)
+                return g + steps
+
+            if persistent:
+                lax.fori_loop(0, mine, run_item, jnp.int32(0))
+                plgpu.wait_smem_to_gmem(0)  # every item's stores and reductions written
+            else:
+                run_item(jnp.int32(0), jnp.int32(0))
 
         @pl.when(wg == wgs)
         def _memory():
             _set_registers(plgpu, cfg, compute=False)
 
-            def fetch(t_, slot):
-                start = tab_ref[ki, 2 + t_] * bq
-                src = (bi, pl.ds(start, bq), hi)
-                plgpu.copy_gmem_to_smem(q_ref.at[src], q_smem.at[slot], q_ready.at[slot])
-                plgpu.copy_gmem_to_smem(do_ref.at[src], do_smem.at[slot], do_ready.at[slot])
-                plgpu.copy_gmem_to_smem(ld_ref.at[bi, hi, :, pl.ds(start, bq)],
-                                        ld_smem.at[slot], ld_ready.at[slot])
+            def fetcher(i):
+                """fetch(t, slot): item i's t-th query, dO and (lse, delta) blocks."""
+                hi, ki, bi, _, _ = item(i)
 
-            _stream(steps, n_slots, fetch, (free,))
+                def fetch(t_, slot):
+                    start = tab_ref[ki, 2 + t_] * bq
+                    src = (bi, pl.ds(start, bq), hi)
+                    plgpu.copy_gmem_to_smem(q_ref.at[src], q_smem.at[slot], q_ready.at[slot])
+                    plgpu.copy_gmem_to_smem(do_ref.at[src], do_smem.at[slot], do_ready.at[slot])
+                    plgpu.copy_gmem_to_smem(ld_ref.at[bi, hi, :, pl.ds(start, bq)],
+                                            ld_smem.at[slot], ld_ready.at[slot])
 
-    def entry(tab_ref, lo_ref, q_ref, k_ref, v_ref, do_ref, ld_ref, dk_ref, dv_ref, dq_ref=None):
+                return fetch
+
+            if persistent:
+                _stream_items(mine, lambda i: item(i)[4], fetcher, n_slots, (free,))
+            else:
+                _stream(item(0)[4], n_slots, fetcher(0), (free,))
+
+    def entry(*refs):
+        sched_refs, refs = (refs[:3], refs[3:]) if persistent else ((), refs)
+        tab_ref, lo_ref, q_ref, k_ref, v_ref, do_ref, ld_ref, dk_ref, dv_ref, *dq = refs
         tr = _smem_transforms(dtype, d)
         smem = (
-            plgpu.SMEM((wgs, rows, d), dtype, transforms=tr),  # K tile
-            plgpu.SMEM((wgs, rows, d), dtype, transforms=tr),  # V tile
+            plgpu.SMEM((n_kv * wgs, rows, d), dtype, transforms=tr),  # K tiles
+            plgpu.SMEM((n_kv * wgs, rows, d), dtype, transforms=tr),  # V tiles
             plgpu.SMEM((n_slots, bq, d), dtype, transforms=tr),  # Q blocks
             plgpu.SMEM((n_slots, bq, d), dtype, transforms=tr),  # dO blocks
             plgpu.SMEM((n_slots, 2, bq), jnp.float32),  # lse2, delta blocks
@@ -1250,8 +1372,8 @@ def _dkv_part(q, k, v, do, ld, part: PartLayout, cfg: KernelConfig, out_dtype, d
             plgpu.Barrier(num_barriers=n_slots),  # Q landed
             plgpu.Barrier(num_barriers=n_slots),  # dO landed
             plgpu.Barrier(num_barriers=n_slots),  # lse, delta landed
-            plgpu.Barrier(num_barriers=wgs),  # K tile landed
-            plgpu.Barrier(num_barriers=wgs),  # V tile landed
+            plgpu.Barrier(num_barriers=n_kv * wgs),  # K tile landed
+            plgpu.Barrier(num_barriers=n_kv * wgs),  # V tile landed
             plgpu.Barrier(num_arrivals=wgs, num_barriers=n_slots),  # slot free
             # with dq, [w]: the others' dS^T is staged for warpgroup w's turn; w's dq
             # matmul has read them
@@ -1259,15 +1381,18 @@ def _dkv_part(q, k, v, do, ld, part: PartLayout, cfg: KernelConfig, out_dtype, d
             plgpu.Barrier(num_barriers=wgs) if with_dq and wgs > 1 else None,
         )
         pl.run_scoped(
-            lambda *scoped: kernel(tab_ref, lo_ref, q_ref, k_ref, v_ref, do_ref, ld_ref,
-                                   dk_ref, dv_ref, dq_ref, scoped),
+            lambda *scoped: kernel(sched_refs, tab_ref, lo_ref, q_ref, k_ref, v_ref, do_ref,
+                                   ld_ref, dk_ref, dv_ref, dq[0] if dq else None, scoped),
             smem, bars, collective_axes="wg")
 
     out = jax.ShapeDtypeStruct((b, tk, h, d), out_dtype)
     args = (jnp.asarray(part.bwd), jnp.asarray(lo), q, k, v, do, ld)
+    if persistent:
+        args = (jnp.asarray(items), jnp.asarray(sched), jnp.asarray(counts), *args)
+    form = "_persistent" if persistent else ""
     if not with_dq:
         return _launch(plgpu, entry, (out, out), grid, grid_names, wgs, cfg, args,
-                       _name("dkv", part))
+                       _name("dkv" + form, part))
     # dq0 must be updated in place: plgpu.kernel cannot alias an input to an output, so
     # the kernel runs as a core_map over a mesh inside run_state, whose state (dk, dv
     # and dq here) starts from the given arrays and is returned.
@@ -1277,7 +1402,7 @@ def _dkv_part(q, k, v, do, ld, part: PartLayout, cfg: KernelConfig, out_dtype, d
     state = (filled_after(do, out.shape, 1.0, out.dtype), filled_after(do, out.shape, 2.0, out.dtype),
              dq0.astype(jnp.float32))
     return _launch_in_place(plgpu, entry, args, state, grid, grid_names, wgs, cfg,
-                            _name("dkvdq", part))
+                            _name("dkvdq" + form, part))
 
 
 @_one_kernel_per_signature("part", "cfg", "out_dtype")

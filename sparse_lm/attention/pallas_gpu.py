@@ -64,6 +64,8 @@ class KernelConfig:
     # v2: ... and their dq too, by TMA reductions (_fused_bwd): "off", "merged" (groups
     # whose summary part shares its softmax with an own part) or "all"
     mosaic_summary_dq: str = "off"
+    # ... that kernel launched as one program per SM walking the key tiles (_mosaic_dkv_call)
+    mosaic_dkvdq_persistent: bool = False
 
     def mosaic_dq(self, group: GroupLayout) -> bool:
         """Whether ``group``'s gathered parts get dK/dV and dq from the Mosaic kernel."""
@@ -1155,7 +1157,12 @@ def _mosaic_dkv_call(q, k, v, do, lse, delta, part: PartLayout, cfg: KernelConfi
     if dq0 is not None and (part.block_q, part.block_k) == MOSAIC_DKVDQ_QM_TILES \
             and MOSAIC_DKVDQ_FORM == "query_major":
         return mosaic_gpu.dkvdq_query_major(q, k, v, do, ld, part, mcfg, jnp.float32, dq0)
-    return mosaic_gpu._dkv_part(q, k, v, do, ld, part, mcfg, jnp.float32, dq0=dq0)
+    # Persistent where its second K/V slot fits in shared memory (D=64 at these tiles).
+    persistent = (dq0 is not None and cfg.mosaic_dkvdq_persistent and mosaic_gpu.dkv_smem(
+        q.shape[-1], q.dtype, part.block_q, part.block_k, mcfg, jnp.float32, True, True)
+        <= mosaic_gpu.SMEM_BUDGET)
+    return mosaic_gpu._dkv_part(q, k, v, do, ld, part, mcfg, jnp.float32, dq0=dq0,
+                                persistent=persistent)
 
 
 def _part_kv(k, v, part: PartLayout):
@@ -1451,6 +1458,7 @@ def attention(
     summary_dkv_block_q: int = 0,
     mosaic_summary_dkv: bool = False,
     mosaic_summary_dq: bool | None = None,
+    mosaic_dkvdq_persistent: bool = False,
 ) -> jax.Array:
     """Block-sparse causal attention. q, k, v: [B, T, H, D] -> [B, T, H, D].
 
@@ -1559,6 +1567,14 @@ def attention(
         (1.95 vs 1.82 ms), hence "merged" only (BENCHMARKS.md, session 7). True: every
         group with summary parts, where the Mosaic kernel applies (elsewhere, as for
         None, Triton's kernels run).
+      mosaic_dkvdq_persistent: where ``mosaic_summary_dq`` applies: that kernel launched
+        as one program per SM, each walking its share of the (head, key tile, batch)
+        items with the query stream unbroken across items and the next item's K and V
+        rows loaded during the current one (``mosaic_gpu._dkv_part``'s
+        ``persistent``), against its per-FLOP rate at T=16,384 (~361 TF/s, ~130 steps
+        per key tile) below that at T=65,536 (~450). Same results up to the order of
+        dq's float additions. Off by default: passes the interpreter and CUDA lowering,
+        not yet timed on a GPU.
 
     Raises:
       PatternError (a ValueError) naming the constraint, for shapes, dtypes, block
@@ -1634,6 +1650,7 @@ def attention(
         mosaic_forward_persistent=mosaic_forward_persistent,
         mosaic_summary_dkv=mosaic_summary_dkv,
         mosaic_summary_dq=dq_mode,
+        mosaic_dkvdq_persistent=mosaic_dkvdq_persistent and dq_mode != "off",
     )
     group_attention = _group_attention_v2 if fuse_parts else _group_attention
     everyone = tuple(range(h))

@@ -1,11 +1,12 @@
-# Planned call 1 (not run in session 16: no machine was lent): is the persistent Mosaic
-# forward correct on the GPU, and faster? Each step in its own process under a hard
-# timeout, the one-shape check first, so that a hang costs 150 s and not the call.
+# Planned call 1 (not run in session 16: no machine was lent): are the persistent Mosaic
+# kernels (forward; dK/dV+dq) correct on the GPU, and faster? Each step in its own
+# process under a hard timeout, the check and one shape first, so that a hang costs
+# that step and not the call.
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_MEM_FRACTION=0.95
 nvidia-smi -L; t0=$(date +%s); el() { echo "[$(( $(date +%s) - t0 )) s] $*"; }
 cp -r .gpu_data/src/sparse_lm .gpu_data/src/scripts .gpu_data/src/configs .
-V="--quick --no-sweep --mosaic-forward --mosaic-forward-persistent"
-timeout -s KILL 150 python3 scripts/bench_attention.py $OUT/pers1.json $V --shapes 2x16384x8x64 > $OUT/pers1.log 2>&1
+V="--quick --no-sweep --mosaic-forward --mosaic-forward-persistent --mosaic-dkvdq-persistent --persistent"
+timeout -s KILL 300 python3 scripts/bench_attention.py $OUT/pers1.json $V --shapes 2x16384x8x64 > $OUT/pers1.log 2>&1
 rc=$?; el "pers1 (GPU check + (2, 16384, 8, 64)) rc=$rc"
 if [ $rc = 0 ]; then
   timeout -s KILL 380 python3 scripts/bench_attention.py $OUT/pers2.json $V --skip-check \
