@@ -1159,7 +1159,7 @@ def _dkv_part(q, k, v, do, ld, part: PartLayout, cfg: KernelConfig, out_dtype, d
             def run_item(i, g):
                 """Item i, whose first step is this program's g-th: returns g + steps."""
                 hi, ki, bi, n_full, steps = item(i)
-                kv = lax.rem(i, n_kv) * wgs  # this item's K/V slot
+                kv = lax.rem(i, n_kv) * wgs if persistent else 0  # this item's K/V slot
                 ks, vs = k_smem.at[kv + wg], v_smem.at[kv + wg]
                 plgpu.barrier_wait(k_ready.at[kv + wg])
                 plgpu.barrier_wait(v_ready.at[kv + wg])
@@ -1327,7 +1327,7 @@ def _dkv_part(q, k, v, do, ld, part: PartLayout, cfg: KernelConfig, out_dtype, d
                 lax.fori_loop(0, mine, run_item, jnp.int32(0))
                 plgpu.wait_smem_to_gmem(0)  # every item's stores and reductions written
             else:
-                run_item(jnp.int32(0), jnp.int32(0))
+                run_item(0, 0)
 
         @pl.when(wg == wgs)
         def _memory():
