@@ -158,7 +158,9 @@ def decode_step(
     return model.logits(h), new_cache
 
 
-PREFILL_MULTIPLE = 64  # the GPU kernel's default tile; see prefill_length
+# A multiple of every kernel's tile rows: the GPU kernel's 64 (128 for its Mosaic
+# forward) and the TPU kernel's 128 lanes; see prefill_length.
+PREFILL_MULTIPLE = 128
 
 
 def prefill_length(model: Transformer, prompt_len: int) -> int:

@@ -265,8 +265,23 @@ def test_prompts_are_padded_to_lengths_a_block_sparse_kernel_takes():
     cfg.data.seq_len = 768
     cfg.attention.stride = 96
     model = build_model(cfg, nnx.Rngs(0))
-    # Multiples of lcm(64, l = 96) = 192, never past the context.
-    assert [decode.prefill_length(model, p) for p in (1, 10, 192, 193, 700)] == [192, 192, 192, 384, 768]
+    # Multiples of lcm(128, l = 96) = 384, never past the context.
+    assert [decode.prefill_length(model, p) for p in (1, 10, 384, 385, 700)] == [384, 384, 384, 768, 768]
+
+
+def test_a_short_prompt_prefills_through_the_tpu_kernel():
+    """The TPU kernel takes lengths that are multiples of 128 (its lanes): a 10-byte
+    prompt with l = 16 is padded to 128, not 64, and decoding matches the full pass."""
+    cfg = tiny_config("strided")
+    cfg.model.update(num_layers=1, pos_shape=(16, 16))
+    cfg.data.seq_len = 256
+    cfg.attention.update(stride=16, impl="pallas_tpu")
+    model = build_model(cfg, nnx.Rngs(0))
+    assert decode.prefill_length(model, 10) == 128
+    tokens = random_tokens(length=256)[:, :140]
+    stepped = decode.teacher_forced_logits(model, tokens, prompt_len=10, cache_dtype=jnp.float32)
+    full = model(random_tokens(length=256))[:, :140]
+    np.testing.assert_allclose(stepped, full, atol=2e-5, rtol=0)
 
 
 @pytest.mark.parametrize("pattern,combine,distinct", [ALL_PATTERNS[3], ALL_PATTERNS[8]])

@@ -337,14 +337,20 @@ def test_multihead_gives_the_first_half_of_heads_a1_and_the_second_half_a2(num_h
             assert_mask_equal(masks[h], STRIDED_A1 if h < num_heads // 2 else STRIDED_A2)
 
 
-def test_multihead_fixed_with_distinct_summaries_keeps_each_heads_offset():
+def test_multihead_fixed_with_distinct_summaries_numbers_the_summary_heads_from_the_last_c():
+    """The summary heads (the second half) take the sub-blocks from the end of the block:
+    the first reads the last c positions, as without distinct summaries."""
     spec = PatternSpec("fixed", stride=8, summary=2, combine="multihead", distinct_summaries=True)
     masks = layer_masks(spec.layer_pattern(0, 4), 16)
     block = literal(*[("1" * (i % 8 + 1)).rjust(i + 1, "0").ljust(16, "0") for i in range(16)])
     assert_mask_equal(masks[0], block)
     assert_mask_equal(masks[1], block)
-    assert_mask_equal(masks[2], DISTINCT_A2[2])
-    assert_mask_equal(masks[3], DISTINCT_A2[3])
+    assert_mask_equal(masks[2], DISTINCT_A2[0])
+    assert_mask_equal(masks[3], DISTINCT_A2[1])
+    # One summary head: distinct summaries change nothing.
+    same = PatternSpec("fixed", stride=8, summary=2, combine="multihead")
+    one = layer_masks(spec.layer_pattern(0, 2), 16)
+    assert_mask_equal(one[1], layer_masks(same.layer_pattern(0, 2), 16)[1])
 
 
 @pytest.mark.parametrize("name, expected", [("dense", np.tril(np.ones((8, 8), bool))), ("local", STRIDED_A1)])

@@ -168,7 +168,13 @@ class PatternSpec:
         self.validate(num_heads=num_heads)
         heads = []
         for h in range(num_heads):
+            # Multihead: the A2 heads are the second half; their distinct summary
+            # sub-blocks are numbered from the first A2 head, so that the first one reads
+            # the block's last c positions (those that have seen the whole block), as
+            # without distinct summaries, and the sub-blocks are used from the end.
             a1, a2 = self.components(h)
+            if self.combine == "multihead" and h >= num_heads // 2:
+                a2 = self.components(h - num_heads // 2)[1]
             if self.name in ("dense", "local"):
                 heads.append(a1)
             elif self.combine == "merged":
