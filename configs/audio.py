@@ -4,10 +4,11 @@ The paper reports a 152M-parameter model; 12 layers of d_model 1,024 with 4x
 feed-forward have about that many (12 * 12 * 1024^2 = 151M). l = 256 = sqrt(65,536).
 
 Variants: (none) that model; ``small`` 4 layers of 512 for one-GPU checks; ``smoke``
-tiny, on the real spoken-digit recordings in ../shared/data, for CPU tests.
+tiny, on the real spoken-digit recordings of the shared sample data
+($SPARSE_LM_SHARED_DATA, else shared/data beside the repository), for CPU tests.
 """
 
-from sparse_lm.config import ConfigError, base_config, long_run_defaults, smoke_defaults
+from sparse_lm.config import ConfigError, base_config, long_run_defaults, shared_data_path, smoke_defaults
 
 
 def get_config(variant: str = ""):
@@ -34,7 +35,7 @@ def get_config(variant: str = ""):
         c.model.num_heads = 8
     elif variant == "smoke":
         smoke_defaults(c)
-        c.data.path = "../shared/data/audio/spoken_digits"
+        c.data.path = shared_data_path("audio", "spoken_digits")
         c.data.sample_rate = 8000
         c.data.seq_len = 1024
         c.data.batch_size = 4

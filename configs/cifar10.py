@@ -5,10 +5,11 @@ strided pattern with l = 96 (one image row: 32 pixels x 3 channels), learning ra
 3.5e-4, dropout 0.25. Row, column and channel position embeddings.
 
 Variants: (none) the paper's model; ``small`` 8 layers; ``smoke`` tiny, on the 4,000
-real images in ../shared/data, for CPU tests.
+real images of the shared sample data ($SPARSE_LM_SHARED_DATA, else shared/data beside
+the repository), for CPU tests.
 """
 
-from sparse_lm.config import ConfigError, base_config, long_run_defaults, smoke_defaults
+from sparse_lm.config import ConfigError, base_config, long_run_defaults, shared_data_path, smoke_defaults
 
 
 def get_config(variant: str = ""):
@@ -37,7 +38,7 @@ def get_config(variant: str = ""):
         c.model.dropout = 0.0
     elif variant == "smoke":
         smoke_defaults(c)
-        c.data.path = "../shared/data/cifar10-sample/cifar-10-batches-bin"
+        c.data.path = shared_data_path("cifar10-sample", "cifar-10-batches-bin")
         c.data.batch_size = 4
         c.data.eval_batch_size = 16
         c.model.d_model = 32

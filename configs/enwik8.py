@@ -7,10 +7,11 @@ weight decay 0.01.
 Variants (``--config configs/enwik8.py:VARIANT``):
   (none)  the paper's model.
   small   4 layers, same context and pattern: GPU checks and benchmarks.
-  smoke   2 tiny layers at context 512 on the 1 MB sample in ../shared/data: CPU tests.
+  smoke   2 tiny layers at context 512 on the 1 MB sample in the shared sample data
+          ($SPARSE_LM_SHARED_DATA, else shared/data beside the repository): CPU tests.
 """
 
-from sparse_lm.config import ConfigError, base_config, long_run_defaults, smoke_defaults
+from sparse_lm.config import ConfigError, base_config, long_run_defaults, shared_data_path, smoke_defaults
 
 
 def get_config(variant: str = ""):
@@ -56,7 +57,7 @@ def get_config(variant: str = ""):
         # Scanned, as the paper-size configs were before enwik8 unrolled its layers: the
         # resume, mesh and multi-host tests that use this variant keep covering the scan.
         c.model.scan_layers = True
-        c.data.path = "../shared/data/text/enwik8_first_1MB.xml"
+        c.data.path = shared_data_path("text", "enwik8_first_1MB.xml")
         c.data.seq_len = 512
         c.data.batch_size = 8
         c.data.eval_batch_size = 32

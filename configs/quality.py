@@ -23,17 +23,13 @@ several times within a run, so the validation curves show the patterns' relative
 standing early in training, not the paper's converged figures.
 """
 
-import os
-from pathlib import Path
-
-from sparse_lm.config import ConfigError, base_config, smoke_defaults
+from sparse_lm.config import ConfigError, base_config, shared_data_path, smoke_defaults
 
 SUITES = ("text", "enwik8", "cifar10", "music")
 PATTERNS = ("dense", "strided", "fixed")
 # The real sample data: $SPARSE_LM_SHARED_DATA (as for the tests), else shared/data beside
 # the repository, wherever the command runs from.
-SHARED = os.environ.get("SPARSE_LM_SHARED_DATA") or str(
-    Path(__file__).resolve().parents[2] / "shared" / "data")
+SHARED = shared_data_path()
 
 
 def _suite(c, suite: str) -> None:

@@ -134,9 +134,10 @@ class Checkpointer:
         ]
         if diffs:
             # The layer layout is a speed setting whose default changed (enwik8 unrolls
-            # its layers since session 5): say how to resume such a run as it was written.
+            # its layers since session 5): when it is the only difference, say how to
+            # resume such a run as it was written.
             layout = ""
-            if "scan_layers" in saved and saved["scan_layers"] != wanted["scan_layers"]:
+            if len(diffs) == 1 and "scan_layers" in saved and saved["scan_layers"] != wanted["scan_layers"]:
                 layout = (f" To resume it, add --config.model.scan_layers={saved['scan_layers']} "
                           "(the checkpoint's layer layout).")
             raise CheckpointError(

@@ -8,6 +8,9 @@ so each field has one documented default here. Fields are ml_collections
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import ml_collections
 
 from sparse_lm.attention import IMPL_NAMES, PatternError, PatternSpec
@@ -39,6 +42,14 @@ def removed_field_error(section: str, fields) -> ConfigError | None:
         if name in fields:
             return ConfigError(f"config.{section}.{name} was {why}; delete it from the config.")
     return None
+
+
+def shared_data_path(*parts: str) -> str:
+    """A path under the real sample data the smoke and quality configs train on:
+    ``$SPARSE_LM_SHARED_DATA`` (as for the tests), else ``shared/data`` beside the
+    repository, wherever the command runs from."""
+    root = os.environ.get("SPARSE_LM_SHARED_DATA") or str(Path(__file__).resolve().parents[2] / "shared" / "data")
+    return os.path.join(root, *parts)
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -157,7 +168,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.sample.temperature = 1.0
     c.sample.top_k = 0
     c.sample.top_p = 1.0
-    c.sample.prompt_fraction = 0.5  # with --prompt_from_split: share of the context given
+    c.sample.prompt_fraction = 0.5  # with --prompt_from_split: share of each sample given
     return c
 
 

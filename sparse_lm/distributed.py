@@ -57,10 +57,15 @@ def initialize(
                 "process 0, the same on every process."
             )
         _use_cpu_collectives(jax)
+        # Cluster detection off: given the three values, JAX would still detect SLURM
+        # and take SLURM_LOCALID as this process's only device, so one task per node
+        # would use one GPU of eight. Each process uses every device it sees (restrict
+        # them with CUDA_VISIBLE_DEVICES, or JAX_LOCAL_DEVICE_IDS, which JAX reads).
         jax.distributed.initialize(
             coordinator_address=coordinator_address,
             num_processes=num_processes,
             process_id=process_id,
+            cluster_detection_method="deactivate",
         )
         return True
     if auto:

@@ -36,9 +36,10 @@ def prompts_from_split(
     return np.stack([source[int(i)][:length] for i in picks]).astype(np.int32)
 
 
-def prompt_length(config: ml_collections.ConfigDict) -> int:
-    """How much of each example to give as the prompt: whole image rows for CIFAR-10."""
-    n = int(config.sample.prompt_fraction * config.data.seq_len)
+def prompt_length(config: ml_collections.ConfigDict, length: int | None = None) -> int:
+    """How much of each example to give as the prompt: ``sample.prompt_fraction`` of the
+    sample's ``length`` (default: the context), in whole image rows for CIFAR-10."""
+    n = int(config.sample.prompt_fraction * (length or config.data.seq_len))
     if config.data.name == "cifar10":
         row = int(np.prod(config.model.pos_shape[1:]))
         n = max(row, n // row * row)
@@ -113,7 +114,7 @@ def sample_from_checkpoint(
     prompt = None
     if prompt_from_split:
         prompt = prompts_from_split(
-            config, prompt_from_split, num_samples, min(prompt_length(config), length - 1), seed
+            config, prompt_from_split, num_samples, min(prompt_length(config, length), length - 1), seed
         )
     elif prompt_text:
         encoded = np.frombuffer(prompt_text.encode("utf-8"), dtype=np.uint8).astype(np.int32)

@@ -56,6 +56,23 @@ def test_text_files_can_be_set_on_the_command_line(value, files):
     assert json.loads(result.stdout.strip().splitlines()[-1]) == files
 
 
+def test_smoke_configs_find_the_sample_data_from_anywhere():
+    """$SPARSE_LM_SHARED_DATA, else shared/data beside the repository: never relative to
+    the directory the command runs in."""
+    out = run_python("""
+        import json, os
+        os.chdir("/")
+        from configs import audio, cifar10, enwik8
+        paths = [m.get_config("smoke").data.path for m in (enwik8, cifar10, audio)]
+        os.environ["SPARSE_LM_SHARED_DATA"] = "/data/samples"
+        paths += [enwik8.get_config("smoke").data.path]
+        print(json.dumps(paths))
+    """, env={"SPARSE_LM_SHARED_DATA": ""})
+    beside = str(REPO_ROOT.parent / "shared" / "data")
+    assert out == [f"{beside}/text/enwik8_first_1MB.xml", f"{beside}/cifar10-sample/cifar-10-batches-bin",
+                   f"{beside}/audio/spoken_digits", "/data/samples/text/enwik8_first_1MB.xml"]
+
+
 def test_eval_batch_size_that_the_devices_cannot_share_is_a_config_error():
     out = run_python(
         """

@@ -409,6 +409,9 @@ def test_checkpoint_from_8_devices_fsdp_restores_on_1_device_and_a_2x2_mesh(tmp_
         ({"model.param_dtype": "bfloat16"}, CheckpointError, r"param_dtype: checkpoint 'float32'"),
         ({"model.scan_layers": False}, CheckpointError,
          r"scan_layers: checkpoint True, config False.*add --config\.model\.scan_layers=True"),
+        # Another model besides: the layout hint would not help, so it is not given.
+        ({"model.scan_layers": False, "model.d_model": 32}, CheckpointError,
+         r"(?s)^(?!.*add --config).*d_model: checkpoint 64.*scan_layers: checkpoint True"),
         ({"optim.clip_norm": 0.0}, CheckpointError, r"different structure .*optim\.clip_norm"),
         ({"data.split_fractions": (0.8, 0.1, 0.1)}, DataError, r"saved data position was taken on a split of"),
     ],

@@ -66,7 +66,8 @@ def test_sample_writes_the_data_sets_format(trained, tmp_path):
         "--prompt_from_split=valid", "--temperature=1.0",
     )
     manifest = json.loads((out_dir / "samples_step2.json").read_text())
-    assert manifest["length"] == length and manifest["prompt_length"] > 0
+    # Half of each sample is prompt (sample.prompt_fraction), whole rows for images.
+    assert manifest["length"] == length and manifest["prompt_length"] == length // 2
     files = [p for p in out_dir.iterdir() if p.suffix != ".json"]
     if name == "enwik8":
         assert sorted(p.suffix for p in files) == [".txt", ".txt"]
