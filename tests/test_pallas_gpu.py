@@ -1090,13 +1090,12 @@ def test_persistent_forward_needs_the_mosaic_forward_and_falls_back_where_it_doe
     assert "mgpu_attn_fwd_merged" in kernels and "mgpu_attn_fwd_merged_persistent" not in kernels
 
 
-def test_work_items_start_longest_first_with_heads_fastest():
+def test_work_items_run_batch_by_batch_longest_tiles_first_heads_fastest():
     from sparse_lm.attention import mosaic_gpu
 
     items = mosaic_gpu._work_items(np.array([1, 3, 2]), h=2, b=2, heavy_first=True)
-    assert items.tolist() == [[0, 1, 0], [1, 1, 0], [0, 1, 1], [1, 1, 1],
-                              [0, 2, 0], [1, 2, 0], [0, 2, 1], [1, 2, 1],
-                              [0, 0, 0], [1, 0, 0], [0, 0, 1], [1, 0, 1]]
+    assert items.tolist() == [[0, 1, 0], [1, 1, 0], [0, 2, 0], [1, 2, 0], [0, 0, 0], [1, 0, 0],
+                              [0, 1, 1], [1, 1, 1], [0, 2, 1], [1, 2, 1], [0, 0, 1], [1, 0, 1]]
     plain = mosaic_gpu._work_items(np.array([1, 3, 2]), h=1, b=1, heavy_first=False)
     assert plain[:, 1].tolist() == [0, 1, 2]
 

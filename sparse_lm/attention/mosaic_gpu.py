@@ -563,19 +563,18 @@ def _part_forward(q, k, v, part: PartLayout, cfg: KernelConfig, out_dtype):
                    cfg, (jnp.asarray(part.fwd), jnp.asarray(lo), q, k, v), _name("fwd", part))
 
 
-def _work_items(work: np.ndarray, h: int, b: int, heavy_first: bool,
-                batch_outer: bool = False) -> np.ndarray:
+def _work_items(work: np.ndarray, h: int, b: int, heavy_first: bool) -> np.ndarray:
     """(head, tile, batch) of every program of a tile launch, int32 [tiles * h * b, 3], in
-    the order the programs should start: the tiles with the most steps first
-    (``heavy_first``, longest-first scheduling; else in tile order), and within a tile
-    the batch, then the heads fastest, so that the programs running at once share their
-    (batch, head)'s keys in L2 with the neighbouring tiles'. ``batch_outer``: one batch
-    after the other, tiles within it, heads fastest (the dK/dV+dq kernel's order: with
-    every batch's query rows in flight at once it ran 5% slower, see _launch_order)."""
+    the order the programs should start: one batch after the other, within it the tiles
+    with the most steps first (``heavy_first``, longest-first scheduling; else in tile
+    order), the heads fastest. That is the order of the (heads, tiles, batch) grids these
+    kernels ran with before (``_launch_order``): the programs running at once are the
+    heads of neighbouring tiles of one batch, which share keys (forward) or query rows
+    (dK/dV) in L2; with every batch in flight at once the dK/dV+dq kernel ran 5% slower
+    (session 9)."""
     tiles = np.argsort(-np.asarray(work), kind="stable") if heavy_first else np.arange(len(work))
     hh, tt, bb = np.meshgrid(np.arange(h), tiles, np.arange(b), indexing="ij")
-    order = np.stack([hh, tt, bb], axis=-1)  # [head, tile, batch, 3]
-    order = order.transpose(2, 1, 0, 3) if batch_outer else order.transpose(1, 2, 0, 3)
+    order = np.stack([hh, tt, bb], axis=-1).transpose(2, 1, 0, 3)  # [batch, tile, head, 3]
     return order.reshape(-1, 3).astype(np.int32)
 
 
@@ -624,10 +623,10 @@ def merged_forward(q, k, v, kg, vg, own: PartLayout, summary: PartLayout, cfg: K
     the own part's key blocks, then the summary part's, in one online softmax, which the
     memory warpgroup streams from the two sources in that order.
 
-    The work items (head, query tile, batch) start longest first (``_work_items``).
-    Without ``persistent`` each is one program. With it, one program per SM walks the
-    items i, i + P, i + 2P, ...: the memory warpgroup streams K and V across the item
-    boundaries without a break (which items, in which order: ``_persistent_schedule``),
+    The work items (head, query tile, batch) start batch by batch, longest tiles first
+    (``_work_items``). Without ``persistent`` each is one program. With it, one program
+    per SM walks its share of the items (which, in which order: ``_persistent_schedule``):
+    the memory warpgroup streams K and V across the item boundaries without a break,
     a compute warpgroup loads the next item's query rows
     while it works on the current one (two query slots), and an item's output is stored
     while the next one runs (waited on only before its staging buffer is reused). What
@@ -1105,7 +1104,7 @@ def _dkv_part(q, k, v, do, ld, part: PartLayout, cfg: KernelConfig, out_dtype, d
                              f"shared memory, over the {SMEM_BUDGET} available: use "
                              "persistent=False or fewer pipeline slots (max_concurrent_steps)")
         work = _tile_work(part.bwd)
-        items = _work_items(work, h, b, cfg.heavy_first, batch_outer=True)
+        items = _work_items(work, h, b, cfg.heavy_first)
         n_programs = _resident_programs(cfg, len(items))
         # An item's cost: its steps, plus about one for what the pipeline does not hide.
         sched, counts = _persistent_schedule(work[items[:, 1]] + 1, n_programs)
