@@ -39,7 +39,7 @@ sys.path.insert(0, str(REPO))
 
 from configs.quality import PATTERNS, SUITES  # noqa: E402
 from sparse_lm.metrics import read_metrics  # noqa: E402
-from sparse_lm.plots import plot_runs, training_start  # noqa: E402
+from sparse_lm.plots import plot_runs, training_clock, training_start  # noqa: E402
 
 TITLES = {
     "text": "Python stdlib sources, T=2,048",
@@ -82,7 +82,8 @@ class Job:
             env["CUDA_VISIBLE_DEVICES"] = gpu
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         t0 = time.time()
-        with self.log_path.open("w") as log:
+        # Appended: a run resumed by running the script again keeps its earlier sessions' log.
+        with self.log_path.open("a") as log:
             self.proc = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT, env=env,
                                          cwd=REPO)
             stopped = False
@@ -126,19 +127,20 @@ def run_all(jobs: list[Job], slots: list[str | None], deadline: Deadline) -> Non
 def run_summary(workdir: Path) -> dict | None:
     """Final and best validation figures, steps, training time and throughput of a run."""
     records = read_metrics(workdir)
-    evals = [r for r in records if r["kind"] == "eval_valid"]
+    clock = training_clock(records) if records else []
+    evals = [(r, t) for r, t in zip(records, clock) if r["kind"] == "eval_valid"]
     if not evals:
         return None
     start = training_start(records)
     train = [r for r in records if r["kind"] == "train" and "tokens_per_second" in r]
     return {
-        "steps": evals[-1]["step"],
-        "final_bpb": evals[-1]["bits_per_byte"],
-        "best_bpb": min(r["bits_per_byte"] for r in evals),
-        "train_minutes": (evals[-1]["time"] - start["time"]) / 60,
+        "steps": evals[-1][0]["step"],
+        "final_bpb": evals[-1][0]["bits_per_byte"],
+        "best_bpb": min(r["bits_per_byte"] for r, _ in evals),
+        "train_minutes": evals[-1][1] / 60,
         "compile_seconds": start.get("seconds"),
         "tokens_per_second": statistics.median(r["tokens_per_second"] for r in train) if train else None,
-        "curve": [(r["step"], round(r["time"] - start["time"], 2), r["bits_per_byte"]) for r in evals],
+        "curve": [(r["step"], round(t, 2), r["bits_per_byte"]) for r, t in evals],
     }
 
 

@@ -21,9 +21,17 @@ def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
 
 
 def _decay_mask(params):
-    # Decay matrices and embedding tables only; biases and norm scales (rank < 2)
-    # are left alone, as is usual for transformers.
-    return jax.tree.map(lambda p: jnp.ndim(p) >= 2, params)
+    """True for the parameters weight decay applies to: matrices and embedding tables;
+    biases and norm scales (rank < 2) are left alone, as is usual for transformers.
+    Scanned layers (model.scan_layers) stack each layer's parameters under
+    ``layer_groups`` on a leading layer axis, which does not count: a stack of biases
+    is still biases."""
+
+    def decays(path, p) -> bool:
+        stacked = any(getattr(k, "key", None) == "layer_groups" for k in path)
+        return jnp.ndim(p) - (1 if stacked else 0) >= 2
+
+    return jax.tree_util.tree_map_with_path(decays, params)
 
 
 def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:

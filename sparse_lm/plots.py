@@ -15,20 +15,37 @@ def training_start(records: list[dict]) -> dict:
     return next((r for r in records if r["kind"] == "compiled"), records[0])
 
 
+def training_clock(records: list[dict]) -> list[float]:
+    """Seconds of training at each record, in file order. Each session of a run (the
+    first, and each resume) counts from its ``compiled`` record and adds to the sessions
+    before it, so the time between sessions, a resumed process's start-up and its
+    recompilation do not count as training. Records before a session's ``compiled``
+    record are at that session's start."""
+    clock, offset, start, last, sessions = [], 0.0, records[0]["time"], records[0]["time"], 0
+    for r in records:
+        if r["kind"] == "compiled":
+            if sessions:
+                offset += last - start  # the previous session ended at its last record
+            start, sessions = r["time"], sessions + 1
+        clock.append(offset + max(0.0, r["time"] - start))
+        last = r["time"]
+    return clock
+
+
 def run_curve(workdir: str | Path, split: str = "valid") -> tuple[list[int], list[float], list[float]]:
-    """(steps, seconds of training (from ``training_start``), bits per byte) of a run's
+    """(steps, seconds of training (``training_clock``), bits per byte) of a run's
     evaluations."""
     records = read_metrics(workdir)
     if not records:
         raise ValueError(f"{workdir} has no metrics.jsonl; is it a training run's folder?")
-    evals = [r for r in records if r["kind"] == f"eval_{split}"]
+    clock = training_clock(records)
+    evals = [(r, t) for r, t in zip(records, clock) if r["kind"] == f"eval_{split}"]
     if not evals:
         raise ValueError(f"{workdir} has no eval_{split} records; train with train.eval_every > 0.")
-    t0 = training_start(records)["time"]
     return (
-        [r["step"] for r in evals],
-        [r["time"] - t0 for r in evals],
-        [r["bits_per_byte"] for r in evals],
+        [r["step"] for r, _ in evals],
+        [t for _, t in evals],
+        [r["bits_per_byte"] for r, _ in evals],
     )
 
 

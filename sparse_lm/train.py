@@ -228,6 +228,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
         last_eval: dict = {}
         status = "done"
         window_start, window_steps = time.time(), 0
+        paused = 0.0  # seconds of the window spent evaluating and saving, not training
         compiled = False
         tracer = profiling.StepWindowTrace(
             str(workdir / "profile" / f"process_{jax.process_index()}"),
@@ -293,15 +294,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
                     jax.block_until_ready(metrics)
                     compiled = True
                     writer.write(step, "compiled", {"seconds": time.time() - window_start})
-                    window_start, window_steps = time.time(), 0
+                    window_start, window_steps, paused = time.time(), 0, 0.0
                 is_last = step == num_steps
                 if step % config.train.log_every == 0 or is_last:
                     metrics = jax.device_get(metrics)
                     if window_steps:  # none when the only step so far was the compiling one
-                        elapsed = time.time() - window_start
+                        elapsed = time.time() - window_start - paused
                         metrics["step_time"] = elapsed / window_steps
                         metrics["tokens_per_second"] = tokens_per_step * window_steps / elapsed
-                    window_start, window_steps = time.time(), 0
+                    window_start, window_steps, paused = time.time(), 0, 0.0
                     check_halted(metrics)
                     if (warning := compiles.check()) is not None:
                         log(f"Warning: {warning}")
@@ -313,11 +314,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
                         {k: metrics[k] for k in ("loss", "bits_per_byte", "learning_rate", "grad_norm", "tokens_per_second")
                          if k in metrics},
                     )
-                if config.train.eval_every and step % config.train.eval_every == 0 or is_last:
+                evaluate_now = config.train.eval_every and step % config.train.eval_every == 0 or is_last
+                save_now = step % config.train.checkpoint_every == 0 or is_last
+                if evaluate_now or save_now:
+                    # Out of the throughput window: the steps dispatched so far finish
+                    # first (they count), the evaluation and the save do not.
+                    jax.block_until_ready(state)
+                    pause_start = time.time()
+                if evaluate_now:
                     last_eval = run_eval()
-                if step % config.train.checkpoint_every == 0 or is_last:
+                if save_now:
                     check_halted(jax.device_get(_health(state)))
                     ckpt.save(step, state, data_state, config)
+                if evaluate_now or save_now:
+                    paused += time.time() - pause_start
                 if stop.agreed(step) and not is_last:
                     check_halted(jax.device_get(_health(state)))
                     if ckpt.latest_step() != step:

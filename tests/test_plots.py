@@ -72,3 +72,18 @@ def test_wall_clock_counts_from_the_end_of_compilation(tmp_path):
                {"step": 10, "kind": "eval_valid", "time": 1045.0, "bits_per_byte": 3.0, "num_bytes": 10}]
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     assert run_curve(run) == ([10], [15.0], [3.0])
+
+
+def test_a_resumed_run_counts_only_the_time_its_sessions_trained(tmp_path):
+    """A run stopped at step 10 and resumed an hour later: its second session counts
+    from its own ``compiled`` record, on top of the first session's 15 s."""
+    from sparse_lm.plots import run_curve
+
+    run = tmp_path / "run"
+    run.mkdir()
+    records = [{"step": 1, "kind": "compiled", "time": 1030.0, "seconds": 30.0},
+               {"step": 10, "kind": "eval_valid", "time": 1045.0, "bits_per_byte": 3.0, "num_bytes": 10},
+               {"step": 11, "kind": "compiled", "time": 4700.0, "seconds": 40.0},
+               {"step": 20, "kind": "eval_valid", "time": 4710.0, "bits_per_byte": 2.5, "num_bytes": 10}]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert run_curve(run) == ([10, 20], [15.0, 25.0], [3.0, 2.5])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 
 import jax
 import numpy as np
@@ -85,6 +86,27 @@ def test_train_metrics_are_logged_with_throughput(trained_run):
         assert math.isfinite(r["loss"]) and r["tokens_per_second"] > 0 and r["step_time"] > 0
         assert r["bits_per_byte"] == pytest.approx(r["loss"] / math.log(2))
     assert (workdir / "tensorboard").is_dir() and any((workdir / "tensorboard").iterdir())
+
+
+def test_throughput_leaves_out_the_time_spent_evaluating(tmp_path, shared_data, compile_cache, monkeypatch):
+    """A window of steps that contains an evaluation (here made to take 8 s) reports the
+    steps' own speed, not a dip: tokens/s and step time are about training."""
+    import sparse_lm.train as train_lib
+
+    class SlowEvaluator(train_lib.Evaluator):
+        def __call__(self, *args, **kwargs):
+            time.sleep(8.0)
+            return super().__call__(*args, **kwargs)
+
+    monkeypatch.setattr(train_lib, "Evaluator", SlowEvaluator)
+    config = smoke_config("enwik8", shared_data, **{**THREE_STEPS, "train.num_steps": 12,
+                                                    "train.log_every": 4, "train.eval_every": 4})
+    with compilation_cache(compile_cache):
+        train_and_evaluate(config, tmp_path / "run")
+    steps = {r["step"]: r["step_time"] for r in read_metrics(tmp_path / "run", "train")}
+    # Step 8's window holds step 4's evaluation and step 12's step 8's: counted, each
+    # would add 8 s / 4 steps = 2 s to the step time of step 4's window, which has none.
+    assert steps[8] < steps[4] + 1.0 and steps[12] < steps[4] + 1.0, steps
 
 
 def test_the_train_step_compiles_once_in_a_whole_run(trained_run):
