@@ -120,6 +120,52 @@ EXTRA_VARIANTS = {"v1": [V1_VARIANT], "mosaic": [MOSAIC_VARIANT],
                   "persistent": [PERSISTENT_VARIANT]}
 
 
+# The flag that adds each of EXTRA_VARIANTS to the check and the timings (argparse names
+# its attribute after the flag; extra_variants reads it), and its help.
+VARIANT_FLAGS = {
+    "v1": ("--variants",
+           "also check and time the v1 path (fuse_parts=False) beside the default v2"),
+    "mosaic": ("--mosaic",
+               "also check and time the experimental Mosaic GPU kernel (rows ours_mosaic)"),
+    "split_launch": ("--split-launch",
+                     "also check and time colaunch=False (one launch per part) for the fixed "
+                     "pattern"),
+    "split_bwd": ("--split-bwd",
+                  "also check and time column_bwd=False (a strided part's dq and dk, dv from "
+                  "separate kernels, not one kernel per column) for the strided pattern"),
+    "summary_dkv_128": ("--summary-dkv-128",
+                        "also check and time summary_dkv_block_q=128 (the summary dK/dV kernel at "
+                        "128-row query tiles) for the fixed pattern"),
+    "mosaic_summary_dkv": ("--mosaic-summary-dkv",
+                           "also check and time mosaic_summary_dkv=True (the summary dK/dV from "
+                           "the Mosaic GPU kernel; bf16 at D=64) for the fixed pattern"),
+    "mosaic_summary_dq": ("--mosaic-summary-dq",
+                          "also check and time mosaic_summary_dq=True (the summary dK/dV and dq "
+                          "from the Mosaic GPU kernel, dq by TMA reductions; bf16 at D=64) for "
+                          "the fixed pattern"),
+    "no_mosaic_dq": ("--no-mosaic-dq",
+                     "also check and time mosaic_summary_dq=False (the summary dK/dV and dq from "
+                     "Triton's kernels, reproducible dq) for the fixed pattern"),
+    "mosaic_forward": ("--mosaic-forward",
+                       "also check and time mosaic_forward=True (merged fixed heads' forward from "
+                       "the Mosaic GPU kernel; bf16) for the fixed pattern"),
+    "mosaic_forward_persistent": ("--mosaic-forward-persistent",
+                                  "also check and time mosaic_forward_persistent=True (that "
+                                  "kernel as one program per SM walking the query tiles; bf16, "
+                                  "D=64) for the fixed pattern"),
+    "mosaic_dkvdq_persistent": ("--mosaic-dkvdq-persistent",
+                                "also check and time mosaic_dkvdq_persistent=True (the summary "
+                                "dK/dV+dq kernel as one program per SM; bf16, D=64) for the fixed "
+                                "pattern"),
+    "persistent": ("--persistent",
+                   "also check and time both persistent kernels together (the Mosaic forward and "
+                   "the dK/dV+dq kernel) for the fixed pattern"),
+    "wide_chain": ("--wide-chain",
+                   "also check and time narrow_chain=False (float32 partial results) for strided "
+                   "and fixed"),
+}
+
+
 def variants(extra: tuple[str, ...] = ()) -> list[tuple[str, dict]]:
     """The default path, then those of ``extra`` (names of EXTRA_VARIANTS) in that order."""
     return [DEFAULT_VARIANT] + [var for name in extra for var in EXTRA_VARIANTS[name]]
@@ -652,41 +698,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--check-only", action="store_true",
                     help="the GPU check against the float32 reference only, no timings")
     ap.add_argument("--no-sweep", action="store_true")
-    ap.add_argument("--variants", action="store_true",
-                    help="also check and time the v1 path (fuse_parts=False) beside the default v2")
-    ap.add_argument("--mosaic", action="store_true",
-                    help="also check and time the experimental Mosaic GPU kernel (rows ours_mosaic)")
-    ap.add_argument("--split-launch", action="store_true",
-                    help="also check and time colaunch=False (one launch per part) for the fixed pattern")
-    ap.add_argument("--split-bwd", action="store_true",
-                    help="also check and time column_bwd=False (a strided part's dq and dk, dv from "
-                         "separate kernels, not one kernel per column) for the strided pattern")
-    ap.add_argument("--summary-dkv-128", action="store_true",
-                    help="also check and time summary_dkv_block_q=128 (the summary dK/dV kernel at "
-                         "128-row query tiles) for the fixed pattern")
-    ap.add_argument("--mosaic-summary-dkv", action="store_true",
-                    help="also check and time mosaic_summary_dkv=True (the summary dK/dV from the "
-                         "Mosaic GPU kernel; bf16 at D=64) for the fixed pattern")
-    ap.add_argument("--mosaic-summary-dq", action="store_true",
-                    help="also check and time mosaic_summary_dq=True (the summary dK/dV and dq from "
-                         "the Mosaic GPU kernel, dq by TMA reductions; bf16 at D=64) for the fixed pattern")
-    ap.add_argument("--no-mosaic-dq", action="store_true",
-                    help="also check and time mosaic_summary_dq=False (the summary dK/dV and dq "
-                         "from Triton's kernels, reproducible dq) for the fixed pattern")
-    ap.add_argument("--mosaic-forward", action="store_true",
-                    help="also check and time mosaic_forward=True (merged fixed heads' forward from "
-                         "the Mosaic GPU kernel; bf16) for the fixed pattern")
-    ap.add_argument("--mosaic-forward-persistent", action="store_true",
-                    help="also check and time mosaic_forward_persistent=True (that kernel as one "
-                         "program per SM walking the query tiles; bf16, D=64) for the fixed pattern")
-    ap.add_argument("--mosaic-dkvdq-persistent", action="store_true",
-                    help="also check and time mosaic_dkvdq_persistent=True (the summary dK/dV+dq "
-                         "kernel as one program per SM; bf16, D=64) for the fixed pattern")
-    ap.add_argument("--persistent", action="store_true",
-                    help="also check and time both persistent kernels together (the Mosaic "
-                         "forward and the dK/dV+dq kernel) for the fixed pattern")
-    ap.add_argument("--wide-chain", action="store_true",
-                    help="also check and time narrow_chain=False (float32 partial results) for strided and fixed")
+    for flag, text in VARIANT_FLAGS.values():
+        ap.add_argument(flag, action="store_true", help=text)
     ap.add_argument("--shapes", type=parse_shapes, default=None,
                     help="comma-separated BxTxHxD shapes to time (default: the issue's three; "
                          "--quick: the first)")

@@ -331,9 +331,15 @@ def _softmax_step(s, scale2: float, acc, m_prev, l_prev):
     return p, acc * lax.broadcast_in_dim(alpha, acc.shape, [0]), m_next, l_next
 
 
-def _write_rows(plgpu, acc, m, l, o_smem, lse_smem, o_dst, lse_dst, out_dtype):  # noqa: E741
+def _write_rows(plgpu, acc, m, l, o_smem, lse_smem, o_dst, lse_dst, out_dtype,  # noqa: E741
+                wait: bool = True):
     """A forward's last step: o = acc / l (0 for an empty row) and its natural lse (-inf
-    for an empty row), staged in shared memory and copied to ``o_dst``, ``lse_dst``."""
+    for an empty row), staged in shared memory and copied to ``o_dst``, ``lse_dst``.
+    ``wait``: the copies are waited on here; else the staging tiles' earlier copies are
+    waited on (for their reads) before they are overwritten, and the caller waits on
+    these ones (a persistent program's next item runs meanwhile)."""
+    if not wait:
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
     empty = l == 0.0
     l_safe = jnp.where(empty, 1.0, l)
     o_smem[...] = (acc / lax.broadcast_in_dim(l_safe, acc.shape, [0])).astype(out_dtype)
@@ -341,7 +347,8 @@ def _write_rows(plgpu, acc, m, l, o_smem, lse_smem, o_dst, lse_dst, out_dtype): 
     plgpu.commit_smem()
     plgpu.copy_smem_to_gmem(o_smem, o_dst)
     plgpu.copy_smem_to_gmem(lse_smem, lse_dst)
-    plgpu.wait_smem_to_gmem(0)
+    if wait:
+        plgpu.wait_smem_to_gmem(0)
 
 
 def _set_registers(plgpu, cfg: KernelConfig, compute: bool) -> None:
@@ -757,17 +764,11 @@ def merged_forward(q, k, v, kg, vg, own: PartLayout, summary: PartLayout, cfg: K
                 carry = lax.fori_loop(n_own, own_and_full, functools.partial(step, mask=None), carry)
                 acc, m, l = lax.fori_loop(own_and_full, steps,  # noqa: E741
                                           functools.partial(step, mask=sum_mask), carry)
-                # Persistent: o has its own buffer, which the last item's store has read
-                # by now; one item per program: o is staged in the query rows' buffer.
-                os_ = qs if o_smem is None else o_smem.at[wg]
-                plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-                empty = l == 0.0
-                l_safe = jnp.where(empty, 1.0, l)
-                os_[...] = (acc / lax.broadcast_in_dim(l_safe, acc.shape, [0])).astype(out_dtype)
-                lse_smem.at[wg][...] = jnp.where(empty, -jnp.inf, (m + jnp.log2(l_safe)) * LN2)
-                plgpu.commit_smem()
-                plgpu.copy_smem_to_gmem(os_, o_ref.at[bi, pl.ds(row0, rows), hi])
-                plgpu.copy_smem_to_gmem(lse_smem.at[wg], lse_ref.at[bi, hi, pl.ds(row0, rows)])
+                # Persistent: o has its own buffer; one item per program: o is staged in
+                # the query rows' buffer. Waited on at the program's end.
+                _write_rows(plgpu, acc, m, l, qs if o_smem is None else o_smem.at[wg],
+                            lse_smem.at[wg], o_ref.at[bi, pl.ds(row0, rows), hi],
+                            lse_ref.at[bi, hi, pl.ds(row0, rows)], out_dtype, wait=False)
                 return g + steps
 
             pl.when(mine > 0)(lambda: load_query(0))
